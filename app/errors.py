@@ -1,0 +1,80 @@
+"""The one error hierarchy of secateurs.
+
+Every error a person can act on is a :class:`SecateursError`: ``message`` says what was wrong, ``hint`` what
+to change. ``status_code`` is the single place an error maps to HTTP; ``code`` is what a failed job records.
+Anything else that escapes is a bug, reported as ``internal``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class SecateursError(Exception):
+    """Base class: an error whose message a user can act on."""
+
+    status_code: ClassVar[int] = 400
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"type": self.code, "message": self.message, "hint": self.hint}
+
+
+class InvalidSpecError(SecateursError, ValueError):
+    """The job description itself is wrong (a pattern like ``3:2``, a negative sample count).
+
+    Also a ``ValueError`` so that pydantic validators raising it produce ordinary validation errors.
+    """
+
+    status_code = 422
+    code = "invalid_spec"
+
+
+class ModelSourceError(SecateursError):
+    """The model cannot be used: missing, pickle-only weights, remote code, not a causal LM."""
+
+    status_code = 422
+    code = "invalid_model"
+
+
+class DataSourceError(SecateursError):
+    """Calibration or evaluation text is missing, empty or too short."""
+
+    status_code = 422
+    code = "invalid_data"
+
+
+class DeviceError(SecateursError):
+    """The requested compute device does not exist on this machine."""
+
+    status_code = 422
+    code = "device_unavailable"
+
+
+class PruningError(SecateursError):
+    """The model's shapes do not admit the pattern, or the solver could not factor a Hessian."""
+
+    status_code = 422
+    code = "pruning_failed"
+
+
+class OutputExistsError(SecateursError):
+    """The output folder already holds something; nothing is overwritten without being asked."""
+
+    status_code = 409
+    code = "output_exists"
+
+
+class AssetError(SecateursError):
+    """An offline asset could not be fetched or converted."""
+
+    status_code = 503
+    code = "asset_unavailable"

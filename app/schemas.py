@@ -1,0 +1,153 @@
+"""Typed job descriptions shared by the CLI, the REST API and the workers.
+
+A :class:`JobSpec` is validated once, where it enters (CLI flags, JSON body), and every later stage trusts it.
+``extra="forbid"`` everywhere: a misspelt field is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from app.errors import InvalidSpecError
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class Method(StrEnum):
+    """How weights are chosen and updated."""
+
+    SPARSEGPT = "sparsegpt"  # Frantar & Alistarh 2023: OBS mask selection + error compensation
+    WANDA = "wanda"  # Sun et al. 2023: |W| * ||X||, no update
+    MAGNITUDE = "magnitude"  # |W|, no calibration
+
+
+def parse_pattern(text: str) -> tuple[int, int] | float:
+    """``"N:M"`` -> ``(N, M)``; a ratio like ``"0.5"`` -> ``0.5``.
+
+    Convention (as in the papers and in NVIDIA's "2:4"): ``N:M`` means *at most N non-zeros in every group of M
+    consecutive input weights*, so ``2:4`` keeps 2 and prunes 2. A ratio is the fraction of weights *pruned*.
+    Raises :class:`InvalidSpecError` with what to write instead.
+    """
+    match = _NM.match(text)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise InvalidSpecError(
+                f"pattern {text!r} is not a valid N:M pattern: N must satisfy 0 < N < M",
+                hint="N is how many weights are kept in every group of M, e.g. 2:4 or 4:8",
+            )
+        return n, m
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise InvalidSpecError(
+            f"pattern {text!r} is neither N:M nor a ratio",
+            hint="write N:M (e.g. 2:4) or the fraction of weights to prune (e.g. 0.5)",
+        ) from None
+    if not 0.0 < ratio < 1.0:
+        raise InvalidSpecError(
+            f"pattern {text!r}: an unstructured sparsity ratio must lie strictly between 0 and 1",
+            hint="e.g. 0.5 prunes half of every layer's weights; for 2:4 write 2:4",
+        )
+    return ratio
+
+
+def _normalize_pattern(text: str) -> str:
+    parsed = parse_pattern(text)
+    return f"{parsed[0]}:{parsed[1]}" if isinstance(parsed, tuple) else repr(parsed)
+
+
+PatternStr = Annotated[
+    str,
+    AfterValidator(_normalize_pattern),
+    Field(description="'N:M' (keep at most N of every M consecutive weights, e.g. '2:4') or a ratio in (0, 1)."),
+]
+
+DeviceStr = Annotated[
+    str,
+    Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."),
+]
+
+
+class TextSource(BaseModel):
+    """Where text comes from: a local file (read as exact UTF-8 bytes) or a Hugging Face dataset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str | None = Field(default=None, description="Path of a UTF-8 text file, read byte-exact.")
+    dataset: str | None = Field(default=None, description="Hugging Face dataset name, e.g. 'wikitext'.")
+    dataset_config: str | None = Field(default=None, description="Dataset configuration, e.g. 'wikitext-2-raw-v1'.")
+    split: str = Field(default="test", description="Dataset split.")
+    text_field: str = Field(default="text", description="Column holding the text.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.file is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'file' or 'dataset'")
+        return self
+
+    def describe(self) -> str:
+        if self.file is not None:
+            return self.file
+        return f"{self.dataset}/{self.dataset_config or ''}:{self.split}"
+
+
+class JobSpec(BaseModel):
+    """One pruning job: which model, how to prune it, how to measure it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = Field(description="Hugging Face hub id, or a local folder with config.json and *.safetensors.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    method: Method = Method.SPARSEGPT
+    pattern: PatternStr = "2:4"
+    calibration: TextSource | None = Field(
+        default=None, description="Calibration text; required by sparsegpt and wanda."
+    )
+    calibration_samples: int = Field(default=128, ge=1, le=65536)
+    calibration_seqlen: int = Field(default=2048, ge=2, le=131072)
+    calibration_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Samples per forward call. None: all at once, pruning inside a single pass per block "
+        "(fastest; needs memory for the whole calibration batch's activations of one block). A number: "
+        "chunked, two passes per block (dense statistics, then pruned outputs) in bounded memory.",
+    )
+    seed: int = Field(default=0, description="Seeds the choice of calibration windows.")
+    evaluation: TextSource | None = Field(default=None, description="Perplexity text; None skips evaluation.")
+    eval_seqlen: int = Field(default=2048, ge=2, le=131072)
+    eval_windows: int | None = Field(default=None, ge=1, description="First K windows; None evaluates all.")
+    eval_batch_size: int = Field(default=8, ge=1, le=4096)
+    bos: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Put the tokenizer's BOS at the start of every calibration and evaluation window. "
+        "'auto' does so when the tokenizer adds one by itself (e.g. Gemma).",
+    )
+    device: DeviceStr = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Compute and output dtype; 'auto' is float32 on CPU, bfloat16 on CUDA."
+    )
+    exclude: tuple[str, ...] = Field(
+        default=(),
+        description="fnmatch patterns of linear-layer names to leave dense, e.g. '*.down_proj' or "
+        "'model.layers.0.*'. Embeddings and lm_head are never pruned.",
+    )
+    blocksize: int = Field(default=128, ge=1, le=65536, description="SparseGPT lazy-update block size.")
+    dampening: float = Field(default=0.01, gt=0, lt=10, description="λ as a fraction of mean(diag H).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.method is not Method.MAGNITUDE and self.calibration is None:
+            raise ValueError(f"method {self.method.value!r} needs calibration text: set 'calibration'")
+        parsed = parse_pattern(self.pattern)
+        if isinstance(parsed, tuple) and self.method is Method.SPARSEGPT and self.blocksize % parsed[1]:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={parsed[1]}")
+        return self
+
+    @property
+    def parsed_pattern(self) -> tuple[int, int] | float:
+        return parse_pattern(self.pattern)

@@ -1,0 +1,431 @@
+"""Layer-by-layer one-shot pruning of a decoder-only language model, one block on the device at a time.
+
+SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774) §3.5 and Algorithm 1 prune *sequentially*: block
+``i + 1`` is calibrated on the outputs of the already-pruned block ``i``, so the model never needs to fit on the
+device, only one block and its activations. This driver is generic over architectures:
+
+1. **Capture.** Every block's ``forward`` is swapped for a recording stub and the model is run once on the
+   calibration tokens: the stubs record *every* positional and keyword argument each block receives (masks,
+   rotary embeddings, per-layer sliding-window masks, …) and pass the hidden states through; the last stub
+   stops the forward with a private exception. Only embeddings and other non-block modules touch the device.
+2. **Per block.** Move it to the device and run it on the recorded inputs with a forward pre-hook on each
+   prunable linear. The hook accumulates the layer's Hessian (:mod:`kernels.hessian`) once per *distinct
+   input tensor* (q/k/v and gate/up read the same tensor, detected from the inputs themselves), factors it
+   once, prunes the layer, and lets the forward continue with the pruned weights. So the block's output *is*
+   the pruned block's output (the next block's input) after a single pass, and layers later in a block are
+   calibrated on the outputs of earlier, already-pruned layers (the reference code's "true sequential"
+   option). With ``batch_size`` set, the calibration set runs in chunks instead: one pass gathers statistics
+   from the dense block, the layers are pruned, and a second pass computes the outputs (bounded memory).
+3. Move the block back, report the block's layers through ``on_block``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kernels.baselines import magnitude_, wanda_
+from kernels.discovery import PrunableLayer, find_decoder_blocks, prunable_layers
+from kernels.hessian import HessianAccumulator, dampened_inverse_cholesky, dead_inputs
+from kernels.patterns import SparsityPattern, sparsity_of
+from kernels.sparsegpt import sparsegpt_
+
+log = logging.getLogger(__name__)
+
+MethodName = Literal["sparsegpt", "wanda", "magnitude"]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how. ``batch_size=None`` runs the whole calibration set in one pass per block."""
+
+    method: MethodName = "sparsegpt"
+    pattern: SparsityPattern = field(default_factory=lambda: SparsityPattern.nm(2, 4))
+    blocksize: int = 128
+    dampening: float = 0.01
+    exclude: tuple[str, ...] = ()
+    batch_size: int | None = None
+    max_damp_retries: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in ("sparsegpt", "wanda", "magnitude"):
+            raise ValueError(f"unknown method {self.method!r}: use sparsegpt, wanda or magnitude")
+        if self.method == "sparsegpt" and self.pattern.is_nm and self.blocksize % self.pattern.m:  # type: ignore[operator]
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.pattern.m}")
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One pruned layer. ``error`` is ||(W − Ŵ) X||² / ||W X||² on its calibration inputs X (None without)."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    sparsity: float
+    error: float | None
+    shares_input_with: tuple[str, ...] = ()
+    dampening: float | None = None
+    skipped: str | None = None  # why a layer was left dense
+
+
+@dataclass(frozen=True)
+class BlockProgress:
+    """Reported after every block: its index (0-based), the block count, its layers, seconds it took."""
+
+    index: int
+    total: int
+    layers: tuple[LayerResult, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    layers: tuple[LayerResult, ...]
+    seconds: float
+    calibration_tokens: int
+
+
+class _StopForward(Exception):
+    """Ends a forward pass early once every block's inputs are recorded (private, never escapes)."""
+
+
+@dataclass
+class _Call:
+    """Everything a block received, minus the hidden states."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_as_kwarg: bool
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
+    if call.hidden_as_kwarg:
+        out = block(*call.args, hidden_states=hidden, **call.kwargs)
+    else:
+        out = block(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@contextmanager
+def _inference_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no KV cache for the duration; restored afterwards."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None and use_cache is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
+
+
+@contextmanager
+def _on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Move the *own* parameters and buffers of ``modules`` to ``device``, and back on exit."""
+    homes: list[tuple[nn.Module, torch.device]] = []
+    for module in modules:
+        tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        if tensors:
+            homes.append((module, tensors[0].device))
+            module._apply(lambda t: t.to(device), recurse=False)
+    try:
+        yield
+    finally:
+        for module, home in homes:
+            module._apply(lambda t, home=home: t.to(home), recurse=False)  # type: ignore[misc]
+
+
+def _outside(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """Every module of ``model`` that is not a block or inside one."""
+    inside = {id(m) for m in blocks.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
+@torch.no_grad()
+def _capture_block_calls(
+    model: nn.Module, blocks: nn.ModuleList, chunks: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], list[list[_Call]]]:
+    """Hidden states entering block 0 per chunk, and every block's call per chunk (``calls[chunk][block]``)."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[_Call]] = []
+    last = len(blocks) - 1
+
+    def make_stub(index: int) -> Callable[..., Any]:
+        def stub(*args: Any, **kwargs: Any) -> Any:
+            as_kwarg = not args
+            state = kwargs.pop("hidden_states") if as_kwarg else args[0]
+            rest = args[1:]
+            if index == 0:
+                hidden.append(state)
+            calls[-1].append(_Call(rest, kwargs, as_kwarg))
+            if index == last:
+                raise _StopForward
+            return state
+
+        return stub
+
+    with ExitStack() as stack, _on_device(_outside(model, blocks), device):
+        for index, block in enumerate(blocks):
+            block.forward = make_stub(index)  # instance attribute shadows the class's forward
+            stack.callback(delattr, block, "forward")
+        for chunk in chunks:
+            calls.append([])
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            if len(calls[-1]) != len(blocks):
+                raise RuntimeError(
+                    f"the model called {len(calls[-1])} of its {len(blocks)} decoder blocks; secateurs needs "
+                    "every block to run once per forward"
+                )
+    return hidden, calls
+
+
+@dataclass
+class _Group:
+    """Linears that read one and the same input tensor: one Hessian, one factorization."""
+
+    hessian: HessianAccumulator
+    first_input: weakref.ref[torch.Tensor] | None  # a weak reference: a freed input cannot be shared
+    members: list[_LayerState] = field(default_factory=list)
+    factor: tuple[torch.Tensor, float] | None = None
+
+
+@dataclass
+class _LayerState:
+    layer: PrunableLayer
+    group: _Group | None = None
+    result: LayerResult | None = None
+
+
+def _same_input(first: weakref.ref[torch.Tensor] | None, b: torch.Tensor) -> bool:
+    """Whether ``b`` is the (still alive) tensor ``first`` points to, or the same view of the same storage.
+
+    Sharing is read from the inputs themselves, not from layer names. A weak reference keeps no activation
+    alive; once the first tensor is freed, nothing later can share it (a new tensor at a reused address is
+    a different input), so a dead reference never matches.
+    """
+    a = first() if first is not None else None
+    if a is None:
+        return False
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a._version == b._version
+    )
+
+
+class _BlockPruner:
+    """Pre-hooks on one block's linears: accumulate statistics, and prune at first call (one-pass) or later."""
+
+    def __init__(self, layers: list[PrunableLayer], config: PruneConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.states = [_LayerState(layer) for layer in layers]
+        self.groups: list[_Group] = []
+        self.prune_on_first_call = True
+
+    @contextmanager
+    def hooks(self, *, prune_on_first_call: bool) -> Iterator[None]:
+        self.prune_on_first_call = prune_on_first_call
+        handles = [
+            state.layer.module.register_forward_pre_hook(self._make_hook(state)) for state in self.states
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for group in self.groups:
+                group.first_input = None
+
+    def _make_hook(self, state: _LayerState) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]  # [..., in]
+            if state.result is not None:
+                return  # pruned already (one-pass mode, or a layer called twice)
+            if state.group is None:
+                state.group = self._join_group(state, x)
+            elif state.group.members[0] is state:
+                state.group.hessian.add(x.detach())
+            if self.prune_on_first_call:
+                self._prune(state)
+
+        return hook
+
+    def _join_group(self, state: _LayerState, x: torch.Tensor) -> _Group:
+        for group in self.groups:
+            if _same_input(group.first_input, x):
+                group.members.append(state)
+                return group
+        group = _Group(HessianAccumulator(state.layer.in_features, x.device), weakref.ref(x), [state])
+        group.hessian.add(x.detach())
+        self.groups.append(group)
+        return group
+
+    def prune_remaining(self) -> None:
+        for state in self.states:
+            if state.result is None and state.group is not None:
+                self._prune(state)
+
+    @torch.no_grad()
+    def _prune(self, state: _LayerState) -> None:
+        group, layer, config = state.group, state.layer, self.config
+        assert group is not None
+        hessian = group.hessian.hessian  # [in, in]
+        original = layer.weight().to(torch.float32).clone()  # [out, in]
+        weight = original.clone()
+        dampening = None
+        if config.method == "sparsegpt":
+            if group.factor is None:
+                names = [m.layer.name for m in group.members]
+                group.factor = dampened_inverse_cholesky(
+                    hessian, config.dampening, layers=names, max_retries=config.max_damp_retries
+                )
+            upper, dampening = group.factor
+            sparsegpt_(weight, upper, config.pattern, blocksize=config.blocksize, dead=dead_inputs(hessian))
+        elif config.method == "wanda":
+            wanda_(weight, torch.diagonal(hessian).clamp_min(0).sqrt(), config.pattern)
+        else:
+            magnitude_(weight, config.pattern)
+        delta = original - weight  # [out, in]
+        reference = float(((original @ hessian) * original).sum())
+        error = float(((delta @ hessian) * delta).sum()) / reference if reference > 0 else 0.0
+        layer.set_weight_(weight)
+        state.result = LayerResult(
+            name=layer.name,
+            shape=(layer.out_features, layer.in_features),
+            sparsity=sparsity_of(weight),
+            error=error,
+            dampening=dampening,
+        )
+
+    def results(self) -> list[LayerResult]:
+        out = []
+        for state in self.states:
+            if state.result is None:
+                out.append(
+                    LayerResult(
+                        name=state.layer.name,
+                        shape=(state.layer.out_features, state.layer.in_features),
+                        sparsity=sparsity_of(state.layer.weight()),
+                        error=None,
+                        skipped="never called during calibration; left dense",
+                    )
+                )
+                continue
+            group = state.group
+            assert group is not None
+            peers = tuple(m.layer.name for m in group.members if m is not state)
+            out.append(LayerResult(**{**state.result.__dict__, "shares_input_with": peers}))
+        return out
+
+
+def plan_layers(model: nn.Module, config: PruneConfig) -> tuple[str, nn.ModuleList, list[list[PrunableLayer]]]:
+    """Blocks and the layers to prune in each; checks every layer's shape against the pattern up front."""
+    prefix, blocks = find_decoder_blocks(model)
+    per_block = [prunable_layers(block, f"{prefix}.{i}", config.exclude) for i, block in enumerate(blocks)]
+    for layers in per_block:
+        for layer in layers:
+            config.pattern.check_shape(layer.name, layer.in_features)
+    if not any(per_block):
+        raise ValueError("no linear layer left to prune: check the --exclude patterns")
+    return prefix, blocks, per_block
+
+
+def _prune_without_calibration(
+    blocks: nn.ModuleList,
+    per_block: list[list[PrunableLayer]],
+    config: PruneConfig,
+    device: torch.device,
+    on_block: Callable[[BlockProgress], None] | None,
+) -> list[LayerResult]:
+    results: list[LayerResult] = []
+    for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
+        started = time.perf_counter()
+        with _on_device(list(block.modules()), device), torch.no_grad():
+            block_results = []
+            for layer in layers:
+                weight = layer.weight().to(torch.float32).clone()
+                magnitude_(weight, config.pattern)
+                layer.set_weight_(weight)
+                block_results.append(
+                    LayerResult(layer.name, (layer.out_features, layer.in_features), sparsity_of(weight), None)
+                )
+        results.extend(block_results)
+        if on_block:
+            on_block(BlockProgress(index, len(blocks), tuple(block_results), time.perf_counter() - started))
+    return results
+
+
+@torch.no_grad()
+def prune_model_(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    config: PruneConfig,
+    *,
+    device: torch.device | str | None = None,
+    on_block: Callable[[BlockProgress], None] | None = None,
+) -> PruneResult:
+    """Prune ``model`` in place, block by block, and return what was done to every layer.
+
+    calibration: token ids [samples, seqlen] (None only for magnitude pruning). ``device`` is where each
+    block is computed (default: where the model's parameters are); the model itself stays where it is.
+    ``on_block`` is called after every block with a :class:`BlockProgress`.
+    """
+    started = time.perf_counter()
+    compute = torch.device(device) if device is not None else next(model.parameters()).device
+    _, blocks, per_block = plan_layers(model, config)
+    if calibration is None:
+        if config.method != "magnitude":
+            raise ValueError(f"{config.method} needs calibration tokens")
+        with _inference_mode(model):
+            results = _prune_without_calibration(blocks, per_block, config, compute, on_block)
+        return PruneResult(tuple(results), time.perf_counter() - started, 0)
+    if calibration.ndim != 2:
+        raise ValueError(f"calibration must be token ids [samples, seqlen], got shape {tuple(calibration.shape)}")
+    size = config.batch_size or calibration.shape[0]
+    chunks = list(calibration.split(size))
+    one_pass = len(chunks) == 1
+    results = []
+    with _inference_mode(model):
+        hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
+        for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
+            block_started = time.perf_counter()
+            pruner = _BlockPruner(layers, config, compute)
+            with _on_device(list(block.modules()), compute):
+                block_calls = [call[index] for call in calls]  # captured on the compute device
+                if one_pass:
+                    with pruner.hooks(prune_on_first_call=True):
+                        hidden = [_run_block(block, hidden[0], block_calls[0])]
+                else:
+                    with pruner.hooks(prune_on_first_call=False):
+                        for h, call in zip(hidden, block_calls, strict=True):
+                            _run_block(block, h, call)
+                    pruner.prune_remaining()
+                    hidden = [_run_block(block, h, call) for h, call in zip(hidden, block_calls, strict=True)]
+            block_results = pruner.results()
+            results.extend(block_results)
+            for result in block_results:
+                if result.error is not None and not math.isfinite(result.error):
+                    log.warning("%s: reconstruction error is not finite", result.name)
+            if on_block:
+                on_block(
+                    BlockProgress(index, len(blocks), tuple(block_results), time.perf_counter() - block_started)
+                )
+    return PruneResult(tuple(results), time.perf_counter() - started, int(calibration.numel()))

@@ -1,0 +1,90 @@
+"""Layer Hessians for one-shot pruning (SparseGPT, Frantar & Alistarh 2023, arXiv 2301.00774, §3).
+
+For a linear layer y = W x with calibration inputs X = [x_1 … x_T], the layer-wise reconstruction objective
+||W X − Ŵ X||² has Hessian H = 2 X Xᵀ. We keep the running *mean* H = (1/T) Σ x xᵀ in fp32: the factor 2 and
+the scale cancel, because the dampening is relative (λ = δ · mean(diag H), §3 "dampening").
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kernels.errors import FactorizationError
+
+log = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Running mean of x xᵀ over every token fed to :meth:`add`, in fp32 on the inputs' device.
+
+    Only the upper triangle is accumulated, in column panels of about ``panel`` features (H is symmetric:
+    the panels above the diagonal are about half the work of a full XᵀX once the width is a few panels);
+    :attr:`hessian` mirrors it into the full matrix when read.
+    """
+
+    def __init__(self, columns: int, device: torch.device | str, *, panel: int = 384) -> None:
+        self._upper = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in]
+        self._full: torch.Tensor | None = None
+        self.panel = panel
+        self.tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Fold a batch of inputs [..., in] into the mean."""
+        x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)  # [tokens, in]
+        count, width = x.shape
+        if count == 0:
+            return
+        total = self.tokens + count
+        self._upper.mul_(self.tokens / total)
+        panels = max(1, round(width / self.panel))
+        size = -(-width // panels)
+        for lo in range(0, width, size):
+            hi = min(lo + size, width)
+            # [hi-lo, width-lo] += x[:, lo:hi]ᵀ x[:, lo:] / total: the panel's row of blocks, diagonal onwards
+            self._upper[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:], alpha=1.0 / total)
+        self.tokens = total
+        self._full = None
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The full symmetric mean H = (1/T) Σ x xᵀ: [in, in], fp32."""
+        if self._full is None:
+            self._full = torch.triu(self._upper) + torch.triu(self._upper, diagonal=1).T
+        return self._full
+
+
+def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
+    """Input features that were always zero during calibration (diag H == 0): bool [in]."""
+    return torch.diagonal(hessian) == 0
+
+
+def dampened_inverse_cholesky(
+    hessian: torch.Tensor, dampening: float, *, layers: list[str], max_retries: int = 4
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = Uᵀ U), as SparseGPT's solve needs (§3).
+
+    Dead inputs get H_ii = 1 so the matrix stays invertible (their weights are zeroed by the caller). If the
+    factorization fails, λ is multiplied by 10 up to ``max_retries`` times; then :class:`FactorizationError`
+    names the layers. Returns ``(U [in, in], dampening used)``. The input is not modified.
+    """
+    h = hessian.clone()
+    dead = dead_inputs(h)
+    h[dead, dead] = 1.0
+    diag = torch.diagonal(h)
+    mean_diag = float(diag.mean())
+    damp = dampening
+    for attempt in range(max_retries + 1):
+        damped = h.clone()
+        torch.diagonal(damped).add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)  # (H + λI)⁻¹
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.warning("%s: Hessian factored only with dampening %g", ", ".join(layers), damp)
+                return upper, damp
+        damp *= 10.0
+    raise FactorizationError(layers, damp / 10.0)

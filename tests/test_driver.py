@@ -1,0 +1,162 @@
+"""The layer-by-layer driver on tiny models of every supported architecture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.discovery import find_decoder_blocks, prunable_layers
+from kernels.driver import BlockProgress, PruneConfig, _capture_block_calls, _run_block, prune_model_
+from kernels.errors import PatternError
+from kernels.hessian import HessianAccumulator, dampened_inverse_cholesky
+from kernels.patterns import SparsityPattern, satisfies_nm
+from kernels.sparsegpt import sparsegpt_
+from tests.models import ARCHITECTURES, VOCAB, tiny_model
+
+
+def _calibration(samples: int = 6, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _block_outputs(model: nn.Module, run: Any) -> list[list[torch.Tensor]]:
+    """Every output of every decoder block while ``run()`` executes: ``outputs[block][call]``."""
+    _, blocks = find_decoder_blocks(model)
+    outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+    handles = [
+        block.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple) else out))
+        for i, block in enumerate(blocks)
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_replayed_calls_reproduce_the_models_own_block_outputs(arch: str) -> None:
+    """Capture + replay of every block's arguments (per-layer masks included) equals the real forward."""
+    model = tiny_model(arch, num_layers=3)
+    tokens = _calibration(samples=2, seqlen=40)  # longer than Gemma3's sliding window of 16
+    with torch.no_grad():
+        expected = _block_outputs(model, lambda: model(input_ids=tokens, use_cache=False))
+        _, blocks = find_decoder_blocks(model)
+        hidden, calls = _capture_block_calls(model, blocks, [tokens], torch.device("cpu"))
+        state = hidden[0]
+        for index, block in enumerate(blocks):
+            state = _run_block(block, state, calls[0][index])
+            torch.testing.assert_close(state, expected[index][0])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_every_pruned_layer_is_2_4_and_the_model_still_runs(arch: str, batch_size: int | None) -> None:
+    model = tiny_model(arch)
+    events: list[BlockProgress] = []
+    result = prune_model_(model, _calibration(), PruneConfig(batch_size=batch_size), on_block=events.append)
+    prefix, blocks = find_decoder_blocks(model)
+    layers = [layer for i, block in enumerate(blocks) for layer in prunable_layers(block, f"{prefix}.{i}")]
+    assert {r.name for r in result.layers} == {layer.name for layer in layers}
+    for layer in layers:
+        assert satisfies_nm(layer.weight(), 2, 4), layer.name
+    for r in result.layers:
+        assert r.sparsity == pytest.approx(0.5)
+        assert r.error is not None and 0 <= r.error < 1
+    assert [e.index for e in events] == list(range(len(blocks)))
+    assert all(e.total == len(blocks) for e in events)
+    with torch.no_grad():
+        logits = model(input_ids=_calibration(samples=1), use_cache=False).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_driver_block_outputs_equal_a_hand_run_of_the_pruned_blocks(batch_size: int | None) -> None:
+    """What the driver feeds block i+1 is exactly what the pruned model computes at block i."""
+    model = tiny_model("llama", num_layers=3)
+    calibration = _calibration(samples=4)
+    during = _block_outputs(model, lambda: prune_model_(model, calibration, PruneConfig(batch_size=batch_size)))
+    with torch.no_grad():
+        after = _block_outputs(model, lambda: model(input_ids=calibration, use_cache=False))
+    chunks = -(-4 // batch_size) if batch_size else 1
+    for index, outputs in enumerate(during):
+        final = torch.cat(outputs[-chunks:])  # the block's last pass over every chunk
+        torch.testing.assert_close(final, after[index][0])
+
+
+def test_shared_hessian_path_equals_the_per_layer_path() -> None:
+    """q/k/v share one Hessian and factorization: same result as computing each layer's own."""
+    model = tiny_model("llama", num_layers=1)
+    reference = tiny_model("llama", num_layers=1)
+    calibration = _calibration(samples=4)
+    inputs: dict[str, torch.Tensor] = {}
+    attn = reference.model.layers[0].self_attn
+    handles = [
+        getattr(attn, name).register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
+        for name in ("q_proj", "k_proj", "v_proj")
+    ]
+    with torch.no_grad():
+        reference(input_ids=calibration, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    result = prune_model_(model, calibration, PruneConfig())
+    shared = {r.name.rsplit(".", 1)[-1]: r.shares_input_with for r in result.layers}
+    assert len(shared["q_proj"]) == 2 and len(shared["k_proj"]) == 2
+    assert shared["o_proj"] == ()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        acc = HessianAccumulator(64, "cpu")
+        acc.add(inputs[name])
+        upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=[name])
+        weight = getattr(attn, name).weight.detach().clone()
+        sparsegpt_(weight, upper, SparsityPattern.nm(2, 4), dead=torch.diagonal(acc.hessian) == 0)
+        torch.testing.assert_close(getattr(model.model.layers[0].self_attn, name).weight, weight)
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda_on_every_layer_on_average() -> None:
+    errors = {}
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        model = tiny_model("llama")
+        result = prune_model_(model, _calibration(samples=8, seqlen=32), PruneConfig(method=method))
+        errors[method] = sum(r.error for r in result.layers if r.error is not None) / len(result.layers)
+    assert errors["sparsegpt"] < errors["wanda"] <= errors["magnitude"] * 1.05
+
+
+def test_magnitude_needs_no_calibration_and_unstructured_ratios_work() -> None:
+    model = tiny_model("gpt2")
+    result = prune_model_(model, None, PruneConfig(method="magnitude", pattern=SparsityPattern.unstructured(0.3)))
+    assert all(r.sparsity == pytest.approx(0.3, abs=0.01) and r.error is None for r in result.layers)
+    model = tiny_model("opt")
+    result = prune_model_(model, _calibration(), PruneConfig(pattern=SparsityPattern.unstructured(0.6)))
+    assert all(r.sparsity == pytest.approx(0.6, abs=0.02) for r in result.layers)
+
+
+def test_excluded_layers_stay_dense() -> None:
+    model = tiny_model("qwen2")
+    before = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    result = prune_model_(model, _calibration(), PruneConfig(exclude=("*.down_proj", "model.layers.0.*")))
+    names = {r.name for r in result.layers}
+    assert not any(name.endswith("down_proj") or name.startswith("model.layers.0.") for name in names)
+    assert names
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before)
+
+
+def test_a_width_not_divisible_by_m_is_refused_before_any_work() -> None:
+    model = tiny_model("llama")
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model.model.layers[1].mlp.down_proj = nn.Linear(250, 64, bias=False)  # a width of 250 breaks 2:4
+    with pytest.raises(PatternError, match=r"model\.layers\.1\.mlp\.down_proj has 250 input features"):
+        prune_model_(model, _calibration(), PruneConfig())
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_model_state_is_restored_after_pruning() -> None:
+    model = tiny_model("mistral")
+    model.train()
+    model.config.use_cache = True
+    prune_model_(model, _calibration(), PruneConfig())
+    assert model.training and model.config.use_cache
+    assert all(type(block).forward is not None and "forward" not in vars(block) for block in model.model.layers)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

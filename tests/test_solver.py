@@ -1,0 +1,145 @@
+"""SparseGPT solve, Hessians and baselines against their defining properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.baselines import magnitude_, wanda_
+from kernels.errors import FactorizationError
+from kernels.hessian import HessianAccumulator, dampened_inverse_cholesky
+from kernels.patterns import SparsityPattern, satisfies_nm
+from kernels.sparsegpt import sparsegpt_
+
+
+def _layer_error(original: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
+    """||W X − Ŵ X||² on inputs x [tokens, in]."""
+    return float(((x @ original.T - x @ pruned.T) ** 2).sum())
+
+
+def _correlated_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=gen) / width**0.5
+    scales = torch.logspace(-1, 1, width)
+    return (torch.randn(tokens, width, generator=gen) * scales) @ mixing  # strongly correlated columns
+
+
+def test_hessian_is_the_running_mean_of_x_xt() -> None:
+    x = torch.randn(3, 50, 16, dtype=torch.float64)
+    acc = HessianAccumulator(16, "cpu")
+    for part in x.split(1):
+        acc.add(part)
+    flat = x.reshape(-1, 16)
+    torch.testing.assert_close(acc.hessian, (flat.T @ flat / flat.shape[0]).float())
+    assert acc.tokens == 150
+
+
+@pytest.mark.parametrize("pattern", [SparsityPattern.nm(2, 4), SparsityPattern.nm(4, 8), SparsityPattern.unstructured(0.5)])
+def test_with_identity_hessian_sparsegpt_equals_magnitude(pattern: SparsityPattern) -> None:
+    weight = torch.randn(24, 64)
+    upper, _ = dampened_inverse_cholesky(torch.eye(64) * 3.0, 0.01, layers=["w"])
+    ours = weight.clone()
+    sparsegpt_(ours, upper, pattern, blocksize=64)  # one block: per-block threshold == per-layer threshold
+    reference = weight.clone()
+    magnitude_(reference, pattern)
+    torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("pattern", [SparsityPattern.nm(2, 4), SparsityPattern.unstructured(0.5)])
+def test_sparsegpt_error_is_below_magnitude_and_wanda_on_correlated_inputs(pattern: SparsityPattern) -> None:
+    x = _correlated_inputs(2048, 128)
+    weight = torch.randn(64, 128)
+    acc = HessianAccumulator(128, "cpu")
+    acc.add(x)
+    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    ours = weight.clone()
+    sparsegpt_(ours, upper, pattern, blocksize=32)
+    by_magnitude = weight.clone()
+    magnitude_(by_magnitude, pattern)
+    by_wanda = weight.clone()
+    wanda_(by_wanda, x.norm(dim=0), pattern)
+    error = _layer_error(weight, ours, x)
+    assert error < 0.7 * _layer_error(weight, by_magnitude, x)
+    assert error < 0.7 * _layer_error(weight, by_wanda, x)
+    if pattern.is_nm:
+        assert satisfies_nm(ours, 2, 4)
+    else:
+        assert float((ours == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_blocksize_changes_speed_not_the_n_m_result_much() -> None:
+    x = _correlated_inputs(1024, 64, seed=1)
+    weight = torch.randn(16, 64)
+    acc = HessianAccumulator(64, "cpu")
+    acc.add(x)
+    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    small, large = weight.clone(), weight.clone()
+    sparsegpt_(small, upper, SparsityPattern.nm(2, 4), blocksize=8)
+    sparsegpt_(large, upper, SparsityPattern.nm(2, 4), blocksize=64)
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-4)  # lazy updates are exact, up to rounding
+
+
+def test_dead_inputs_are_zeroed_and_do_not_break_the_solve() -> None:
+    x = _correlated_inputs(512, 32)
+    x[:, 5] = 0
+    acc = HessianAccumulator(32, "cpu")
+    acc.add(x)
+    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    weight = torch.randn(8, 32)
+    sparsegpt_(weight, upper, SparsityPattern.nm(2, 4), dead=torch.diagonal(acc.hessian) == 0)
+    assert bool((weight[:, 5] == 0).all())
+    assert bool(torch.isfinite(weight).all())
+
+
+def test_failed_factorization_retries_then_names_the_layer() -> None:
+    bad = torch.full((8, 8), float("nan"))
+    with pytest.raises(FactorizationError, match=r"model\.layers\.3\.mlp\.up_proj"):
+        dampened_inverse_cholesky(bad, 0.01, layers=["model.layers.3.mlp.up_proj"], max_retries=2)
+
+
+def test_indefinite_hessian_succeeds_with_more_dampening() -> None:
+    h = torch.eye(8)
+    h[0, 0] = -0.5  # mean diag 0.8125: 1% dampening is not enough, 10% is
+    upper, damp = dampened_inverse_cholesky(h, 0.01, layers=["w"], max_retries=3)
+    assert damp > 0.01
+    assert bool(torch.isfinite(upper).all())
+
+
+@pytest.mark.parametrize(("width", "panel"), [(1000, 384), (576, 100), (64, 384)])
+def test_panelled_hessian_equals_full_gram(width: int, panel: int) -> None:
+    x = torch.randn(2, 300, width, dtype=torch.float64)
+    acc = HessianAccumulator(width, "cpu", panel=panel)
+    acc.add(x[0].float())
+    acc.add(x[1].float())
+    flat = x.reshape(-1, width)
+    reference = (flat.T @ flat / flat.shape[0]).float()
+    torch.testing.assert_close(acc.hessian, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(acc.hessian, acc.hessian.T, rtol=0, atol=0)
+
+
+def _textbook_sparsegpt(weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """SparseGPT N:M without lazy blocks or grouping: one column at a time, updating every later column."""
+    w = weight.clone()
+    cols = w.shape[1]
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i in range(cols):
+        if i % m == 0:
+            saliency = w[:, i : i + m] ** 2 / torch.diagonal(hinv_upper)[i : i + m] ** 2
+            drop = saliency.topk(m - n, dim=1, largest=False).indices
+            mask[:, i : i + m].scatter_(1, drop, True)
+        err = w[:, i] * mask[:, i] / hinv_upper[i, i]
+        w[:, i:] -= err[:, None] * hinv_upper[i, i:][None, :]
+        w[:, i][mask[:, i]] = 0
+    return w
+
+
+@pytest.mark.parametrize("blocksize", [4, 16, 128])
+def test_blocked_sparsegpt_equals_the_textbook_column_loop(blocksize: int) -> None:
+    x = _correlated_inputs(1024, 64, seed=2)
+    acc = HessianAccumulator(64, "cpu")
+    acc.add(x)
+    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    weight = torch.randn(12, 64)
+    fast = weight.clone()
+    sparsegpt_(fast, upper, SparsityPattern.nm(2, 4), blocksize=blocksize)
+    torch.testing.assert_close(fast, _textbook_sparsegpt(weight, upper, 2, 4), rtol=1e-4, atol=1e-5)
