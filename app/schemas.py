@@ -142,12 +142,161 @@ class JobSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.method is not Method.MAGNITUDE and self.calibration is None:
-            raise ValueError(f"method {self.method.value!r} needs calibration text: set 'calibration'")
+            raise ValueError(
+                f"method {self.method.value!r} needs calibration text: give a calibration file or dataset "
+                "(--calibration-file / --calibration-dataset on the command line)"
+            )
         parsed = parse_pattern(self.pattern)
         if isinstance(parsed, tuple) and self.method is Method.SPARSEGPT and self.blocksize % parsed[1]:
-            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={parsed[1]}")
+            raise ValueError(
+                f"blocksize {self.blocksize} must be a multiple of M={parsed[1]} (e.g. {parsed[1] * (128 // parsed[1])})"
+            )
         return self
 
     @property
     def parsed_pattern(self) -> tuple[int, int] | float:
         return parse_pattern(self.pattern)
+
+
+# --- What a job produces ----------------------------------------------------------------------------------
+
+
+class Stage(StrEnum):
+    LOAD = "load"
+    CALIBRATE = "calibrate"
+    EVALUATE_DENSE = "evaluate_dense"
+    PRUNE = "prune"
+    EVALUATE_PRUNED = "evaluate_pruned"
+    SAVE = "save"
+    DONE = "done"
+
+
+class LayerReport(BaseModel):
+    """One linear layer after pruning. ``error`` = ||(W − Ŵ)X||² / ||WX||² on its calibration inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: tuple[int, int] = Field(description="(out_features, in_features)")
+    sparsity: float = Field(description="Fraction of exact zeros.")
+    error: float | None = Field(description="Relative reconstruction error; null without calibration data.")
+    shares_input_with: list[str] = Field(default_factory=list, description="Layers that reuse its Hessian.")
+    dampening: float | None = Field(default=None, description="Dampening that factored its Hessian (SparseGPT).")
+    skipped: str | None = Field(default=None, description="Why the layer was left dense, if it was.")
+
+
+class ProgressEvent(BaseModel):
+    """Emitted by the pipeline as it goes: one per stage change and one per pruned block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage
+    message: str
+    block: int | None = Field(default=None, description="1-based index of the block just pruned.")
+    blocks: int | None = None
+    seconds: float | None = Field(default=None, description="Seconds the block (or stage) took.")
+    layers: list[LayerReport] | None = None
+
+
+class PerplexityProtocol(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    convention: str = Field(
+        default="non-overlapping windows of the whole-text token stream, tail dropped, exp(mean NLL)",
+    )
+    text: str = Field(description="Where the text came from.")
+    text_sha256: str
+    text_tokens: int = Field(description="Tokens in the whole text (add_special_tokens=False).")
+    window: int
+    windows: int
+    predicted_tokens: int
+    bos: bool = Field(description="Whether every window started with the BOS token.")
+    batch_size: int
+
+
+class PerplexityReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dense: float | None
+    pruned: float | None
+    protocol: PerplexityProtocol | None
+
+
+class SparsityReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str
+    method: Method
+    verified: bool = Field(description="Every pruned layer satisfies the pattern (checked on the saved weights).")
+    layers_pruned: int
+    layers_skipped: int
+    pruned_fraction: float = Field(description="Zeros / weights over the pruned layers.")
+    model_fraction: float = Field(description="Zeros in pruned layers / all parameters of the model.")
+
+
+class CalibrationReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None
+    sha256: str | None
+    samples: int
+    seqlen: int
+    seed: int
+    text_tokens: int | None
+    bos: bool
+    batch_size: int | None
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    load_seconds: float
+    data_seconds: float
+    eval_dense_seconds: float | None
+    prune_seconds: float
+    eval_pruned_seconds: float | None
+    save_seconds: float
+    total_seconds: float
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    source: str
+    revision: str | None
+    architecture: str
+    model_type: str
+    parameters: int
+    decoder_blocks: int
+    dtype: str
+
+
+class Environment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    secateurs: str
+    python: str
+    torch: str
+    transformers: str
+    platform: str
+    device: str
+    device_name: str
+    threads: int
+    cuda: str | None
+
+
+class Report(BaseModel):
+    """``report.json``: what a job cost (perplexity) and what it did, with the conditions of every number."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format: Literal["secateurs.report/1"] = "secateurs.report/1"
+    created_at: str
+    spec: JobSpec
+    model: ModelInfo
+    perplexity: PerplexityReport
+    sparsity: SparsityReport
+    layers: list[LayerReport]
+    calibration: CalibrationReport
+    timings: Timings
+    environment: Environment

@@ -139,9 +139,14 @@ def tiny_config(arch: str, *, num_layers: int = 2) -> PretrainedConfig:
     return config
 
 
-def tiny_model(arch: str, *, seed: int = 0, num_layers: int = 2) -> PreTrainedModel:
-    """A random-weight fp32 causal LM of architecture ``arch`` in eval mode, reproducible from ``seed``."""
+def tiny_model(arch: str, *, seed: int = 0, num_layers: int = 2, **overrides: Any) -> PreTrainedModel:
+    """A random-weight fp32 causal LM of architecture ``arch`` in eval mode, reproducible from ``seed``.
+
+    ``overrides`` change config fields, e.g. ``intermediate_size=250`` for a shape that breaks 2:4.
+    """
     config = tiny_config(arch, num_layers=num_layers)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model: PreTrainedModel = AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", dtype=torch.float32

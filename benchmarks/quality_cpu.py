@@ -1,0 +1,113 @@
+"""Protocol P-CPU: quality and prune time of dense, magnitude, Wanda and SparseGPT 2:4 on SmolLM2-135M.
+
+    python benchmarks/quality_cpu.py [--methods dense,magnitude,wanda,sparsegpt] [--output FILE]
+
+P-CPU: SmolLM2-135M-Instruct (the offline asset), fp32 on CPU; calibration 64 windows × 512 tokens of
+exllamav2's ``c4.utf8`` (tokenized whole; ``rng = random.Random(0)``, window k starts at
+``rng.randint(0, n_tokens - 513)``, in order); every linear inside the decoder blocks pruned; evaluation on
+the first 64 non-overlapping 512-token windows of WikiText-2 raw test (exact bytes, CRLF kept), tokenized
+whole with ``add_special_tokens=False``, no BOS. Each method runs in a fresh process so that its peak RSS
+is its own. The pruning is the same ``kernels.driver.prune_model_`` call that ``secateurs prune`` makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_one(method: str, cache: Path) -> dict[str, object]:
+    """One method in this process: prune (unless dense), evaluate, report time and peak RSS."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.schemas import TextSource
+    from kernels.driver import PruneConfig, prune_model_
+    from kernels.patterns import SparsityPattern
+    from kernels.perplexity import eval_windows, perplexity
+    from workers.assets import fetch_assets
+    from workers.data import calibration_windows, read_text, tokenize
+
+    assets = fetch_assets(cache)
+    assert assets.wikitext2_test is not None, "P-CPU needs ../shared/data/wikitext-2-raw/wiki.test.raw"
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2)
+    model = AutoModelForCausalLM.from_pretrained(assets.smollm2, dtype=torch.float32).eval()
+    calib_text = read_text(TextSource(file=str(assets.c4)))
+    calibration = calibration_windows(tokenize(tokenizer, calib_text.text), 64, 512, 0)
+    wiki = read_text(TextSource(file=str(assets.wikitext2_test)))
+    wiki_tokens = tokenize(tokenizer, wiki.text)
+    result: dict[str, object] = {"method": method}
+    if method != "dense":
+        config = PruneConfig(method=method, pattern=SparsityPattern.nm(2, 4))  # type: ignore[arg-type]
+        started = time.perf_counter()
+        pruned = prune_model_(model, None if method == "magnitude" else calibration, config)
+        result["prune_seconds"] = round(time.perf_counter() - started, 2)
+        result["layers_pruned"] = len(pruned.layers)
+        errors = [layer.error for layer in pruned.layers if layer.error is not None]
+        result["mean_layer_error"] = sum(errors) / len(errors) if errors else None
+    result["peak_rss_gb_after_prune"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+    started = time.perf_counter()
+    ppl = perplexity(model, eval_windows(wiki_tokens, 512, 64), batch_size=8)
+    result["eval_seconds"] = round(time.perf_counter() - started, 2)
+    result["perplexity"] = round(ppl.value, 3)
+    result["protocol"] = {
+        "eval_text": "wikitext-2-raw wiki.test.raw", "eval_sha256": wiki.sha256, "eval_text_tokens": wiki_tokens.numel(),
+        "window": ppl.seqlen, "windows": ppl.windows, "predicted_tokens": ppl.predicted_tokens, "bos": ppl.bos,
+        "calibration_text": "exllamav2 c4.utf8", "calibration_sha256": calib_text.sha256,
+        "calibration_samples": 64, "calibration_seqlen": 512, "seed": 0, "dtype": "float32",
+    }  # fmt: skip
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "p-cpu.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single method, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.cache)))
+        return
+    rows = []
+    for method in args.methods.split(","):
+        print(f"[p-cpu] {method} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", method, "--cache", str(args.cache)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"[p-cpu] {method}: {row}", file=sys.stderr, flush=True)
+        rows.append(row)
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        platform.processor(),
+    )
+    out = {
+        "benchmark": "P-CPU quality and prune time (benchmarks/quality_cpu.py)",
+        "date": time.strftime("%Y-%m-%d"),
+        "environment": {
+            "cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "results": rows,
+    }  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"[p-cpu] wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

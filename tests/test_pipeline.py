@@ -1,0 +1,208 @@
+"""run_job and the `secateurs prune` CLI on tiny models: outputs, reports, bad input, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from app.errors import DataSourceError, OutputExistsError
+from app.schemas import JobSpec, Report, TextSource
+from kernels.patterns import satisfies_nm
+from tests.conftest import TinyDir
+from tests.models import tiny_model
+from workers.cli import cli
+from workers.pipeline import JobCancelled, run_job
+from workers.storage import TMP_PREFIX
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    words = "the quick brown fox jumps over the lazy dog while calibration text flows onward "
+    path.write_bytes((words * 200).encode() + b"\r\nsecond line\r\n")
+    return path
+
+
+def _spec(model: Path, text: Path, **changes: object) -> JobSpec:
+    base: dict[str, object] = {
+        "model": str(model),
+        "calibration": TextSource(file=str(text)),
+        "calibration_samples": 4,
+        "calibration_seqlen": 32,
+        "evaluation": TextSource(file=str(text)),
+        "eval_seqlen": 32,
+        "eval_windows": 3,
+        "device": "cpu",
+    }
+    return JobSpec(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def _no_leftovers(parent: Path) -> bool:
+    return not any(p.name.startswith(TMP_PREFIX) for p in parent.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
+    arch: str, tiny_dir: TinyDir, text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    events = []
+    report = run_job(_spec(tiny_dir(arch), text_file), events.append, output_dir=out)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    names = {layer.name for layer in report.layers}
+    for name, module in model.named_modules():
+        if name in names:
+            weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.T
+            assert satisfies_nm(weight, 2, 4), name
+    saved = json.loads((out / "report.json").read_text())
+    assert Report.model_validate(saved) == report
+    assert saved["sparsity"]["verified"] is True and saved["sparsity"]["pattern"] == "2:4"
+    assert saved["perplexity"]["dense"] > 1 and saved["perplexity"]["pruned"] > 1
+    protocol = saved["perplexity"]["protocol"]
+    assert protocol["window"] == 32 and protocol["windows"] == 3 and protocol["predicted_tokens"] == 3 * 31
+    assert len(protocol["text_sha256"]) == 64
+    assert saved["calibration"] == {
+        "source": str(text_file), "sha256": protocol["text_sha256"], "samples": 4, "seqlen": 32, "seed": 0,
+        "text_tokens": saved["calibration"]["text_tokens"], "bos": False, "batch_size": None,
+    }
+    assert {"name", "shape", "sparsity", "error"} <= set(saved["layers"][0])
+    assert saved["timings"]["prune_seconds"] > 0 and saved["timings"]["total_seconds"] >= saved["timings"]["prune_seconds"]
+    assert {"torch", "transformers", "device", "threads"} <= set(saved["environment"])
+    blocks = [e for e in events if e.block is not None]
+    assert [e.block for e in blocks] == [1, 2] and all(e.layers for e in blocks)
+    assert events[-1].stage == "done"
+    assert _no_leftovers(tmp_path)
+
+
+def test_zeros_are_stored_in_place_in_safetensors(tiny_dir: TinyDir, text_file: Path, tmp_path: Path) -> None:
+    run_job(_spec(tiny_dir("qwen2"), text_file, evaluation=None), output_dir=tmp_path / "out")
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert satisfies_nm(q, 2, 4) and float((q == 0).float().mean()) == pytest.approx(0.5)
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_an_existing_output_is_refused_before_any_work_unless_overwrite(
+    tiny_dir: TinyDir, text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    spec = _spec(tiny_dir("llama"), text_file, evaluation=None)
+    with pytest.raises(OutputExistsError, match="not empty"):
+        run_job(spec, output_dir=out)
+    assert (out / "keep.txt").read_text() == "mine"
+    run_job(spec, output_dir=out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+    assert _no_leftovers(tmp_path)
+
+
+def test_cancel_between_blocks_leaves_nothing(tiny_dir: TinyDir, text_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(JobCancelled, match="after block 1 of 2"):
+        run_job(_spec(tiny_dir("llama"), text_file), output_dir=tmp_path / "out", should_stop=lambda: True)
+    assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
+
+
+def test_too_short_evaluation_text_fails_before_pruning(tiny_dir: TinyDir, text_file: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(DataSourceError, match="fewer than one window"):
+        run_job(_spec(tiny_dir("llama"), text_file, evaluation=TextSource(file=str(short))), output_dir=tmp_path / "o")
+
+
+# --- the CLI --------------------------------------------------------------------------------------------------
+
+
+def _prune_args(model: Path, text: Path, out: Path) -> list[str]:
+    return [
+        "prune", str(model), "--method", "sparsegpt", "--pattern", "2:4",
+        "--calibration-file", str(text), "--calibration-samples", "4", "--calibration-seqlen", "32", "--seed", "0",
+        "--eval-file", str(text), "--eval-seqlen", "32", "--eval-windows", "2", "--device", "cpu",
+        "--output", str(out),
+    ]  # fmt: skip
+
+
+def _bad_model(tmp_path: Path, tiny: Path, kind: str) -> Path:
+    folder = tmp_path / kind
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    config = json.loads((tiny / "config.json").read_text())
+    if kind == "pickle":
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    else:
+        (folder / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
+    if kind == "remote":
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    if kind == "encoder":
+        config = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    if kind == "odd":  # a real checkpoint whose down_proj reads 250 features: not a multiple of 4
+        tiny_model("llama", intermediate_size=250).save_pretrained(folder)
+    if kind == "mismatch":  # config says 250, weights are 256 wide
+        config["intermediate_size"] = 250
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "pickle"}, "no *.safetensors weights (found pickle weights: pytorch_model.bin)"),
+        ({"model": "remote"}, "needs remote code"),
+        ({"model": "encoder"}, "not a causal language model"),
+        ({"model": "odd"}, "has 250 input features, not a multiple of M=4"),
+        ({"model": "mismatch"}, "weights match config.json"),
+        ({"model": "missing"}, "does not exist"),
+        ({"--pattern": "3:2"}, "not a valid N:M pattern"),
+        ({"--pattern": "0:4"}, "not a valid N:M pattern"),
+        ({"--pattern": "1.5"}, "strictly between 0 and 1"),
+        ({"--calibration-file": "empty"}, "is empty"),
+        ({"--calibration-file": "short"}, "needs at least 33"),
+        ({"--device": "cuda:7"}, "does not exist"),
+        ({"--device": "tpu"}, "device"),
+    ],
+)
+def test_bad_input_gets_one_clear_message_and_no_output(
+    change: dict[str, str], message: str, tiny_dir: TinyDir, text_file: Path, tmp_path: Path
+) -> None:
+    tiny = tiny_dir("llama")
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "short").write_text("too short to calibrate")
+    out = tmp_path / "out"
+    args = _prune_args(tiny, text_file, out)
+    for key, value in change.items():
+        if key == "model":
+            args[1] = str(_bad_model(tmp_path, tiny, value)) if value != "missing" else str(tmp_path / "nope")
+        else:
+            args[args.index(key) + 1] = str(tmp_path / value) if key.endswith("file") else value
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and _no_leftovers(tmp_path)
+
+
+def test_the_documented_prune_command_works_as_a_console_script(tiny_dir: TinyDir, tmp_path: Path) -> None:
+    """The exact flag set of the contract, through the installed `secateurs` entry point."""
+    out = tmp_path / "out"
+    text = WIKI if WIKI.exists() else None
+    if text is None:
+        pytest.skip("../shared WikiText-2 not present")
+    env = {**os.environ, "COLUMNS": "120"}
+    done = subprocess.run(["secateurs", *_prune_args(tiny_dir("gpt_neox"), text, out)], capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["verified"] and report["perplexity"]["protocol"]["windows"] == 2
+    assert AutoModelForCausalLM.from_pretrained(out) is not None

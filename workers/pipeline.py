@@ -1,0 +1,493 @@
+"""``run_job``: load → calibrate → evaluate dense → prune → evaluate pruned → verify → save, as one function.
+
+This is the whole job, for the CLI's ``prune`` and for the service's workers alike. Every error a user can
+act on leaves as an :class:`app.errors.SecateursError`; the output folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.errors import (
+    DataSourceError,
+    DeviceError,
+    ModelSourceError,
+    PruningError,
+    SecateursError,
+)
+from app.schemas import (
+    CalibrationReport,
+    Environment,
+    JobSpec,
+    LayerReport,
+    Method,
+    ModelInfo,
+    PerplexityProtocol,
+    PerplexityReport,
+    ProgressEvent,
+    Report,
+    SparsityReport,
+    Stage,
+    Timings,
+)
+from kernels.discovery import PrunableLayer
+from kernels.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
+from kernels.errors import FactorizationError, PatternError
+from kernels.patterns import SparsityPattern, satisfies_nm
+from kernels.perplexity import Perplexity, eval_windows, perplexity
+from workers.data import LoadedText, calibration_windows, read_text, tokenize
+from workers.storage import atomic_output_dir, check_output_dir
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[ProgressEvent], None]
+REPORT_NAME = "report.json"
+
+
+class JobCancelled(Exception):
+    """Raised between blocks when ``should_stop()`` says so; nothing is written."""
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a spec's device string, or :class:`DeviceError` saying what exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.index or 0
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise DeviceError(
+                f"device {name!r} does not exist: this machine has {have}",
+                hint="use --device cpu" + (f" or one of cuda:0..cuda:{count - 1}" if count else ""),
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device 'mps' is not available on this machine", hint="use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _model_folder(spec: JobSpec) -> Path:
+    """A local folder holding the model: the path itself, or a hub snapshot (safetensors files only)."""
+    local = Path(spec.model).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelSourceError(f"{local} is a file, not a model folder", hint="pass the folder holding config.json")
+        return local
+    if spec.model.startswith((".", "/", "~")) or os.sep in spec.model.strip("/").replace("/", "", 1):
+        raise ModelSourceError(
+            f"model folder {spec.model} does not exist", hint="pass an existing folder or a hub id like org/name"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                spec.model,
+                revision=spec.revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
+        raise ModelSourceError(
+            f"could not fetch {spec.model!r} (revision {spec.revision or 'main'}) from the Hugging Face hub: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="check the model id and revision, that the hub is reachable (HF_TOKEN for gated models), "
+            "or pass a local folder",
+        ) from None
+
+
+def _check_folder(folder: Path) -> None:
+    """Safetensors only, a config that needs no remote code and names a causal language model."""
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder} has no config.json", hint="pass a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        found = f" (found pickle weights: {', '.join(pickles[:3])})" if pickles else ""
+        raise ModelSourceError(
+            f"{folder} has no *.safetensors weights{found}; secateurs never loads pickle checkpoints",
+            hint="convert the checkpoint to safetensors (model.save_pretrained(dir, safe_serialization=True))",
+        )
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"{folder}/config.json is not valid JSON: {exc}", hint="fix or replace it") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelSourceError(f"{folder}/config.json has no model_type", hint="pass a Hugging Face model folder")
+    if config.get("auto_map"):
+        raise ModelSourceError(
+            f"{folder} needs remote code (config.json has auto_map); secateurs never runs code from a checkpoint",
+            hint="use a model whose architecture ships with transformers",
+        )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config["model_type"]
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = config.get("architectures") or []
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        architectures and not any(a in causal for a in architectures)
+    ):
+        raise ModelSourceError(
+            f"{folder} holds a {'/'.join(architectures) or model_type} model, not a causal language model",
+            hint="secateurs prunes decoder-only causal LMs (AutoModelForCausalLM), e.g. Llama, Qwen2, OPT, GPT-2",
+        )
+    if "quantization_config" in config:
+        raise ModelSourceError(
+            f"{folder}/config.json carries a quantization_config; secateurs prunes plain checkpoints",
+            hint="dequantize the model first",
+        )
+
+
+def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[nn.Module, Any, Path]:
+    """Model (on CPU, eval mode), tokenizer and the folder they came from."""
+    folder = _model_folder(spec)
+    _check_folder(folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(
+            f"{folder} has no usable tokenizer: {first}",
+            hint="save the tokenizer into the model folder (tokenizer.save_pretrained(dir))",
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=False, use_safetensors=True, low_cpu_mem_usage=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(
+            f"transformers could not load {folder}: {first}",
+            hint="check that the folder is a complete Hugging Face checkpoint whose weights match config.json",
+        ) from None
+    model.eval()
+    return model, tokenizer, folder
+
+
+def _bos_id(spec: JobSpec, tokenizer: Any) -> int | None:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if spec.bos == "never":
+        return None
+    if spec.bos == "always":
+        if bos is None:
+            raise DataSourceError("bos='always' but the tokenizer has no BOS token", hint="use bos 'auto' or 'never'")
+        return int(bos)
+    ids = tokenizer("a")["input_ids"]
+    return int(bos) if bos is not None and ids and ids[0] == bos else None
+
+
+# --- the job -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Clock:
+    started: float
+
+    def since(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _pattern(spec: JobSpec) -> SparsityPattern:
+    parsed = spec.parsed_pattern
+    if isinstance(parsed, tuple):
+        return SparsityPattern.nm(*parsed)
+    return SparsityPattern.unstructured(parsed)
+
+
+def _layer_report(result: LayerResult) -> LayerReport:
+    return LayerReport(
+        name=result.name,
+        shape=result.shape,
+        sparsity=result.sparsity,
+        error=result.error,
+        shares_input_with=list(result.shares_input_with),
+        dampening=result.dampening,
+        skipped=result.skipped,
+    )
+
+
+def _environment(device: torch.device) -> Environment:
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as info:
+                name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    try:
+        version = metadata.version("secateurs")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return Environment(
+        secateurs=version,
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        platform=platform.platform(),
+        device=str(device),
+        device_name=name,
+        threads=torch.get_num_threads(),
+        cuda=torch.version.cuda,
+    )
+
+
+def _verify(model: nn.Module, results: list[LayerResult], pattern: SparsityPattern) -> bool:
+    """Re-check the pattern on the model's actual weights (not on what the solver said it did)."""
+    modules = dict(model.named_modules())
+    for result in results:
+        if result.skipped:
+            continue
+        weight = PrunableLayer(result.name, modules[result.name]).weight().detach()  # [out, in]
+        if pattern.is_nm:
+            assert pattern.n is not None and pattern.m is not None
+            if not satisfies_nm(weight, pattern.n, pattern.m):
+                return False
+        elif float((weight == 0).float().mean()) < pattern.sparsity - 0.01:
+            return False
+    return True
+
+
+def _evaluate(model: nn.Module, windows: torch.Tensor, spec: JobSpec, bos: int | None, device: torch.device) -> Perplexity:
+    """Perplexity with the whole model on ``device`` (pruning needs one block there; evaluation all of it)."""
+    model.to(device)
+    try:
+        return perplexity(model, windows, batch_size=spec.eval_batch_size, bos_token_id=bos, device=device)
+    finally:
+        model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_job(
+    spec: JobSpec,
+    on_progress: ProgressCallback | None = None,
+    *,
+    output_dir: Path,
+    overwrite: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> Report:
+    """Run one pruning job end to end and write ``output_dir`` (an HF folder + ``report.json``) atomically.
+
+    ``on_progress`` receives a :class:`ProgressEvent` per stage and per pruned block; ``should_stop`` is
+    polled between blocks and stops the job with :class:`JobCancelled`, leaving nothing behind.
+    """
+    try:
+        return _run(spec, on_progress or (lambda _event: None), output_dir, overwrite, should_stop)
+    except (SecateursError, JobCancelled):
+        raise
+    except PatternError as exc:
+        raise PruningError(str(exc), hint="exclude the layer with --exclude, or use another pattern") from None
+    except FactorizationError as exc:
+        raise PruningError(
+            str(exc), hint="use more calibration samples or tokens, or raise --dampening (e.g. 0.1)"
+        ) from None
+    except torch.cuda.OutOfMemoryError as exc:
+        raise PruningError(
+            f"the device ran out of memory: {str(exc).splitlines()[0]}",
+            hint="set --calibration-batch-size (e.g. 8) to prune in bounded memory, or use fewer samples",
+        ) from None
+
+
+def _run(
+    spec: JobSpec,
+    emit: ProgressCallback,
+    output_dir: Path,
+    overwrite: bool,
+    should_stop: Callable[[], bool] | None,
+) -> Report:
+    clock = _Clock(time.perf_counter())
+    check_output_dir(output_dir, overwrite=overwrite)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    pattern = _pattern(spec)
+    config = PruneConfig(
+        method=spec.method.value,
+        pattern=pattern,
+        blocksize=spec.blocksize,
+        dampening=spec.dampening,
+        exclude=spec.exclude,
+        batch_size=spec.calibration_batch_size,
+    )
+
+    emit(ProgressEvent(stage=Stage.LOAD, message=f"loading {spec.model}"))
+    model, tokenizer, _folder = load_model(spec, dtype)
+    _, blocks, _ = plan_layers(model, config)  # shape errors surface here, before any heavy work
+    load_seconds = clock.since()
+    bos = _bos_id(spec, tokenizer)
+
+    emit(ProgressEvent(stage=Stage.CALIBRATE, message="reading and tokenizing text"))
+    data_started = time.perf_counter()
+    calibration: torch.Tensor | None = None
+    calib_text: LoadedText | None = None
+    calib_tokens: int | None = None
+    if spec.calibration is not None and spec.method is not Method.MAGNITUDE:
+        calib_text = read_text(spec.calibration)
+        tokens = tokenize(tokenizer, calib_text.text)
+        calib_tokens = tokens.numel()
+        calibration = calibration_windows(
+            tokens, spec.calibration_samples, spec.calibration_seqlen, spec.seed, bos_token_id=bos
+        )
+    windows: torch.Tensor | None = None
+    eval_text: LoadedText | None = None
+    eval_tokens = 0
+    if spec.evaluation is not None:
+        eval_text = read_text(spec.evaluation)
+        stream = tokenize(tokenizer, eval_text.text)
+        eval_tokens = stream.numel()
+        if eval_tokens < spec.eval_seqlen:
+            raise DataSourceError(
+                f"evaluation text has {eval_tokens} tokens, fewer than one window of {spec.eval_seqlen}",
+                hint="use a longer evaluation text or a smaller --eval-seqlen",
+            )
+        windows = eval_windows(stream, spec.eval_seqlen, spec.eval_windows)
+    data_seconds = time.perf_counter() - data_started
+
+    dense: Perplexity | None = None
+    eval_dense_seconds: float | None = None
+    if windows is not None:
+        emit(ProgressEvent(stage=Stage.EVALUATE_DENSE, message=f"dense perplexity on {windows.shape[0]} windows"))
+        started = time.perf_counter()
+        dense = _evaluate(model, windows, spec, bos, device)
+        eval_dense_seconds = time.perf_counter() - started
+        emit(ProgressEvent(stage=Stage.EVALUATE_DENSE, message=f"dense perplexity {dense.value:.3f}",
+                           seconds=eval_dense_seconds))
+
+    emit(ProgressEvent(stage=Stage.PRUNE, message=f"{spec.method.value} {pattern} on {len(blocks)} blocks",
+                       blocks=len(blocks)))
+
+    def on_block(progress: BlockProgress) -> None:
+        emit(
+            ProgressEvent(
+                stage=Stage.PRUNE,
+                message=f"block {progress.index + 1}/{progress.total}",
+                block=progress.index + 1,
+                blocks=progress.total,
+                seconds=progress.seconds,
+                layers=[_layer_report(r) for r in progress.layers],
+            )
+        )
+        if should_stop is not None and should_stop():
+            raise JobCancelled(f"cancelled after block {progress.index + 1} of {progress.total}")
+
+    result = prune_model_(model, calibration, config, device=device, on_block=on_block)
+    prune_seconds = result.seconds
+    layers = list(result.layers)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    pruned: Perplexity | None = None
+    eval_pruned_seconds: float | None = None
+    if windows is not None:
+        emit(ProgressEvent(stage=Stage.EVALUATE_PRUNED, message="pruned perplexity"))
+        started = time.perf_counter()
+        pruned = _evaluate(model, windows, spec, bos, device)
+        eval_pruned_seconds = time.perf_counter() - started
+        emit(ProgressEvent(stage=Stage.EVALUATE_PRUNED, message=f"pruned perplexity {pruned.value:.3f}",
+                           seconds=eval_pruned_seconds))
+
+    emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
+    save_started = time.perf_counter()
+    verified = _verify(model, layers, pattern)
+    done = [r for r in layers if not r.skipped]
+    pruned_weights = sum(r.shape[0] * r.shape[1] for r in done)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in done)
+    total_params = sum(p.numel() for p in model.parameters())
+    protocol = None
+    if dense is not None and eval_text is not None:
+        protocol = PerplexityProtocol(
+            text=eval_text.source,
+            text_sha256=eval_text.sha256,
+            text_tokens=eval_tokens,
+            window=dense.seqlen,
+            windows=dense.windows,
+            predicted_tokens=dense.predicted_tokens,
+            bos=dense.bos,
+            batch_size=spec.eval_batch_size,
+        )
+    config_obj = getattr(model, "config", None)
+    report_args: dict[str, Any] = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "spec": spec,
+        "model": ModelInfo(
+            source=spec.model,
+            revision=spec.revision,
+            architecture=type(model).__name__,
+            model_type=str(getattr(config_obj, "model_type", "unknown")),
+            parameters=total_params,
+            decoder_blocks=len(blocks),
+            dtype=str(dtype).removeprefix("torch."),
+        ),
+        "perplexity": PerplexityReport(
+            dense=dense.value if dense else None, pruned=pruned.value if pruned else None, protocol=protocol
+        ),
+        "sparsity": SparsityReport(
+            pattern=str(pattern),
+            method=spec.method,
+            verified=verified,
+            layers_pruned=len(done),
+            layers_skipped=len(layers) - len(done),
+            pruned_fraction=zeros / pruned_weights if pruned_weights else 0.0,
+            model_fraction=zeros / total_params if total_params else 0.0,
+        ),
+        "layers": [_layer_report(r) for r in layers],
+        "calibration": CalibrationReport(
+            source=calib_text.source if calib_text else None,
+            sha256=calib_text.sha256 if calib_text else None,
+            samples=int(calibration.shape[0]) if calibration is not None else 0,
+            seqlen=int(calibration.shape[1]) if calibration is not None else 0,
+            seed=spec.seed,
+            text_tokens=calib_tokens,
+            bos=bos is not None and calibration is not None,
+            batch_size=spec.calibration_batch_size,
+        ),
+        "environment": _environment(device),
+    }
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_seconds = time.perf_counter() - save_started
+        report = Report(
+            **report_args,
+            timings=Timings(
+                load_seconds=load_seconds,
+                data_seconds=data_seconds,
+                eval_dense_seconds=eval_dense_seconds,
+                prune_seconds=prune_seconds,
+                eval_pruned_seconds=eval_pruned_seconds,
+                save_seconds=save_seconds,
+                total_seconds=clock.since(),
+            ),
+        )
+        (tmp / REPORT_NAME).write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    emit(ProgressEvent(stage=Stage.DONE, message=f"wrote {output_dir}", seconds=clock.since()))
+    return report
+
