@@ -149,7 +149,8 @@ class JobSpec(BaseModel):
         parsed = parse_pattern(self.pattern)
         if isinstance(parsed, tuple) and self.method is Method.SPARSEGPT and self.blocksize % parsed[1]:
             raise ValueError(
-                f"blocksize {self.blocksize} must be a multiple of M={parsed[1]} (e.g. {parsed[1] * (128 // parsed[1])})"
+                f"blocksize {self.blocksize} must be a multiple of M={parsed[1]} "
+                f"(e.g. {parsed[1] * (128 // parsed[1])})"
             )
         return self
 

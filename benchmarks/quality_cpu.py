@@ -61,7 +61,8 @@ def run_one(method: str, cache: Path) -> dict[str, object]:
     result["eval_seconds"] = round(time.perf_counter() - started, 2)
     result["perplexity"] = round(ppl.value, 3)
     result["protocol"] = {
-        "eval_text": "wikitext-2-raw wiki.test.raw", "eval_sha256": wiki.sha256, "eval_text_tokens": wiki_tokens.numel(),
+        "eval_text": "wikitext-2-raw wiki.test.raw", "eval_sha256": wiki.sha256,
+        "eval_text_tokens": wiki_tokens.numel(),
         "window": ppl.seqlen, "windows": ppl.windows, "predicted_tokens": ppl.predicted_tokens, "bos": ppl.bos,
         "calibration_text": "exllamav2 c4.utf8", "calibration_sha256": calib_text.sha256,
         "calibration_samples": 64, "calibration_seqlen": 512, "seed": 0, "dtype": "float32",
@@ -92,7 +93,11 @@ def main() -> None:
         print(f"[p-cpu] {method}: {row}", file=sys.stderr, flush=True)
         rows.append(row)
     cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
         platform.processor(),
     )
     out = {

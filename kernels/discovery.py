@@ -12,11 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-try:  # GPT-2, GPT-J-style fused projections store weights transposed: [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = None
+from transformers.pytorch_utils import Conv1D  # GPT-2-style projections store weights transposed: [in, out]
 
 
 @dataclass(frozen=True)
@@ -28,7 +24,7 @@ class PrunableLayer:
 
     @property
     def transposed(self) -> bool:
-        return Conv1D is not None and isinstance(self.module, Conv1D)
+        return isinstance(self.module, Conv1D)
 
     @property
     def parameter(self) -> torch.Tensor:
@@ -55,7 +51,7 @@ class PrunableLayer:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    return isinstance(module, nn.Linear | Conv1D)
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

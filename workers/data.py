@@ -77,7 +77,13 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def calibration_windows(
-    tokens: torch.Tensor, samples: int, seqlen: int, seed: int, *, bos_token_id: int | None = None, what: str = ""
+    tokens: torch.Tensor,
+    samples: int,
+    seqlen: int,
+    seed: int,
+    *,
+    bos_token_id: int | None = None,
+    what: str = "",
 ) -> torch.Tensor:
     """``samples`` random windows [samples, seqlen] of a 1-D token stream (reference protocol, see module doc).
 
@@ -86,8 +92,7 @@ def calibration_windows(
     body = seqlen - 1 if bos_token_id is not None else seqlen
     if tokens.numel() < body + 1:
         raise DataSourceError(
-            f"calibration text{what} has {tokens.numel()} tokens, but a window of {seqlen} needs at least "
-            f"{body + 1}",
+            f"calibration text{what} has {tokens.numel()} tokens, but a window of {seqlen} needs at least {body + 1}",
             hint="use a longer calibration text or a smaller calibration sequence length",
         )
     rng = random.Random(seed)

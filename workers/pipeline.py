@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from app.errors import (
     DataSourceError,
@@ -99,7 +100,8 @@ def _model_folder(spec: JobSpec) -> Path:
         return local
     if spec.model.startswith((".", "/", "~")) or os.sep in spec.model.strip("/").replace("/", "", 1):
         raise ModelSourceError(
-            f"model folder {spec.model} does not exist", hint="pass an existing folder or a hub id like org/name"
+            f"model folder {spec.model} does not exist",
+            hint="pass an existing folder or a hub id like org/name",
         )
     try:
         from huggingface_hub import snapshot_download
@@ -161,7 +163,7 @@ def _check_folder(folder: Path) -> None:
         )
 
 
-def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[nn.Module, Any, Path]:
+def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, Path]:
     """Model (on CPU, eval mode), tokenizer and the folder they came from."""
     folder = _model_folder(spec)
     _check_folder(folder)
@@ -276,7 +278,9 @@ def _verify(model: nn.Module, results: list[LayerResult], pattern: SparsityPatte
     return True
 
 
-def _evaluate(model: nn.Module, windows: torch.Tensor, spec: JobSpec, bos: int | None, device: torch.device) -> Perplexity:
+def _evaluate(
+    model: nn.Module, windows: torch.Tensor, spec: JobSpec, bos: int | None, device: torch.device
+) -> Perplexity:
     """Perplexity with the whole model on ``device`` (pruning needs one block there; evaluation all of it)."""
     model.to(device)
     try:
@@ -378,11 +382,21 @@ def _run(
         started = time.perf_counter()
         dense = _evaluate(model, windows, spec, bos, device)
         eval_dense_seconds = time.perf_counter() - started
-        emit(ProgressEvent(stage=Stage.EVALUATE_DENSE, message=f"dense perplexity {dense.value:.3f}",
-                           seconds=eval_dense_seconds))
+        emit(
+            ProgressEvent(
+                stage=Stage.EVALUATE_DENSE,
+                message=f"dense perplexity {dense.value:.3f}",
+                seconds=eval_dense_seconds,
+            )
+        )
 
-    emit(ProgressEvent(stage=Stage.PRUNE, message=f"{spec.method.value} {pattern} on {len(blocks)} blocks",
-                       blocks=len(blocks)))
+    emit(
+        ProgressEvent(
+            stage=Stage.PRUNE,
+            message=f"{spec.method.value} {pattern} on {len(blocks)} blocks",
+            blocks=len(blocks),
+        )
+    )
 
     def on_block(progress: BlockProgress) -> None:
         emit(
@@ -411,8 +425,13 @@ def _run(
         started = time.perf_counter()
         pruned = _evaluate(model, windows, spec, bos, device)
         eval_pruned_seconds = time.perf_counter() - started
-        emit(ProgressEvent(stage=Stage.EVALUATE_PRUNED, message=f"pruned perplexity {pruned.value:.3f}",
-                           seconds=eval_pruned_seconds))
+        emit(
+            ProgressEvent(
+                stage=Stage.EVALUATE_PRUNED,
+                message=f"pruned perplexity {pruned.value:.3f}",
+                seconds=eval_pruned_seconds,
+            )
+        )
 
     emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
     save_started = time.perf_counter()
@@ -490,4 +509,3 @@ def _run(
         (tmp / REPORT_NAME).write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     emit(ProgressEvent(stage=Stage.DONE, message=f"wrote {output_dir}", seconds=clock.since()))
     return report
-

@@ -23,7 +23,8 @@ def check_output_dir(path: Path, *, overwrite: bool) -> None:
         raise OutputExistsError(f"output {path} exists and is not a folder", hint="choose another --output path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise OutputExistsError(
-            f"output folder {path} is not empty", hint="choose another --output, or pass --overwrite to replace it"
+            f"output folder {path} is not empty",
+            hint="choose another --output, or pass --overwrite to replace it",
         )
 
 
