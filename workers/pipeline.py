@@ -279,16 +279,34 @@ def _verify(model: nn.Module, results: list[LayerResult], pattern: SparsityPatte
 
 
 def _evaluate(
-    model: nn.Module, windows: torch.Tensor, spec: JobSpec, bos: int | None, device: torch.device
-) -> Perplexity:
-    """Perplexity with the whole model on ``device`` (pruning needs one block there; evaluation all of it)."""
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    spec: JobSpec,
+    bos: int | None,
+    device: torch.device,
+    *,
+    emit: ProgressCallback,
+    stage: Stage,
+    label: str,
+) -> tuple[Perplexity | None, float | None]:
+    """Perplexity and the seconds it took, announced as ``stage``; ``(None, None)`` without evaluation text.
+
+    The whole model visits ``device`` for this (pruning needs one block there; evaluation all of it).
+    """
+    if windows is None:
+        return None, None
+    emit(ProgressEvent(stage=stage, message=f"{label} perplexity on {windows.shape[0]} windows"))
+    started = time.perf_counter()
     model.to(device)
     try:
-        return perplexity(model, windows, batch_size=spec.eval_batch_size, bos_token_id=bos, device=device)
+        result = perplexity(model, windows, batch_size=spec.eval_batch_size, bos_token_id=bos, device=device)
     finally:
         model.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    seconds = time.perf_counter() - started
+    emit(ProgressEvent(stage=stage, message=f"{label} perplexity {result.value:.3f}", seconds=seconds))
+    return result, seconds
 
 
 def run_job(
@@ -375,20 +393,9 @@ def _run(
         windows = eval_windows(stream, spec.eval_seqlen, spec.eval_windows)
     data_seconds = time.perf_counter() - data_started
 
-    dense: Perplexity | None = None
-    eval_dense_seconds: float | None = None
-    if windows is not None:
-        emit(ProgressEvent(stage=Stage.EVALUATE_DENSE, message=f"dense perplexity on {windows.shape[0]} windows"))
-        started = time.perf_counter()
-        dense = _evaluate(model, windows, spec, bos, device)
-        eval_dense_seconds = time.perf_counter() - started
-        emit(
-            ProgressEvent(
-                stage=Stage.EVALUATE_DENSE,
-                message=f"dense perplexity {dense.value:.3f}",
-                seconds=eval_dense_seconds,
-            )
-        )
+    dense, eval_dense_seconds = _evaluate(
+        model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_DENSE, label="dense"
+    )
 
     emit(
         ProgressEvent(
@@ -418,20 +425,9 @@ def _run(
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    pruned: Perplexity | None = None
-    eval_pruned_seconds: float | None = None
-    if windows is not None:
-        emit(ProgressEvent(stage=Stage.EVALUATE_PRUNED, message="pruned perplexity"))
-        started = time.perf_counter()
-        pruned = _evaluate(model, windows, spec, bos, device)
-        eval_pruned_seconds = time.perf_counter() - started
-        emit(
-            ProgressEvent(
-                stage=Stage.EVALUATE_PRUNED,
-                message=f"pruned perplexity {pruned.value:.3f}",
-                seconds=eval_pruned_seconds,
-            )
-        )
+    pruned, eval_pruned_seconds = _evaluate(
+        model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_PRUNED, label="pruned"
+    )
 
     emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
     save_started = time.perf_counter()
