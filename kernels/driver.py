@@ -231,9 +231,8 @@ def _same_input(first: weakref.ref[torch.Tensor] | None, b: torch.Tensor) -> boo
 class _BlockPruner:
     """Pre-hooks on one block's linears: accumulate statistics, and prune at first call (one-pass) or later."""
 
-    def __init__(self, layers: list[PrunableLayer], config: PruneConfig, device: torch.device) -> None:
+    def __init__(self, layers: list[PrunableLayer], config: PruneConfig) -> None:
         self.config = config
-        self.device = device
         self.states = [_LayerState(layer) for layer in layers]
         self.groups: list[_Group] = []
         self.prune_on_first_call = True
@@ -403,7 +402,7 @@ def prune_model_(
         hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
         for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
             block_started = time.perf_counter()
-            pruner = _BlockPruner(layers, config, compute)
+            pruner = _BlockPruner(layers, config)
             with _on_device(list(block.modules()), compute):
                 block_calls = [call[index] for call in calls]  # captured on the compute device
                 if one_pass:

@@ -163,6 +163,15 @@ def _check_folder(folder: Path) -> None:
         )
 
 
+# What transformers raises for a folder it cannot read (as opposed to bugs, which should surface as such).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, Path]:
     """Model (on CPU, eval mode), tokenizer and the folder they came from."""
     folder = _model_folder(spec)
@@ -171,20 +180,18 @@ def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Any,
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except _LOAD_ERRORS as exc:
         raise ModelSourceError(
-            f"{folder} has no usable tokenizer: {first}",
+            f"{folder} has no usable tokenizer: {_first_line(exc)}",
             hint="save the tokenizer into the model folder (tokenizer.save_pretrained(dir))",
         ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=False, use_safetensors=True, low_cpu_mem_usage=True
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except _LOAD_ERRORS as exc:
         raise ModelSourceError(
-            f"transformers could not load {folder}: {first}",
+            f"transformers could not load {folder}: {_first_line(exc)}",
             hint="check that the folder is a complete Hugging Face checkpoint whose weights match config.json",
         ) from None
     model.eval()
