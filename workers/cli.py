@@ -28,10 +28,14 @@ from app.settings import get_settings
 console = Console(stderr=True)
 
 
-def _text_source(file: str | None, dataset: str | None, config: str | None, split: str) -> TextSource | None:
+def _text_source(options: dict[str, Any], prefix: str) -> TextSource | None:
+    """The text source named by the ``--{prefix}-*`` flags of :func:`text_options`, or None if none is given."""
+    file, dataset = options[f"{prefix}_file"], options[f"{prefix}_dataset"]
     if file is None and dataset is None:
         return None
-    return TextSource(file=file, dataset=dataset, dataset_config=config, split=split)
+    return TextSource(
+        file=file, dataset=dataset, dataset_config=options[f"{prefix}_dataset_config"], split=options[f"{prefix}_split"]
+    )
 
 
 def text_options(prefix: str, what: str, default_split: str) -> Any:
@@ -120,22 +124,12 @@ def spec_from_options(options: dict[str, Any]) -> JobSpec:
         revision=options["revision"],
         method=options["method"],
         pattern=options["pattern"],
-        calibration=_text_source(
-            options["calibration_file"],
-            options["calibration_dataset"],
-            options["calibration_dataset_config"],
-            options["calibration_split"],
-        ),
+        calibration=_text_source(options, "calibration"),
         calibration_samples=options["calibration_samples"],
         calibration_seqlen=options["calibration_seqlen"],
         calibration_batch_size=options["calibration_batch_size"],
         seed=options["seed"],
-        evaluation=_text_source(
-            options["eval_file"],
-            options["eval_dataset"],
-            options["eval_dataset_config"],
-            options["eval_split"],
-        ),
+        evaluation=_text_source(options, "eval"),
         eval_seqlen=options["eval_seqlen"],
         eval_windows=options["eval_windows"],
         eval_batch_size=options["eval_batch_size"],
