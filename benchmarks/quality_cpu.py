@@ -1,6 +1,7 @@
 """Protocol P-CPU: quality and prune time of dense, magnitude, Wanda and SparseGPT 2:4 on SmolLM2-135M.
 
     python benchmarks/quality_cpu.py [--methods dense,magnitude,wanda,sparsegpt] [--output FILE]
+                                     [--calibration-precision fp32|bf16]
 
 P-CPU: SmolLM2-135M-Instruct (the offline asset), fp32 on CPU; calibration 64 windows × 512 tokens of
 exllamav2's ``c4.utf8`` (tokenized whole; ``rng = random.Random(0)``, window k starts at
@@ -8,12 +9,16 @@ exllamav2's ``c4.utf8`` (tokenized whole; ``rng = random.Random(0)``, window k s
 the first 64 non-overlapping 512-token windows of WikiText-2 raw test (exact bytes, CRLF kept), tokenized
 whole with ``add_special_tokens=False``, no BOS. Each method runs in a fresh process so that its peak RSS
 is its own. The pruning is the same ``kernels.driver.prune_model_`` call that ``secateurs prune`` makes.
+``--calibration-precision bf16`` runs the calibration forwards under bf16 autocast (Hessians and the solve
+stay fp32): a variant of the protocol, recorded as ``protocol.calibration_precision`` in every row. Each row
+also records the load average before and after its run (the 2-core VM is shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -25,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_one(method: str, cache: Path) -> dict[str, object]:
+def run_one(method: str, cache: Path, precision: str = "fp32") -> dict[str, object]:
     """One method in this process: prune (unless dense), evaluate, report time and peak RSS."""
     import torch
     import transformers
@@ -46,15 +51,20 @@ def run_one(method: str, cache: Path) -> dict[str, object]:
     calibration = calibration_windows(tokenize(tokenizer, calib_text.text), 64, 512, 0)
     wiki = read_text(TextSource(file=str(assets.wikitext2_test)))
     wiki_tokens = tokenize(tokenizer, wiki.text)
-    result: dict[str, object] = {"method": method}
+    result: dict[str, object] = {"method": method, "load_average_before": os.getloadavg()}
     if method != "dense":
-        config = PruneConfig(method=method, pattern=SparsityPattern.nm(2, 4))  # type: ignore[arg-type]
+        config = PruneConfig(
+            method=method,  # type: ignore[arg-type]
+            pattern=SparsityPattern.nm(2, 4),
+            calibration_precision=precision,  # type: ignore[arg-type]
+        )
         started = time.perf_counter()
         pruned = prune_model_(model, None if method == "magnitude" else calibration, config)
         result["prune_seconds"] = round(time.perf_counter() - started, 2)
         result["layers_pruned"] = len(pruned.layers)
         errors = [layer.error for layer in pruned.layers if layer.error is not None]
         result["mean_layer_error"] = sum(errors) / len(errors) if errors else None
+        result["load_average_after_prune"] = os.getloadavg()
     result["peak_rss_gb_after_prune"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
     started = time.perf_counter()
     ppl = perplexity(model, eval_windows(wiki_tokens, 512, 64), batch_size=8)
@@ -66,6 +76,7 @@ def run_one(method: str, cache: Path) -> dict[str, object]:
         "window": ppl.seqlen, "windows": ppl.windows, "predicted_tokens": ppl.predicted_tokens, "bos": ppl.bos,
         "calibration_text": "exllamav2 c4.utf8", "calibration_sha256": calib_text.sha256,
         "calibration_samples": 64, "calibration_seqlen": 512, "seed": 0, "dtype": "float32",
+        "calibration_precision": precision if method in ("wanda", "sparsegpt") else None,
     }  # fmt: skip
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     result["threads"] = torch.get_num_threads()
@@ -77,16 +88,21 @@ def main() -> None:
     parser.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "p-cpu.json")
+    parser.add_argument(
+        "--calibration-precision", choices=("fp32", "bf16"), default="fp32",
+        help="calibration forward's matrix products (P-CPU proper is fp32)",
+    )  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single method, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.cache)))
+        print(json.dumps(run_one(args.one, args.cache, args.calibration_precision)))
         return
     rows = []
     for method in args.methods.split(","):
         print(f"[p-cpu] {method} ...", file=sys.stderr, flush=True)
         done = subprocess.run(
-            [sys.executable, __file__, "--one", method, "--cache", str(args.cache)],
+            [sys.executable, __file__, "--one", method, "--cache", str(args.cache),
+             "--calibration-precision", args.calibration_precision],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -104,7 +120,7 @@ def main() -> None:
         "benchmark": "P-CPU quality and prune time (benchmarks/quality_cpu.py)",
         "date": time.strftime("%Y-%m-%d"),
         "environment": {
-            "cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version(),
+            "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "platform": platform.platform(),
         },
         "results": rows,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -9,7 +11,15 @@ import torch
 from torch import nn
 
 from kernels.discovery import find_decoder_blocks, prunable_layers
-from kernels.driver import BlockProgress, PruneConfig, _capture_block_calls, _run_block, prune_model_
+from kernels.driver import (
+    BlockProgress,
+    PruneConfig,
+    _BlockPruner,
+    _capture_block_calls,
+    _exact_math,
+    _run_block,
+    prune_model_,
+)
 from kernels.errors import PatternError
 from kernels.hessian import HessianAccumulator, dampened_inverse_cholesky
 from kernels.patterns import SparsityPattern, satisfies_nm
@@ -152,6 +162,68 @@ def test_a_width_not_divisible_by_m_is_refused_before_any_work() -> None:
     with pytest.raises(PatternError, match=r"model\.layers\.1\.mlp\.down_proj has 250 input features"):
         prune_model_(model, _calibration(), PruneConfig())
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_bf16_calibration_prunes_every_layer_with_fp32_math_and_close_errors(batch_size: int | None) -> None:
+    """bf16 calibration changes only the forward's precision: same pattern, fp32 weights, errors close to fp32's."""
+    errors = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny_model("llama")
+        config = PruneConfig(batch_size=batch_size, calibration_precision=precision)
+        result = prune_model_(model, _calibration(samples=6, seqlen=32), config)
+        assert all(
+            satisfies_nm(layer.weight, 2, 4) for layer in model.model.layers.modules() if isinstance(layer, nn.Linear)
+        )
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        errors[precision] = [r.error for r in result.layers]
+    assert not torch.is_autocast_enabled("cpu")
+    for fp32, bf16 in zip(errors["fp32"], errors["bf16"], strict=True):
+        assert fp32 is not None and bf16 is not None
+        assert bf16 == pytest.approx(fp32, rel=0.25, abs=1e-3)
+
+
+def test_calibration_hooks_run_exact_fp32_math_under_autocast() -> None:
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+        with _exact_math():
+            assert (a @ b).dtype == torch.float32
+        assert (a @ b).dtype == torch.bfloat16
+
+
+def test_unknown_calibration_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="calibration precision"):
+        PruneConfig(calibration_precision="fp8")  # type: ignore[arg-type]
+
+
+def test_block_pruner_frees_its_hessians_without_the_garbage_collector() -> None:
+    """No reference cycle keeps a block's Hessians alive once the block is done (peak RSS on real models)."""
+    model = tiny_model("llama", num_layers=1)
+    _, blocks = find_decoder_blocks(model)
+    layers = prunable_layers(blocks[0], "model.layers.0")
+    tokens = _calibration(samples=2)
+    gc.disable()
+    try:
+        with torch.no_grad():
+            hidden, calls = _capture_block_calls(model, blocks, [tokens], torch.device("cpu"))
+            pruner = _BlockPruner(layers, PruneConfig())
+            with pruner.hooks(prune_on_first_call=True):
+                _run_block(blocks[0], hidden[0], calls[0][0])
+        hessians = [weakref.ref(group.hessian) for group in pruner.groups]
+        assert len(hessians) == 4  # q/k/v, o, gate/up, down
+        pruner.results()
+        pruner.release()
+        del pruner
+        assert all(ref() is None for ref in hessians)
+    finally:
+        gc.enable()
+
+
+def test_cpu_threads_are_restored_after_pruning() -> None:
+    before = torch.get_num_threads()
+    prune_model_(tiny_model("llama"), _calibration(), PruneConfig())
+    assert torch.get_num_threads() == before
 
 
 def test_model_state_is_restored_after_pruning() -> None:

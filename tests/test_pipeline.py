@@ -81,6 +81,7 @@ def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
         "text_tokens": saved["calibration"]["text_tokens"],
         "bos": False,
         "batch_size": None,
+        "precision": "fp32",
     }
     assert {"name", "shape", "sparsity", "error"} <= set(saved["layers"][0])
     assert (

@@ -135,13 +135,32 @@ def _textbook_sparsegpt(weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, 
     return w
 
 
-@pytest.mark.parametrize("blocksize", [4, 16, 128])
-def test_blocked_sparsegpt_equals_the_textbook_column_loop(blocksize: int) -> None:
+@pytest.mark.parametrize("blocksize", [8, 16, 128])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8)])
+def test_blocked_sparsegpt_equals_the_textbook_column_loop(blocksize: int, n: int, m: int) -> None:
+    """The grouped sweep (one product per group of M from precomputed per-pattern maps) is the column loop."""
     x = _correlated_inputs(1024, 64, seed=2)
     acc = HessianAccumulator(64, "cpu")
     acc.add(x)
     upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
     weight = torch.randn(12, 64)
     fast = weight.clone()
-    sparsegpt_(fast, upper, SparsityPattern.nm(2, 4), blocksize=blocksize)
-    torch.testing.assert_close(fast, _textbook_sparsegpt(weight, upper, 2, 4), rtol=1e-4, atol=1e-5)
+    sparsegpt_(fast, upper, SparsityPattern.nm(n, m), blocksize=blocksize)
+    torch.testing.assert_close(fast, _textbook_sparsegpt(weight, upper, n, m), rtol=1e-4, atol=1e-5)
+    assert satisfies_nm(fast, n, m)
+    assert not bool(torch.signbit(fast[fast == 0]).any()), "pruned entries are +0.0"
+
+
+def test_blocked_sparsegpt_with_dead_inputs_equals_the_textbook_loop() -> None:
+    x = _correlated_inputs(1024, 64, seed=3)
+    x[:, [3, 17, 40]] = 0
+    acc = HessianAccumulator(64, "cpu")
+    acc.add(x)
+    dead = torch.diagonal(acc.hessian) == 0
+    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    weight = torch.randn(20, 64)
+    fast = weight.clone()
+    sparsegpt_(fast, upper, SparsityPattern.nm(2, 4), blocksize=32, dead=dead)
+    reference = weight.clone()
+    reference[:, dead] = 0
+    torch.testing.assert_close(fast, _textbook_sparsegpt(reference, upper, 2, 4), rtol=1e-4, atol=1e-5)

@@ -365,6 +365,7 @@ def _run(
         dampening=spec.dampening,
         exclude=spec.exclude,
         batch_size=spec.calibration_batch_size,
+        calibration_precision=spec.calibration_precision,
     )
 
     emit(ProgressEvent(stage=Stage.LOAD, message=f"loading {spec.model}"))
@@ -490,6 +491,7 @@ def _run(
             text_tokens=calib_tokens,
             bos=bos is not None and calibration is not None,
             batch_size=spec.calibration_batch_size,
+            precision=spec.calibration_precision,
         ),
         "environment": _environment(device),
     }
