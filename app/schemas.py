@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -144,6 +144,11 @@ class JobSpec(BaseModel):
     )
     blocksize: int = Field(default=128, ge=1, le=65536, description="SparseGPT lazy-update block size.")
     dampening: float = Field(default=0.01, gt=0, lt=10, description="λ as a fraction of mean(diag H).")
+    measure_speed: bool | None = Field(
+        default=None,
+        description="Measure dense versus 2:4 sparse speed (per linear shape and end to end) after pruning. "
+        "None: when the worker has a CUDA GPU.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -174,6 +179,7 @@ class Stage(StrEnum):
     EVALUATE_DENSE = "evaluate_dense"
     PRUNE = "prune"
     EVALUATE_PRUNED = "evaluate_pruned"
+    MEASURE_SPEED = "measure_speed"
     SAVE = "save"
     DONE = "done"
 
@@ -291,6 +297,148 @@ class Environment(BaseModel):
     device_name: str
     threads: int
     cuda: str | None
+
+
+class PackedLayer(BaseModel):
+    """One pruned linear's weight: bytes stored densely (zeros included) and packed (values + positions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Tensor name in the checkpoint.")
+    shape: tuple[int, int] = Field(description="(out_features, in_features)")
+    dense_bytes: int
+    packed_bytes: int
+    ratio: float = Field(description="packed_bytes / dense_bytes (2:4: 0.5625 in 16-bit, 0.53125 in fp32).")
+
+
+class PackedReport(BaseModel):
+    """The packed copy of the checkpoint (``packed/``: values + 2-bit positions per kept weight for 2:4)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    written: bool
+    reason: str | None = Field(default=None, description="Why no packed copy was written.")
+    path: str | None = Field(default=None, description="Folder, relative to the output folder.")
+    format: str | None = None
+    pattern: str | None = None
+    index_bits: int | None = Field(default=None, description="Bits per stored position.")
+    dtypes: list[str] = Field(default_factory=list)
+    layers: list[PackedLayer] = Field(default_factory=list)
+    layers_dense_bytes: int = 0
+    layers_packed_bytes: int = 0
+    layers_ratio: float | None = Field(default=None, description="Over the packed layers.")
+    checkpoint_dense_bytes: int | None = Field(default=None, description="Every tensor of the plain checkpoint.")
+    checkpoint_packed_bytes: int | None = Field(default=None, description="Every tensor of the packed file.")
+    checkpoint_ratio: float | None = None
+    file_bytes: int | None = Field(default=None, description="Size of the packed safetensors file.")
+    seconds: float | None = None
+
+
+class TimingStats(BaseModel):
+    """``repetitions`` timed calls after ``warmup`` untimed ones; ``rotation`` distinct input copies in turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    warmup: int
+    repetitions: int
+    rotation: int
+    timer: str = Field(description="'cuda_events' or 'perf_counter'.")
+
+
+SpeedStatus = Literal["measured", "failed", "error", "unavailable", "skipped"]
+
+
+class SpeedPathInfo(BaseModel):
+    """A sparse execution path of the registry and whether it runs on this device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    hardware: bool = Field(description="Runs on 2:4 sparse tensor cores.")
+    available: bool
+    reason: str | None
+
+
+class SpeedPathResult(BaseModel):
+    """One path at one point. ``failed``: its output did not match dense-with-zeros, so it was never timed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    status: SpeedStatus
+    reason: str | None = None
+    timing: TimingStats | None = None
+    speedup: float | None = Field(default=None, description="Dense median / this path's median.")
+    fraction_of_limit: float | None = Field(default=None, description="speedup / physical_limit.")
+    tokens_per_second: float | None = None
+
+
+class LinearSpeed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shape: tuple[int, int] = Field(description="(out_features, in_features)")
+    layers: int = Field(description="Pruned linears of the model with this shape.")
+    tokens: int
+    dense: TimingStats
+    dense_tflops: float
+    physical_limit: float = Field(description="Upper bound on the sparse speedup at this point.")
+    limit_basis: str
+    paths: list[SpeedPathResult]
+
+
+class EndToEndSpeed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["prefill", "decode"]
+    batch: int
+    prompt_tokens: int
+    new_tokens: int = Field(description="Decode steps timed (0 for prefill).")
+    status: Literal["measured", "skipped"]
+    reason: str | None = None
+    dense: TimingStats | None = None
+    dense_tokens_per_second: float | None = None
+    physical_limit: float | None = None
+    limit_basis: str | None = None
+    paths: list[SpeedPathResult] = Field(default_factory=list)
+
+
+class SpeedConditions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: str
+    device_name: str
+    compute_capability: str | None
+    cuda: str | None
+    driver: str | None
+    driver_cuda: str | None
+    cusparselt: str | None
+    torch: str
+    threads: int
+    sparse_hardware: bool = Field(description="The device has 2:4 sparse tensor cores.")
+    sparse_hardware_note: str
+
+
+class SpeedReport(BaseModel):
+    """Measured dense versus sparse speed; only measured figures, each with its conditions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conditions: SpeedConditions
+    dtype: str
+    pattern: str
+    runtime_mode: str = Field(description="Both sides run in this mode (e.g. 'eager').")
+    settings: dict[str, Any]
+    paths: list[SpeedPathInfo]
+    linear: list[LinearSpeed]
+    end_to_end: list[EndToEndSpeed]
+    notes: list[str] = Field(default_factory=list)
+    seconds: float | None = None
 
 
 class Report(BaseModel):

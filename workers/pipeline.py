@@ -1,4 +1,5 @@
-"""``run_job``: load → calibrate → evaluate dense → prune → evaluate pruned → verify → save, as one function.
+"""``run_job``: load → calibrate → evaluate dense → prune → evaluate pruned → measure speed (when on) → verify →
+save (the HF folder, its packed N:M copy in ``packed/``, ``report.json``), as one function.
 
 This is the whole job, for the CLI's ``prune`` and for the service's workers alike. Every error a user can
 act on leaves as an :class:`app.errors.SecateursError`; the output folder appears complete or not at all.
@@ -37,20 +38,27 @@ from app.schemas import (
     LayerReport,
     Method,
     ModelInfo,
+    PackedLayer,
+    PackedReport,
     PerplexityProtocol,
     PerplexityReport,
     ProgressEvent,
     Report,
     SparsityReport,
+    SpeedReport,
     Stage,
     Timings,
 )
 from kernels.discovery import PrunableLayer
 from kernels.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
 from kernels.errors import FactorizationError, PatternError
+from kernels.packing import MAX_M
 from kernels.patterns import SparsityPattern, satisfies_nm
 from kernels.perplexity import Perplexity, eval_windows, perplexity
 from workers.data import LoadedText, calibration_windows, read_text, tokenize
+from workers.packed import FORMAT as PACKED_FORMAT
+from workers.packed import PACKED_DIR, write_packed
+from workers.speed import run_speed_step, speed_enabled
 from workers.storage import atomic_output_dir, check_output_dir
 
 log = logging.getLogger(__name__)
@@ -316,6 +324,73 @@ def _evaluate(
     return result, seconds
 
 
+def _measure_speed(
+    model: nn.Module,
+    layers: list[LayerResult],
+    pattern: SparsityPattern,
+    spec: JobSpec,
+    device: torch.device,
+    *,
+    emit: ProgressCallback,
+    should_stop: Callable[[], bool] | None,
+) -> SpeedReport | None:
+    """The speed section (:mod:`workers.speed`), or None when the step is off for this job and worker."""
+    if not speed_enabled(spec, device):
+        return None
+    emit(ProgressEvent(stage=Stage.MEASURE_SPEED, message=f"measuring dense versus sparse speed on {device}"))
+
+    def on_point(_point: object) -> None:
+        if should_stop is not None and should_stop():
+            raise JobCancelled("cancelled while measuring speed")
+
+    names = [r.name for r in layers if not r.skipped]
+    report = run_speed_step(model, names, pattern, device, on_point=on_point)
+    emit(ProgressEvent(stage=Stage.MEASURE_SPEED, message="speed measured", seconds=report.seconds))
+    return report
+
+
+def _write_packed(
+    model: nn.Module, folder: Path, layers: list[LayerResult], pattern: SparsityPattern, verified: bool
+) -> PackedReport:
+    """Write ``folder/packed/`` (:mod:`workers.packed`) for N:M patterns; say why not otherwise."""
+    if not pattern.is_nm:
+        return PackedReport(written=False, reason=f"pattern {pattern} is unstructured: packing stores N:M only")
+    assert pattern.n is not None and pattern.m is not None
+    if pattern.m > MAX_M:
+        return PackedReport(written=False, reason=f"the packed format stores N:M with M <= {MAX_M}, not {pattern}")
+    if not verified:
+        return PackedReport(written=False, reason="the saved weights do not satisfy the pattern (not verified)")
+    modules = dict(model.named_modules())
+    targets = {f"{r.name}.weight": PrunableLayer(r.name, modules[r.name]).transposed for r in layers if not r.skipped}
+    summary = write_packed(folder, folder / PACKED_DIR, targets, pattern.n, pattern.m)
+    return PackedReport(
+        written=True,
+        path=PACKED_DIR,
+        format=PACKED_FORMAT,
+        pattern=summary.pattern,
+        index_bits=summary.index_bits,
+        dtypes=list(summary.dtypes),
+        layers=[
+            PackedLayer(
+                name=layer.name,
+                shape=layer.shape,
+                dense_bytes=layer.dense_bytes,
+                packed_bytes=layer.packed_bytes,
+                ratio=layer.ratio,
+            )
+            for layer in summary.layers
+        ],
+        layers_dense_bytes=summary.layers_dense_bytes,
+        layers_packed_bytes=summary.layers_packed_bytes,
+        layers_ratio=summary.layers_packed_bytes / summary.layers_dense_bytes if summary.layers_dense_bytes else None,
+        checkpoint_dense_bytes=summary.checkpoint_dense_bytes,
+        checkpoint_packed_bytes=summary.checkpoint_packed_bytes,
+        checkpoint_ratio=summary.checkpoint_packed_bytes / summary.checkpoint_dense_bytes,
+        file_bytes=summary.file_bytes,
+        seconds=summary.seconds,
+    )
+
+
 def run_job(
     spec: JobSpec,
     on_progress: ProgressCallback | None = None,
@@ -436,6 +511,7 @@ def _run(
     pruned, eval_pruned_seconds = _evaluate(
         model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_PRUNED, label="pruned"
     )
+    speed = _measure_speed(model, layers, pattern, spec, device, emit=emit, should_stop=should_stop)
 
     emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
     save_started = time.perf_counter()
@@ -498,6 +574,7 @@ def _run(
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        packed = _write_packed(model, tmp, layers, pattern, verified)
         save_seconds = time.perf_counter() - save_started
         report = Report(
             **report_args,
@@ -510,6 +587,8 @@ def _run(
                 save_seconds=save_seconds,
                 total_seconds=clock.since(),
             ),
+            packed=packed,
+            speed=speed,
         )
         (tmp / REPORT_NAME).write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     emit(ProgressEvent(stage=Stage.DONE, message=f"wrote {output_dir}", seconds=clock.since()))

@@ -1,0 +1,317 @@
+"""The speed step: its report on CPU, the correctness gate before any timing, the registry of sparse paths, the
+physical limits, the CLI flag, and (marked gpu) the semi-structured and packed paths against dense on CUDA."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from app.cli import spec_from_options, spec_options
+from app.schemas import JobSpec, Report, SpeedReport
+from kernels.driver import PruneConfig, plan_layers, prune_model_
+from kernels.patterns import SparsityPattern
+from kernels.speed import (
+    PackedReferencePath,
+    SemiStructuredPath,
+    SparsePath,
+    SpeedSettings,
+    linear_limit,
+    measure_end_to_end,
+    mismatch,
+    peaks_for,
+    register_sparse_path,
+    sparse_paths,
+    summarize,
+    sweep_linear,
+    unregister_sparse_path,
+)
+from tests.conftest import TinyDir
+from tests.models import tiny_model
+from workers.pipeline import run_job
+from workers.speed import run_speed_step, speed_enabled
+
+PATTERN = SparsityPattern.nm(2, 4)
+CPU = torch.device("cpu")
+QUICK = SpeedSettings(
+    token_counts=(1, 16),
+    warmup=1,
+    repetitions=3,
+    prefill=((1, 16), (2, 24)),
+    decode_batches=(1, 2),
+    decode_prompt=8,
+    decode_new_tokens=4,
+    e2e_warmup=1,
+    e2e_repetitions=2,
+)
+
+
+class CountingLinear(nn.Module):
+    """y = x (scale·W)ᵀ + b, counting its calls: scale 1 is correct, anything else is a wrong kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, calls: list[int]) -> None:
+        super().__init__()
+        self.weight, self.bias, self.scale, self.calls = weight, bias, scale, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(1)
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+class ScaledPath(SparsePath):
+    """A test path; ``scale=1.1`` is deliberately wrong by 10%."""
+
+    def __init__(self, name: str, scale: float) -> None:
+        self.name, self.description, self.scale = name, f"F.linear with W x {scale}", scale
+        self.calls: list[int] = []
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None, pattern: SparsityPattern) -> nn.Module:
+        return CountingLinear(weight, bias, self.scale, self.calls)
+
+
+class RaisingPath(ScaledPath):
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None, pattern: SparsityPattern) -> nn.Module:
+        raise RuntimeError("this kernel does not exist")
+
+
+@pytest.fixture
+def wrong() -> Iterator[ScaledPath]:
+    """A deliberately wrong path, registered like any new kernel would be."""
+    path = ScaledPath("wrong_by_10_percent", 1.1)
+    register_sparse_path(path)
+    try:
+        yield path
+    finally:
+        unregister_sparse_path(path.name)
+
+
+def pruned_tiny(arch: str = "llama") -> tuple[nn.Module, list[str]]:
+    model = tiny_model(arch).eval()
+    prune_model_(model, None, PruneConfig(method="magnitude"))
+    _, _, per_block = plan_layers(model, PruneConfig(method="magnitude"))
+    return model, [layer.name for layers in per_block for layer in layers]
+
+
+# --- The report on CPU ----------------------------------------------------------------------------------------
+
+
+def test_the_cpu_report_shows_only_what_was_measured_and_says_there_is_no_2_4_hardware() -> None:
+    model, names = pruned_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = run_speed_step(model, names, PATTERN, CPU, settings=QUICK)
+    assert SpeedReport.model_validate_json(report.model_dump_json()) == report
+    conditions = report.conditions
+    assert conditions.device == "cpu" and not conditions.sparse_hardware and conditions.torch == torch.__version__
+    assert "no 2:4 sparse hardware" in conditions.sparse_hardware_note and conditions.threads >= 1
+    assert any("no 2:4 hardware path ran here" in note for note in report.notes)
+    assert report.dtype == "float32" and report.runtime_mode == "eager" and report.settings["token_counts"] == [1, 16]
+    paths = {p.name: p for p in report.paths}
+    assert not paths["semi_structured_cusparselt"].available and "CUDA" in (
+        paths["semi_structured_cusparselt"].reason or ""
+    )
+    assert paths["packed_reference"].available
+    # Every distinct linear shape of the model, at every token count.
+    shapes = {(64, 64), (32, 64), (256, 64), (64, 256)}  # q/o, k/v (2 KV heads), gate/up, down
+    assert {(p.shape, p.tokens) for p in report.linear} == {(s, t) for s in shapes for t in (1, 16)}
+    assert sum(p.layers for p in report.linear if p.tokens == 1) == len(names)
+    for point in report.linear + [e for e in report.end_to_end if e.status == "measured"]:
+        assert point.dense is not None and point.dense.repetitions > 0 and point.dense.timer == "perf_counter"
+        assert (
+            point.dense.min_ms <= point.dense.q1_ms <= point.dense.median_ms <= point.dense.q3_ms <= point.dense.max_ms
+        )
+        assert point.physical_limit is not None and point.limit_basis
+        for result in point.paths:
+            if result.status == "measured":
+                assert result.path == "packed_reference" and result.timing is not None
+                assert result.speedup is not None and result.fraction_of_limit is not None
+            else:  # never a number for something that did not run
+                assert result.status == "unavailable" and result.reason
+                assert result.timing is None and result.speedup is None and result.fraction_of_limit is None
+    kinds = [(e.kind, e.batch, e.status) for e in report.end_to_end]
+    assert kinds == [
+        ("prefill", 1, "measured"),
+        ("prefill", 2, "measured"),
+        ("decode", 1, "measured"),
+        ("decode", 2, "measured"),
+    ]
+    decode = report.end_to_end[2]
+    assert decode.new_tokens == 4 and decode.dense_tokens_per_second and decode.physical_limit
+    assert 1.7 < decode.physical_limit < 16 / 9 + 0.2 and report.end_to_end[0].physical_limit <= 2
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # left as it came
+
+
+def test_end_to_end_points_the_model_cannot_hold_are_skipped_with_the_reason() -> None:
+    model, names = pruned_tiny("gpt2")
+    results = measure_end_to_end(
+        model, names, PATTERN, SpeedSettings(prefill=((1, 512),), decode_batches=(), e2e_repetitions=1)
+    )
+    assert [(r.status, r.reason) for r in results] == [("skipped", "needs 512 positions, the model has 64")]
+    assert results[0].dense is None and not results[0].paths
+
+
+# --- The correctness gate -------------------------------------------------------------------------------------
+
+
+def test_a_wrong_sparse_path_is_reported_failed_and_never_timed(wrong: ScaledPath) -> None:
+    settings = SpeedSettings(token_counts=(1, 16), warmup=2, repetitions=5)
+    results = sweep_linear({(32, 64): 1, (64, 128): 1}, PATTERN, torch.float32, CPU, settings)
+    for point in results:
+        (result,) = [r for r in point.paths if r.path == wrong.name]
+        assert result.status == "failed" and result.timing is None and result.speedup is None
+        assert "differs from dense-with-zeros" in (result.reason or "") and "Mismatched elements" in (
+            result.reason or ""
+        )
+        (reference,) = [r for r in point.paths if r.path == "packed_reference"]
+        assert reference.status == "measured"
+    assert len(wrong.calls) == len(results)  # one failed check per point; warm-up and repetitions never ran
+
+
+def test_a_wrong_path_is_also_caught_before_end_to_end_timing(wrong: ScaledPath) -> None:
+    model, names = pruned_tiny()
+    results = measure_end_to_end(model, names, PATTERN, QUICK, [wrong, PackedReferencePath()])
+    for point in results:
+        failed, reference = point.paths
+        assert failed.status == "failed" and failed.timing is None and names[0] in (failed.reason or "")
+        assert reference.status == "measured" and reference.tokens_per_second
+    assert len(wrong.calls) == 1  # the first layer's gate; the model was never run with it
+
+
+def test_a_correct_new_path_plugs_in_without_schema_changes() -> None:
+    exact = ScaledPath("exact_copy", 1.0)
+    register_sparse_path(exact)
+    try:
+        assert exact in sparse_paths()
+        model, names = pruned_tiny()
+        report = run_speed_step(model, names, PATTERN, CPU, settings=QUICK)
+    finally:
+        unregister_sparse_path(exact.name)
+    assert exact not in sparse_paths()
+    assert {p.name for p in report.paths} >= {"exact_copy", "packed_reference"}
+    for point in report.linear:
+        (result,) = [r for r in point.paths if r.path == "exact_copy"]
+        assert result.status == "measured" and result.timing is not None and result.speedup
+
+
+def test_a_path_that_raises_is_reported_as_an_error_and_not_timed() -> None:
+    path = RaisingPath("raises", 1.0)
+    results = sweep_linear({(32, 64): 1}, PATTERN, torch.float32, CPU, QUICK, paths=[path])
+    assert all(r.paths[0].status == "error" and "does not exist" in (r.paths[0].reason or "") for r in results)
+    assert all(r.paths[0].timing is None for r in results)
+
+
+def test_the_gate_tolerance_follows_the_dtype() -> None:
+    expected = torch.randn(64, 128)
+    assert mismatch(expected.clone(), expected) is None
+    assert mismatch(expected * (1 + 1e-4), expected) is not None  # fp32: 1e-4 is far off
+    half = expected.to(torch.bfloat16)
+    assert mismatch((half.float() * (1 + 4e-3)).to(torch.bfloat16), half) is None  # within one bf16 step
+    assert mismatch(half * 1.1, half) is not None
+
+
+# --- Limits, statistics, the step's switch and the flag -------------------------------------------------------
+
+
+def test_physical_limits_follow_guide_section_3() -> None:
+    h100 = peaks_for("NVIDIA H100 80GB HBM3", torch.bfloat16)
+    assert h100 is not None and h100.bandwidth == 3.35e12
+    decode, basis = linear_limit(1, (4096, 4096), torch.bfloat16, PATTERN, h100)
+    assert decode == pytest.approx(16 / 9, rel=2e-3) and "memory-bound" in basis
+    prefill, basis = linear_limit(2048, (11008, 4096), torch.bfloat16, PATTERN, h100)
+    assert prefill == pytest.approx(2.0) and "compute-bound" in basis
+    unknown, basis = linear_limit(1, (4096, 4096), torch.float32, PATTERN, None)
+    assert unknown == 2.0 and "no datasheet peaks" in basis
+    assert peaks_for("NVIDIA H100 80GB HBM3", torch.float32) is None
+
+
+def test_timing_statistics() -> None:
+    timing = summarize([5.0, 1.0, 3.0, 2.0, 4.0], warmup=2, rotation=3, timer="perf_counter")
+    assert (timing.min_ms, timing.q1_ms, timing.median_ms, timing.q3_ms, timing.max_ms) == (1, 2, 3, 4, 5)
+    assert timing.repetitions == 5 and timing.warmup == 2 and timing.rotation == 3
+
+
+def test_the_step_is_on_by_default_only_with_cuda() -> None:
+    spec = JobSpec(model="m", method="magnitude")
+    assert not speed_enabled(spec, CPU) and speed_enabled(spec, torch.device("cuda"))
+    assert speed_enabled(JobSpec(model="m", method="magnitude", measure_speed=True), CPU)
+    assert not speed_enabled(JobSpec(model="m", method="magnitude", measure_speed=False), torch.device("cuda"))
+
+
+@pytest.mark.parametrize(("flag", "value"), [([], None), (["--measure-speed"], True), (["--no-measure-speed"], False)])
+def test_the_measure_speed_flag(flag: list[str], value: bool | None) -> None:
+    seen: list[JobSpec] = []
+
+    @click.command()
+    @spec_options
+    def command(**options: Any) -> None:
+        seen.append(spec_from_options(options))
+
+    result = CliRunner().invoke(command, ["some/model", "--method", "magnitude", *flag])
+    assert result.exit_code == 0, result.output
+    assert seen[0].measure_speed is value
+
+
+def test_run_job_adds_the_speed_section_when_asked(tiny_dir: TinyDir, tmp_path: Path) -> None:
+    base = {"model": str(tiny_dir("llama")), "method": "magnitude", "device": "cpu"}
+    report = run_job(JobSpec(**base, measure_speed=True), output_dir=tmp_path / "on")  # type: ignore[arg-type]
+    assert report.speed is not None and report.speed.seconds is not None and report.speed.linear
+    assert Report.model_validate_json((tmp_path / "on" / "report.json").read_text()).speed == report.speed
+    assert run_job(JobSpec(**base), output_dir=tmp_path / "off").speed is None  # type: ignore[arg-type]
+
+
+# --- On a GPU -------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "path", [SemiStructuredPath("cusparselt"), SemiStructuredPath("cutlass"), PackedReferencePath()]
+)
+def test_gpu_paths_equal_dense_with_zeros(path: SparsePath, dtype: torch.dtype) -> None:
+    device = torch.device("cuda")
+    reason = path.unavailable(device, dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator(device=device).manual_seed(0)
+    for shape in [(128, 256), (576, 1536), (1536, 576)]:
+        weight = torch.randn(shape, generator=g, device=device) * 0.02
+        weight = torch.where(_keep_two(weight), weight, 0.0).to(dtype)  # [out, in], exactly 2:4
+        bias = torch.randn(shape[0], generator=g, device=device).to(dtype)
+        module = path.build(weight, bias, PATTERN)
+        for tokens in (1, 16, 128):
+            x = torch.randn(tokens, shape[1], generator=g, device=device).to(dtype)
+            assert mismatch(module(x), F.linear(x, weight, bias)) is None, (path.name, shape, tokens)
+
+
+def _keep_two(weight: torch.Tensor) -> torch.Tensor:
+    """Keep the two largest |w| of every group of 4 (exactly 2:4)."""
+    groups = weight.abs().reshape(weight.shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    return keep.reshape(weight.shape)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_sweep_measures_the_hardware_path() -> None:
+    device = torch.device("cuda")
+    settings = SpeedSettings(token_counts=(1, 128), warmup=3, repetitions=10)
+    results = sweep_linear({(1536, 576): 2}, PATTERN, torch.bfloat16, device, settings)
+    for point in results:
+        assert point.dense.timer == "cuda_events"
+        statuses = {r.path: r.status for r in point.paths}
+        assert statuses["packed_reference"] == "measured"
+        if torch.cuda.get_device_capability(device) >= (8, 0) and torch.backends.cusparselt.is_available():
+            assert statuses["semi_structured_cusparselt"] == "measured", point.paths
