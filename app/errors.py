@@ -78,3 +78,83 @@ class AssetError(SecateursError):
 
     status_code = 503
     code = "asset_unavailable"
+
+
+class JobNotFoundError(SecateursError):
+    """No job (or artifact, or upload) with that id."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class JobStateError(SecateursError):
+    """The job is not in a state that allows this (cancel a finished job, report of a running one)."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class IdempotencyConflictError(SecateursError):
+    """An Idempotency-Key was reused with a different request body."""
+
+    status_code = 409
+    code = "idempotency_conflict"
+
+
+class PathNotAllowedError(SecateursError):
+    """A local path outside the server's allow-listed roots (or with ``..``, or escaping by a symlink)."""
+
+    status_code = 403
+    code = "path_not_allowed"
+
+
+class UploadTooLargeError(SecateursError):
+    """An upload went over the configured cap while streaming."""
+
+    status_code = 413
+    code = "upload_too_large"
+
+
+class AuthenticationError(SecateursError):
+    """API keys are configured and the request carried none, or a wrong one."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class BrokerUnavailableError(SecateursError):
+    """The broker or the job store cannot be reached."""
+
+    status_code = 503
+    code = "unavailable"
+
+
+class ApiError(SecateursError):
+    """Seen by a client: a secateurs server refused a request or could not be reached.
+
+    ``http_status`` and ``error_type`` are the server's (``None`` when no answer came back).
+    """
+
+    status_code = 502
+    code = "api_error"
+
+    def __init__(
+        self, message: str, hint: str | None = None, *, http_status: int | None = None, error_type: str | None = None
+    ) -> None:
+        super().__init__(message, hint)
+        self.http_status = http_status
+        self.error_type = error_type
+
+
+class ClientError(ApiError):
+    """The server answered 4xx: the request has to change (bad spec, unknown job, missing API key)."""
+
+    status_code = 400
+    code = "client_error"
+
+
+class ServerError(ApiError):
+    """The server answered 5xx, sent something that is not the API's, or was unreachable."""
+
+    status_code = 502
+    code = "server_error"

@@ -101,7 +101,12 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str = Field(description="Hugging Face hub id, or a local folder with config.json and *.safetensors.")
+    model: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Hugging Face hub id (org/name), a local folder with config.json and *.safetensors, "
+        "or upload:<id> (service only).",
+    )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     method: Method = Method.SPARSEGPT
     pattern: PatternStr = "2:4"
@@ -456,3 +461,146 @@ class Report(BaseModel):
     calibration: CalibrationReport
     timings: Timings
     environment: Environment
+    packed: PackedReport | None = Field(default=None, description="The packed N:M copy in packed/ and its size.")
+    speed: SpeedReport | None = Field(default=None, description="Measured dense versus sparse speed.")
+
+
+# --- The service: jobs as the REST API, the store and the batch CLI see them ---------------------------------
+
+
+class JobState(StrEnum):
+    """``queued → running → succeeded | failed | cancelled``; a dead worker's job goes back to ``queued``."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobProgress(BaseModel):
+    """Where a running job is: its stage, the block just pruned, and an ETA from the blocks' pace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage | None = None
+    message: str = ""
+    block: int | None = Field(default=None, description="Blocks pruned so far.")
+    blocks: int | None = Field(default=None, description="Decoder blocks in the model.")
+    layers: list[str] = Field(default_factory=list, description="Layers of the block just pruned.")
+    worst_layer_error: float | None = Field(default=None, description="Largest relative error in that block.")
+    eta_seconds: float | None = Field(default=None, description="Seconds left for pruning, from the pace so far.")
+
+
+class JobError(BaseModel):
+    """Why a job failed: ``type`` is the error's code, ``hint`` what to change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    message: str
+    hint: str | None = None
+
+
+class JobResult(BaseModel):
+    """The headline of a succeeded job's report (the whole report is at ``/v1/jobs/{id}/report``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    perplexity_dense: float | None
+    perplexity_pruned: float | None
+    sparsity_verified: bool
+    pruned_fraction: float
+    prune_seconds: float
+    total_seconds: float
+    device: str
+    packed_ratio: float | None = Field(
+        default=None, description="Packed checkpoint bytes / plain checkpoint bytes (packed/), when written."
+    )
+
+
+class Job(BaseModel):
+    """A job as stored and served; the row in the job store is its source of truth."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="'job_' + time-ordered hex; sorts by creation.")
+    object: Literal["job"] = "job"
+    state: JobState
+    spec: JobSpec
+    attempts: int = Field(description="Times a worker claimed it (2 after a worker died mid-job).")
+    max_attempts: int
+    worker: str | None = Field(description="The worker that claimed it last (hostname:pid).")
+    cancel_requested: bool
+    progress: JobProgress | None
+    result: JobResult | None
+    error: JobError | None
+    idempotency_key: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    heartbeat_at: str | None
+
+
+class JobPage(BaseModel):
+    """One page of ``GET /v1/jobs``, newest first; pass ``next_after`` as ``after`` for the next page."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    next_after: str | None
+
+
+class JobEvent(BaseModel):
+    """One Server-Sent Event of ``GET /v1/jobs/{id}/events``: ``id`` is its sequence number in the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    job_id: str
+    type: Literal["state", "progress"]
+    state: JobState
+    progress: JobProgress | None = None
+    error: JobError | None = None
+    created_at: str
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Relative to the job's output folder; GET .../artifacts/{path} downloads it.")
+    size: int
+
+
+class ArtifactList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"] = "list"
+    data: list[Artifact]
+    archive: str = Field(description="URL path of the whole folder as one streamed .tar archive.")
+
+
+class Upload(BaseModel):
+    """An uploaded model archive or text file; use ``upload:<id>`` as a job's model or text file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: Literal["model", "text"]
+    size: int
+    sha256: str
+    created_at: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body: ``{"error": {"type", "message", "hint"}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: JobError

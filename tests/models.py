@@ -8,6 +8,7 @@ vocab 128, 64 positions), so every linear layer inside a decoder block has ``in_
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Callable
 from pathlib import Path
@@ -236,3 +237,27 @@ def linear_in_features(module: torch.nn.Module) -> int | None:
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0])
     return None
+
+
+def bad_model_dir(tmp_path: Path, tiny: Path, kind: str) -> Path:
+    """A broken copy of the tiny model folder ``tiny``: pickle, remote, encoder, odd or mismatch."""
+    folder = tmp_path / kind
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    config = json.loads((tiny / "config.json").read_text())
+    if kind == "pickle":
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    else:
+        (folder / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
+    if kind == "remote":
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    if kind == "encoder":
+        config = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    if kind == "odd":  # a real checkpoint whose down_proj reads 250 features: not a multiple of 4
+        tiny_model("llama", intermediate_size=250).save_pretrained(folder)
+    if kind == "mismatch":  # config says 250, weights are 256 wide
+        config["intermediate_size"] = 250
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder

@@ -17,7 +17,7 @@ from app.errors import DataSourceError, OutputExistsError
 from app.schemas import JobSpec, Report, TextSource
 from kernels.patterns import satisfies_nm
 from tests.conftest import TinyDir
-from tests.models import tiny_model
+from tests.models import bad_model_dir
 from workers.cli import cli
 from workers.pipeline import JobCancelled, run_job
 from workers.storage import TMP_PREFIX
@@ -145,29 +145,6 @@ def _prune_args(model: Path, text: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _bad_model(tmp_path: Path, tiny: Path, kind: str) -> Path:
-    folder = tmp_path / kind
-    folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((tiny / name).read_bytes())
-    config = json.loads((tiny / "config.json").read_text())
-    if kind == "pickle":
-        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    else:
-        (folder / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
-    if kind == "remote":
-        config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
-    if kind == "encoder":
-        config = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 64}
-    (folder / "config.json").write_text(json.dumps(config))
-    if kind == "odd":  # a real checkpoint whose down_proj reads 250 features: not a multiple of 4
-        tiny_model("llama", intermediate_size=250).save_pretrained(folder)
-    if kind == "mismatch":  # config says 250, weights are 256 wide
-        config["intermediate_size"] = 250
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -196,7 +173,7 @@ def test_bad_input_gets_one_clear_message_and_no_output(
     args = _prune_args(tiny, text_file, out)
     for key, value in change.items():
         if key == "model":
-            args[1] = str(_bad_model(tmp_path, tiny, value)) if value != "missing" else str(tmp_path / "nope")
+            args[1] = str(bad_model_dir(tmp_path, tiny, value)) if value != "missing" else str(tmp_path / "nope")
         else:
             args[args.index(key) + 1] = str(tmp_path / value) if key.endswith("file") else value
     result = CliRunner().invoke(cli, args)

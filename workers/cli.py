@@ -21,125 +21,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from app.cli import cli, user_errors
-from app.schemas import JobSpec, Method, TextSource
+import app.client_cli
+import app.server_cli  # noqa: F401  (registers serve, db, api-key)
+from app.cli import cli, fail, spec_from_options, spec_options, user_errors
+from app.schemas import JobSpec, Method
 from app.settings import get_settings
 
 console = Console(stderr=True)
-
-
-def _text_source(options: dict[str, Any], prefix: str) -> TextSource | None:
-    """The text source named by the ``--{prefix}-*`` flags of :func:`text_options`, or None if none is given."""
-    file, dataset = options[f"{prefix}_file"], options[f"{prefix}_dataset"]
-    if file is None and dataset is None:
-        return None
-    return TextSource(
-        file=file, dataset=dataset, dataset_config=options[f"{prefix}_dataset_config"], split=options[f"{prefix}_split"]
-    )
-
-
-def text_options(prefix: str, what: str, default_split: str) -> Any:
-    """``--{prefix}-file``, ``--{prefix}-dataset``, ``--{prefix}-dataset-config`` and ``--{prefix}-split``."""
-
-    def decorate(func: Any) -> Any:
-        for option in reversed(
-            [
-                click.option(f"--{prefix}-file", type=click.Path(dir_okay=False), help=f"{what} text file (UTF-8)."),
-                click.option(f"--{prefix}-dataset", help=f"{what} Hugging Face dataset name (needs the hub)."),
-                click.option(f"--{prefix}-dataset-config", help="Dataset configuration, e.g. wikitext-2-raw-v1."),
-                click.option(f"--{prefix}-split", default=default_split, show_default=True, help="Dataset split."),
-            ]
-        ):
-            func = option(func)
-        return func
-
-    return decorate
-
-
-def spec_options(func: Any) -> Any:
-    """Every flag that describes a job: shared by ``prune`` here and ``submit`` for the service."""
-    options = [
-        click.argument("model"),
-        click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a hub id."),
-        click.option(
-            "--method",
-            type=click.Choice([m.value for m in Method]),
-            default="sparsegpt",
-            show_default=True,
-            help="sparsegpt: Hessian-aware with weight updates; wanda: |W|·||X||; magnitude: |W|.",
-        ),
-        click.option(
-            "--pattern",
-            default="2:4",
-            show_default=True,
-            help="N:M (keep N of every M, e.g. 2:4) or a ratio like 0.5.",
-        ),
-        text_options("calibration", "Calibration", "train"),
-        click.option("--calibration-samples", type=int, default=128, show_default=True, help="Random windows."),
-        click.option("--calibration-seqlen", type=int, default=2048, show_default=True, help="Tokens per window."),
-        click.option(
-            "--calibration-batch-size",
-            type=int,
-            default=None,
-            help="Windows per forward call. Default: all at once (one pass per block, fastest); "
-            "set it to bound memory (two passes per block).",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration windows."),
-        text_options("eval", "Evaluation", "test"),
-        click.option("--eval-seqlen", type=int, default=2048, show_default=True, help="Tokens per window."),
-        click.option("--eval-windows", type=int, default=None, help="Evaluate the first K windows (default: all)."),
-        click.option("--eval-batch-size", type=int, default=8, show_default=True, help="Windows per forward call."),
-        click.option(
-            "--bos",
-            type=click.Choice(["auto", "always", "never"]),
-            default="auto",
-            show_default=True,
-            help="Start every window with BOS ('auto': when the tokenizer adds one, e.g. Gemma).",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option(
-            "--dtype",
-            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-            default="auto",
-            show_default=True,
-            help="'auto': float32 on CPU, bfloat16 on CUDA.",
-        ),
-        click.option(
-            "--exclude",
-            multiple=True,
-            help="Leave matching linear layers dense (fnmatch, repeatable): '*.down_proj'.",
-        ),
-        click.option("--blocksize", type=int, default=128, show_default=True, help="SparseGPT lazy-update block."),
-        click.option("--dampening", type=float, default=0.01, show_default=True, help="λ / mean(diag H)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def spec_from_options(options: dict[str, Any]) -> JobSpec:
-    """A validated :class:`JobSpec` from the flags of :func:`spec_options` (raises ValidationError)."""
-    return JobSpec(
-        model=options["model"],
-        revision=options["revision"],
-        method=options["method"],
-        pattern=options["pattern"],
-        calibration=_text_source(options, "calibration"),
-        calibration_samples=options["calibration_samples"],
-        calibration_seqlen=options["calibration_seqlen"],
-        calibration_batch_size=options["calibration_batch_size"],
-        seed=options["seed"],
-        evaluation=_text_source(options, "eval"),
-        eval_seqlen=options["eval_seqlen"],
-        eval_windows=options["eval_windows"],
-        eval_batch_size=options["eval_batch_size"],
-        bos=options["bos"],
-        device=options["device"],
-        dtype=options["dtype"],
-        exclude=tuple(options["exclude"]),
-        blocksize=options["blocksize"],
-        dampening=options["dampening"],
-    )
 
 
 @cli.command()
@@ -163,15 +51,10 @@ def prune(output: str, overwrite: bool, **options: Any) -> None:
     """
     with user_errors():
         spec = spec_from_options(options)
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils import logging as hf_logging
-
         from app.schemas import ProgressEvent, Stage
-        from workers.pipeline import run_job
+        from workers.pipeline import quiet_libraries, run_job
 
-        hf_logging.disable_progress_bar()
-        disable_progress_bars()
-        hf_logging.set_verbosity_error()
+        quiet_libraries()
         with Progress(
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
@@ -223,8 +106,83 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
     t = report["timings"]
     table.add_row("prune time", f"{t['prune_seconds']:.1f} s on {report['environment']['device']}")
     table.add_row("total time", f"{t['total_seconds']:.1f} s")
+    packed = report.get("packed")
+    if packed and packed["written"]:
+        table.add_row(
+            "packed copy",
+            f"{output}/{packed['path']}: pruned layers {packed['layers_ratio']:.4f}x their dense bytes, "
+            f"checkpoint {packed['checkpoint_ratio']:.3f}x",
+        )
+    elif packed:
+        table.add_row("packed copy", f"not written: {packed['reason']}")
+    if report.get("speed"):
+        table.add_row("speed", f"measured on {report['speed']['conditions']['device_name']} (report.json 'speed')")
     table.add_row("output", f"{output} (report.json inside)")
     console.print(table)
+
+
+@cli.command()
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="secateurs-out/smollm2-sparsegpt-2of4",
+    show_default=True,
+    help="Where the pruned model and report.json are downloaded.",
+)
+@click.option("--method", type=click.Choice([m.value for m in Method]), default="sparsegpt", show_default=True)
+@click.option("--calibration-samples", type=int, default=64, show_default=True, help="Windows of 512 tokens.")
+@click.option("--eval-windows", type=int, default=64, show_default=True, help="WikiText-2 windows of 512 tokens.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it holds something.")
+def quickstart(output: str, overwrite: bool, **options: Any) -> None:
+    """The main job on embedded defaults, through the service: nothing to install or start beforehand.
+
+    \b
+    1. fetches the offline assets (SmolLM2-135M-Instruct, c4 calibration text, WikiText-2) if missing;
+    2. starts `secateurs serve` in embedded mode (API + one Celery worker, SQLite store, filesystem broker,
+       in $SECATEURS_DATA_DIR) on a free local port;
+    3. submits SparseGPT 2:4 on SmolLM2 (protocol P-CPU: 64 × 512 calibration tokens, 64 WikiText-2 windows),
+       follows it live (block i/N, ETA), downloads the pruned model and report, prints the summary;
+    4. stops the server. The same REST + Celery path as `serve` / `submit` / `wait` / `download`.
+    """
+    from app.client_cli import JobDisplay, open_client
+    from app.schemas import JobState, TextSource
+    from app.server_cli import embedded_server
+    from workers.assets import fetch_assets
+
+    with user_errors():
+        settings = get_settings()
+        assets = fetch_assets(settings.cache_dir, log=lambda line: console.print(line, highlight=False))
+        method = Method(options["method"])
+        spec = JobSpec(
+            model=str(assets.smollm2),
+            method=method,
+            pattern="2:4",
+            calibration=None if method is Method.MAGNITUDE else TextSource(file=str(assets.c4)),
+            calibration_samples=options["calibration_samples"],
+            calibration_seqlen=512,
+            seed=0,
+            evaluation=TextSource(file=str(assets.wikitext2_test or assets.wiki)),
+            eval_seqlen=512,
+            eval_windows=options["eval_windows"],
+            device=options["device"],
+        )
+        with embedded_server(settings) as url, open_client(url, None) as client:
+            job = client.submit(spec)
+            console.print(f"job {job.id}: {method.value} 2:4 on SmolLM2-135M-Instruct via {url}", highlight=False)
+            with JobDisplay(console) as display:
+                display.add(job.id, job.id, job.state.value)
+                job = client.wait(job.id, on_event=lambda event: display.update(job.id, job.id, event))
+            if job.state is not JobState.SUCCEEDED:
+                error = job.error
+                fail(
+                    f"job {job.id} {job.state.value}: {error.message if error else 'no reason recorded'}",
+                    error.hint if error else None,
+                )
+            client.download(job.id, Path(output), overwrite=overwrite)
+    report = json.loads((Path(output) / "report.json").read_text(encoding="utf-8"))
+    _print_summary(report, output)
 
 
 @cli.command("fetch-assets")
@@ -254,6 +212,68 @@ def fetch_assets_command(cache_dir: str | None, force: bool, as_json: bool) -> N
     else:
         for name, path in paths.items():
             click.echo(f"{name:15} {path}")
+
+
+@cli.command()
+@click.option("--loglevel", default="info", show_default=True, help="Celery log level.")
+@click.option("--hostname", default=None, help="Celery node name (default secateurs-<pid>@<host>).")
+def worker(loglevel: str, hostname: str | None) -> None:
+    """Run one Celery worker for the 'gpu' queue: one job at a time, each in a fresh child process.
+
+    \b
+    Run one per GPU (CUDA_VISIBLE_DEVICES=N secateurs worker). It reads the same settings as the API:
+    SECATEURS_BROKER_URL, SECATEURS_DATABASE_URL and SECATEURS_DATA_DIR (artifacts) must match.
+    No torch and no CUDA in this parent process: each job's child imports them.
+    """
+    import os
+
+    from app.main import reap_once
+    from app.migrate import upgrade
+    from app.settings import QUEUE
+    from app.store import JobStore
+    from workers.celery_app import app as celery_app
+
+    with user_errors():
+        settings = get_settings()
+        if settings.store_url.startswith("sqlite"):
+            upgrade(settings.store_url)
+        store = JobStore(settings.store_url)
+        reap_once(store, settings, celery_app)  # jobs a dead worker left behind go back in the queue now
+        store.engine.dispose()
+    celery_app.worker_main(
+        [
+            "worker",
+            "--queues",
+            QUEUE,
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "--loglevel",
+            loglevel,
+            "--hostname",
+            hostname or f"secateurs-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@cli.command()
+@click.argument("packed", type=click.Path(file_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, after success).")
+def unpack(packed: str, output: str, overwrite: bool) -> None:
+    """Rebuild the plain HF folder (safetensors, config, tokenizer) from a packed N:M folder (OUT_DIR/packed).
+
+    Every tensor is rebuilt bit for bit and checked against the sha256 the manifest records.
+    """
+    from workers.packed import unpack_checkpoint
+
+    with user_errors():
+        result = unpack_checkpoint(Path(packed), Path(output), overwrite=overwrite)
+    same = "byte-identical files" if result.identical_files else "identical tensors (file bytes differ)"
+    console.print(f"wrote {output}: {result.tensors} tensors in {', '.join(result.files)}, sha256-checked; {same}")
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ from app.schemas import (
     Stage,
     Timings,
 )
+from app.sources import check_model_folder
 from kernels.discovery import PrunableLayer
 from kernels.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
 from kernels.errors import FactorizationError, PatternError
@@ -65,6 +66,17 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[ProgressEvent], None]
 REPORT_NAME = "report.json"
+
+
+def quiet_libraries() -> None:
+    """No download/loading progress bars or advisory warnings from transformers and the hub client:
+    secateurs reports progress itself (CLI bar, job events)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
 
 
 class JobCancelled(Exception):
@@ -131,29 +143,11 @@ def _model_folder(spec: JobSpec) -> Path:
 
 
 def _check_folder(folder: Path) -> None:
-    """Safetensors only, a config that needs no remote code and names a causal language model."""
-    if not (folder / "config.json").is_file():
-        raise ModelSourceError(f"{folder} has no config.json", hint="pass a Hugging Face model folder")
-    if not any(folder.glob("*.safetensors")):
-        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-        found = f" (found pickle weights: {', '.join(pickles[:3])})" if pickles else ""
-        raise ModelSourceError(
-            f"{folder} has no *.safetensors weights{found}; secateurs never loads pickle checkpoints",
-            hint="convert the checkpoint to safetensors (model.save_pretrained(dir, safe_serialization=True))",
-        )
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"{folder}/config.json is not valid JSON: {exc}", hint="fix or replace it") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelSourceError(f"{folder}/config.json has no model_type", hint="pass a Hugging Face model folder")
-    if config.get("auto_map"):
-        raise ModelSourceError(
-            f"{folder} needs remote code (config.json has auto_map); secateurs never runs code from a checkpoint",
-            hint="use a model whose architecture ships with transformers",
-        )
+    """The API's checks (:func:`app.sources.check_model_folder`), then: does the config name a causal LM?"""
+    check_model_folder(folder)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_type = config["model_type"]
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = config.get("architectures") or []
@@ -163,11 +157,6 @@ def _check_folder(folder: Path) -> None:
         raise ModelSourceError(
             f"{folder} holds a {'/'.join(architectures) or model_type} model, not a causal language model",
             hint="secateurs prunes decoder-only causal LMs (AutoModelForCausalLM), e.g. Llama, Qwen2, OPT, GPT-2",
-        )
-    if "quantization_config" in config:
-        raise ModelSourceError(
-            f"{folder}/config.json carries a quantization_config; secateurs prunes plain checkpoints",
-            hint="dequantize the model first",
         )
 
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from app.errors import OutputExistsError
+from app.files import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,7 @@ def atomic_output_dir(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _readable(tmp)
-        old: Path | None = None
-        if path.exists():
-            if any(path.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}-old-", dir=path.parent))
-                os.replace(path, old / "previous")
-            else:
-                path.rmdir()
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path, TMP_PREFIX)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

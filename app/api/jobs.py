@@ -1,0 +1,165 @@
+"""``/v1/jobs``: create (idempotent), list, read, cancel, follow (SSE), report and artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+
+from app.api.deps import ERRORS, CeleryDep, SettingsDep, StoreDep
+from app.artifacts import artifact_file, list_artifacts, tar_stream
+from app.errors import JobStateError
+from app.queue import send_job
+from app.schemas import ArtifactList, Job, JobEvent, JobPage, JobSpec, JobState
+from app.settings import Settings
+from app.sources import resolve_sources
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, "job id"]
+_KEEPALIVE_SECONDS = 15.0
+
+
+def _output(settings: Settings, job: Job) -> Path:
+    if job.state is not JobState.SUCCEEDED:
+        raise JobStateError(
+            f"job {job.id} is {job.state.value}; artifacts exist only for succeeded jobs",
+            hint="wait for it: GET /v1/jobs/{id}/events, or `secateurs wait`",
+        )
+    return settings.artifacts_dir / job.id
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=Job, responses=ERRORS)
+def create_job(
+    spec: JobSpec,
+    *,
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=200, description="Same key + same body: the same job back (200), never a second one."),
+    ] = None,
+) -> Job:
+    """Queue a pruning job. Local paths must lie under the server's allowed roots; ``upload:<id>`` names uploads."""
+    spec = resolve_sources(spec, settings.allowed_roots, settings.uploads_dir)
+    job, created = store.create(spec, max_attempts=settings.max_attempts, idempotency_key=idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return job
+    if send_job(celery, job.id):
+        store.mark_enqueued(job.id)
+    return job
+
+
+@router.get("", response_model=JobPage, responses=ERRORS)
+def list_jobs(
+    store: StoreDep,
+    after: Annotated[str | None, Query(max_length=40, description="Id of the last job of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    state: JobState | None = None,
+) -> JobPage:
+    jobs, has_more = store.page(after=after, limit=limit, state=state)
+    return JobPage(data=jobs, has_more=has_more, next_after=jobs[-1].id if has_more and jobs else None)
+
+
+@router.get("/{job_id}", response_model=Job, responses=ERRORS)
+def get_job(job_id: JobId, store: StoreDep) -> Job:
+    return store.get(job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)
+def cancel_job(job_id: JobId, store: StoreDep) -> Job:
+    """A queued job is cancelled at once; a running one stops at the next block boundary."""
+    return store.request_cancel(job_id)
+
+
+def _sse(event: JobEvent) -> str:
+    return f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS},
+)
+async def job_events(
+    job_id: JobId,
+    *,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+    after: Annotated[int, Query(ge=0, description="Same as Last-Event-ID, for clients that cannot set it.")] = 0,
+) -> StreamingResponse:
+    """Server-Sent Events: one per state change and per pruned block; ends after the terminal state."""
+    await run_in_threadpool(store.get, job_id)  # 404 before the stream starts
+    start = max(after, int(last_event_id) if last_event_id and last_event_id.isdigit() else 0)
+
+    async def stream() -> AsyncIterator[str]:
+        last, idle = start, 0.0
+        while True:
+            events = await run_in_threadpool(store.events, job_id, last)
+            for event in events:
+                yield _sse(event)
+                last = event.id
+                if event.type == "state" and event.state.terminal:
+                    return
+            if events:
+                idle = 0.0
+            elif idle >= _KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                idle = 0.0
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(settings.event_poll_interval)
+            idle += settings.event_poll_interval
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+@router.get("/{job_id}/report", responses={200: {"content": {"application/json": {}}}, **ERRORS})
+def job_report(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Any:
+    """The job's ``report.json`` (format ``secateurs.report/1``)."""
+    folder = _output(settings, store.get(job_id))
+    return json.loads(artifact_file(folder, "report.json").read_text(encoding="utf-8"))
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
+def job_artifacts(job_id: JobId, store: StoreDep, settings: SettingsDep) -> ArtifactList:
+    folder = _output(settings, store.get(job_id))
+    return ArtifactList(data=list_artifacts(folder), archive=f"/v1/jobs/{job_id}/artifacts.tar")
+
+
+@router.get(
+    "/{job_id}/artifacts.tar",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}, **ERRORS},
+)
+def job_archive(job_id: JobId, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
+    """The whole output folder (HF checkpoint + report.json) as one tar, streamed."""
+    folder = _output(settings, store.get(job_id))
+    return StreamingResponse(
+        tar_stream(folder),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.tar"'},
+    )
+
+
+@router.get(
+    "/{job_id}/artifacts/{path:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
+)
+def job_artifact(job_id: JobId, path: str, store: StoreDep, settings: SettingsDep) -> FileResponse:
+    folder = _output(settings, store.get(job_id))
+    return FileResponse(artifact_file(folder, path))

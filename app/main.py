@@ -1,0 +1,135 @@
+"""The FastAPI application: ``create_app()`` wires settings, the job store, the Celery producer and the reaper.
+
+Never imports torch: the API process stays light (``uvicorn --factory app.main:create_app``).
+Errors are mapped to HTTP here, once: a :class:`SecateursError` becomes its ``status_code`` with an
+:class:`ErrorBody`; a request that does not validate becomes 422 naming each bad field; anything else is a
+500 that says it is a bug, without internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from celery import Celery
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.api import health, jobs, uploads
+from app.api.deps import require_api_key
+from app.errors import SecateursError
+from app.queue import make_celery, send_job
+from app.schemas import ErrorBody, JobError
+from app.settings import Settings, get_settings
+from app.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+def reap_once(store: JobStore, settings: Settings, celery: Celery) -> list[str]:
+    """Requeue jobs whose worker died and (re)send queued jobs the broker never got; returns their ids."""
+    sent = []
+    for job_id in store.reap(settings.heartbeat_timeout):
+        if send_job(celery, job_id):
+            store.mark_enqueued(job_id)
+            sent.append(job_id)
+    if sent:
+        log.warning("reaper requeued %s", ", ".join(sent))
+    return sent
+
+
+async def _reaper(app: FastAPI) -> None:
+    settings: Settings = app.state.settings
+    while True:
+        try:
+            await run_in_threadpool(reap_once, app.state.store, settings, app.state.celery)
+        except Exception:  # the reaper must outlive a database hiccup
+            log.exception("reaper pass failed; retrying in %.0f s", settings.reaper_interval)
+        await asyncio.sleep(settings.reaper_interval)
+
+
+def _error(
+    status: int, type_: str, message: str, hint: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=JobError(type=type_, message=message, hint=hint))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _describe(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "request body"
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "json_invalid":
+            message = f"not valid JSON ({error.get('ctx', {}).get('error', message)})"
+        parts.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(parts) or "the request is not valid"
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the OpenAPI schema documents for ``path`` (Starlette's 405 names only one route's)."""
+    for template, operations in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path):
+            return sorted(method.upper() for method in operations)
+    return []
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.store = JobStore(settings.store_url)
+        app.state.celery = make_celery(settings)
+        reaper = asyncio.create_task(_reaper(app))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            app.state.store.engine.dispose()
+
+    app = FastAPI(
+        title="secateurs",
+        version=__version__,
+        summary="One-shot 2:4 SparseGPT pruning of Hugging Face causal LMs, as jobs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+
+    @app.exception_handler(SecateursError)
+    async def _secateurs_error(_request: Request, exc: SecateursError) -> JSONResponse:
+        return _error(exc.status_code, exc.code, exc.message, exc.hint)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", _describe(exc), "see the OpenAPI schema at /docs for the fields")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        hints = {400: "send a UTF-8 JSON object (Content-Type: application/json)", 404: "see /docs for the routes"}
+        hint = hints.get(exc.status_code, hints[404] if exc.status_code == 405 else None)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(app, request.url.path)):
+            headers["Allow"] = ", ".join(allowed)
+        return _error(exc.status_code, "http_error", str(exc.detail), hint, headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal", f"internal error ({type(exc).__name__})", "this is a bug in secateurs")
+
+    guarded = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(jobs.router, dependencies=guarded)
+    app.include_router(uploads.router, dependencies=guarded)
+    return app
