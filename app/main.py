@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import __version__
+from app import __version__, page
 from app.api import health, jobs, uploads
 from app.api.deps import require_api_key
 from app.errors import SecateursError
@@ -132,4 +132,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router, dependencies=guarded)
     app.include_router(uploads.router, dependencies=guarded)
+    app.include_router(page.router)  # the status page: HTML and static files, no data, no key
     return app
