@@ -2,17 +2,25 @@
 
     python benchmarks/api_load.py [--clients 100] [--seconds 60] [--period 1.0] [--output FILE]
 
+The load tool is wrk (``apt-get install wrk``): C, one thread, one connection per client, so the
+measurement costs the 2-core machine little; without it the script falls back to its own asyncio client
+(recorded as such in the result).
+
 What it does, all on this machine:
 1. starts ``secateurs serve`` in embedded mode (SQLite store, filesystem broker, one Celery worker) in a
    temporary data folder;
-2. submits a SparseGPT 2:4 job on the real SmolLM2-135M (the offline asset; 32 × 512 calibration tokens, so
-   the job prunes for about a minute on 2 cores) and waits until it is pruning;
-3. the load tool (this script: ``--clients`` asyncio tasks sharing one HTTP/1.1 connection pool, each an open
-   loop that polls the job every ``--period`` seconds from a random phase, as a status page or ``secateurs
-   status`` loop does) runs for ``--seconds`` and records every request's latency (send to full body);
-4. then a closed-loop burst (every client re-polls as soon as it has an answer) for ``--burst-seconds``, to
+2. submits a SparseGPT 2:4 job on the real SmolLM2-135M (the offline asset; 64 × 512 calibration tokens, so
+   the job prunes for two minutes or more on 2 cores) and waits until it is pruning;
+3. ``--clients`` clients, each on its own keep-alive connection, poll the job every ``--period`` seconds
+   (wrk: a Lua ``delay()`` after each answer, uniform in [0.5, 1.5] periods so that clients do not fall into
+   lock-step; the asyncio fallback: an open loop from a random phase), as a status page or a
+   ``secateurs status`` loop does, for ``--seconds``; every request's latency (request sent to response
+   read) is recorded;
+4. wrk only: the same polling without jitter for ``--lockstep-seconds`` (clients fall into step: the worst case
+   of synchronized pollers);
+5. then a closed-loop burst (every client re-polls as soon as it has an answer) for ``--burst-seconds``, to
    show the ceiling;
-5. writes percentiles, counts, errors, the job's progress during the run and the environment as JSON.
+6. writes percentiles, counts, errors, the job's progress during the run and the environment as JSON.
 
 The job keeps running throughout (the script checks it was ``running`` before and after the measurement).
 """
@@ -25,6 +33,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +96,51 @@ async def _poll(url: str, clients: int, seconds: float, period: float | None) ->
     }
 
 
+_WRK_SCRIPT = """
+local period_ms = tonumber(os.getenv("PERIOD_MS"))
+local jitter = os.getenv("JITTER") == "1"
+math.randomseed(os.time())
+-- Each client waits a period after every answer, jittered uniformly in [0.5, 1.5] periods (mean: one period),
+-- as independent pollers do; without jitter, one slow answer would lock all clients into step.
+function delay()
+  if period_ms == 0 then return 0 end
+  if not jitter then return period_ms end
+  return math.random(math.floor(period_ms / 2), math.floor(period_ms * 3 / 2))
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d %d %d %.3f %.3f %.3f %.3f %.3f %.3f\\n",
+    summary.requests, summary.duration, summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout, summary.errors.status, latency.min, latency.max, latency.mean,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
+    latency.stdev))
+end
+"""
+
+
+def _wrk(url: str, clients: int, seconds: float, period: float | None, *, jitter: bool = True) -> dict[str, Any]:
+    """wrk with ``clients`` connections; each waits ``period`` after every answer (None: closed loop)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_SCRIPT)
+    env = {**os.environ, "PERIOD_MS": str(int((period or 0) * 1000)), "JITTER": "1" if jitter else "0"}
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", script.name, url]
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    fields = next(line for line in output.splitlines() if line.startswith("RESULT")).split()[1:]
+    requests, duration_us, errors, bad_status = (int(v) for v in fields[:4])
+    lo, hi, mean, p50, p90, p99, p999, _stdev = (float(v) / 1000 for v in fields[4:])  # microseconds -> ms
+    return {
+        "requests": requests,
+        "requests_per_second": round(requests / (duration_us / 1e6), 1),
+        "errors": {"socket": errors, "non_2xx": bad_status},
+        "p50_ms": round(p50, 2),
+        "p90_ms": round(p90, 2),
+        "p99_ms": round(p99, 2),
+        "p99_9_ms": round(p999, 2),
+        "max_ms": round(hi, 2),
+        "min_ms": round(lo, 2),
+        "mean_ms": round(mean, 2),
+    }
+
+
 def _job(server: str, job_id: str) -> dict[str, Any]:
     return dict(httpx.get(f"{server}/v1/jobs/{job_id}", timeout=30).json())
 
@@ -97,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--period", type=float, default=1.0, help="Seconds between one client's polls.")
     parser.add_argument("--burst-seconds", type=float, default=10.0)
+    parser.add_argument("--lockstep-seconds", type=float, default=30.0, help="wrk only: polling without jitter.")
     parser.add_argument("--port", type=int, default=8642)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "api-load.json")
@@ -129,7 +184,7 @@ def main() -> None:
             "method": "sparsegpt",
             "pattern": "2:4",
             "calibration": {"file": str(assets.c4)},
-            "calibration_samples": 32,
+            "calibration_samples": 64,
             "calibration_seqlen": 512,
             "device": "cpu",
         }
@@ -140,8 +195,17 @@ def main() -> None:
             time.sleep(0.5)
         before = job["progress"]
         url = f"{server}/v1/jobs/{job_id}"
-        polling = asyncio.run(_poll(url, args.clients, args.seconds, args.period))
-        burst = asyncio.run(_poll(url, args.clients, args.burst_seconds, None))
+        if shutil.which("wrk"):
+            version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split()[1]
+            tool = f"wrk ({version}), 1 thread, jittered per-client delay"
+            polling = _wrk(url, args.clients, args.seconds, args.period)
+            lockstep = _wrk(url, args.clients, args.lockstep_seconds, args.period, jitter=False)
+            burst = _wrk(url, args.clients, args.burst_seconds, None)
+        else:
+            tool = "benchmarks/api_load.py's asyncio client (httpx.AsyncClient, one process)"
+            polling = asyncio.run(_poll(url, args.clients, args.seconds, args.period))
+            lockstep = None
+            burst = asyncio.run(_poll(url, args.clients, args.burst_seconds, None))
         after = _job(server, job_id)
         assert after["state"] == "running", f"the job was not running throughout: {after['state']}"
     finally:
@@ -156,13 +220,22 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "setup": {
             "server": "secateurs serve (embedded: uvicorn, SQLite WAL store, filesystem broker, 1 Celery worker)",
-            "job": "sparsegpt 2:4 on SmolLM2-135M-Instruct, 32 x 512 calibration tokens, CPU, running throughout",
+            "job": "sparsegpt 2:4 on SmolLM2-135M-Instruct, 64 x 512 calibration tokens, CPU, running throughout",
             "job_progress_before": before,
             "job_progress_after": after["progress"],
-            "load_tool": "benchmarks/api_load.py (httpx.AsyncClient, one process, same machine)",
+            "load_tool": f"{tool}, on the same machine",
             "clients": args.clients,
         },
         "polling": {"period_seconds": args.period, "seconds": args.seconds, **polling},
+        "lockstep_polling": None
+        if lockstep is None
+        else {
+            "note": "every client waits exactly one period after its answer: one slow answer locks all clients "
+            "into step, and they arrive as one burst per period",
+            "period_seconds": args.period,
+            "seconds": args.lockstep_seconds,
+            **lockstep,
+        },
         "closed_loop_burst": {"seconds": args.burst_seconds, **burst},
         "environment": {
             "cpu": platform.processor() or platform.machine(),
@@ -174,7 +247,8 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"polling": result["polling"], "closed_loop_burst": result["closed_loop_burst"]}, indent=2))
+    keys = ("polling", "lockstep_polling", "closed_loop_burst")
+    print(json.dumps({key: result[key] for key in keys}, indent=2))
 
 
 if __name__ == "__main__":

@@ -71,8 +71,10 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
-def get_job(job_id: JobId, store: StoreDep) -> Job:
-    return store.get(job_id)
+async def get_job(job_id: JobId, store: StoreDep) -> Response:
+    """The hot path of every status poll: one primary-key read on the event loop (no thread hop) and the
+    Job serialized once (no second validation against ``response_model``, which only documents it)."""
+    return Response(store.get(job_id).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)
