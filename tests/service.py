@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -146,3 +147,20 @@ def start_api(env: dict[str, str], log: Path, *extra: str) -> tuple[Process, str
 
     wait_for(ready, 60, "the API")
     return api, url
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog while calibration text flows onward " * 400).encode()
+
+
+def job_spec(model: Path, text: Path, samples: int = 8) -> dict[str, Any]:
+    """A small CPU job on ``model``, calibrated and evaluated on ``text`` (64-token windows)."""
+    return {
+        "model": str(model),
+        "calibration": {"file": str(text)},
+        "calibration_samples": samples,
+        "calibration_seqlen": 64,
+        "evaluation": {"file": str(text)},
+        "eval_seqlen": 64,
+        "eval_windows": 2,
+        "device": "cpu",
+    }

@@ -15,15 +15,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from app.settings import hash_api_key
 from tests.models import bad_model_dir, tiny_model, tiny_tokenizer
-from tests.service import _unavailable, service_env, start_api
+from tests.service import TEXT, _unavailable, job_spec, service_env, start_api
 
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-TEXT = ("the quick brown fox jumps over the lazy dog while calibration text flows onward " * 400).encode()
 FAST = {"heartbeat_interval": "0.5", "reaper_interval": "1", "event_poll_interval": "0.2"}
 
 
@@ -41,19 +39,6 @@ def _playwright() -> str:
         if done.returncode != 0:
             _unavailable(f"npm ci failed in {BROWSER_DIR}:\n{done.stderr[-2000:]}")
     return str(node)
-
-
-def _spec(model: Path, text: Path, samples: int) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "calibration": {"file": str(text)},
-        "calibration_samples": samples,
-        "calibration_seqlen": 64,
-        "evaluation": {"file": str(text)},
-        "eval_seqlen": 64,
-        "eval_windows": 2,
-        "device": "cpu",
-    }
 
 
 def test_status_page_in_chromium(tmp_path: Path) -> None:
@@ -80,11 +65,11 @@ def test_status_page_in_chromium(tmp_path: Path) -> None:
         config = {
             "url": url,
             "specs": {
-                "slow": {**_spec(slow, text, samples=128), "measure_speed": True},  # on a CPU: no 2:4 hardware
-                "failing": _spec(failing, text, samples=8),
-                "cancel": _spec(slow, text, samples=128),
+                "slow": {**job_spec(slow, text, samples=128), "measure_speed": True},  # on a CPU: no 2:4 hardware
+                "failing": job_spec(failing, text, samples=8),
+                "cancel": job_spec(slow, text, samples=128),
             },
-            "keyed": {"url": keyed_url, "key": key, "spec": _spec(slow, text, samples=8)},
+            "keyed": {"url": keyed_url, "key": key, "spec": job_spec(slow, text, samples=8)},
             "screenshot": str(Path(os.environ.get("SECATEURS_SCREENSHOT") or tmp_path / "status-page.png").resolve()),
         }
         (tmp_path / "config.json").write_text(json.dumps(config))

@@ -22,10 +22,9 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from tests.models import tiny_model, tiny_tokenizer
-from tests.service import Process, RedisServer, service_env, start_api, wait_for
+from tests.service import TEXT, Process, RedisServer, job_spec, service_env, start_api, wait_for
 from workers.assets import OfflineAssets
 
-TEXT = ("the quick brown fox jumps over the lazy dog while calibration text flows onward " * 400).encode()
 FAST = {"heartbeat_interval": "0.5", "heartbeat_timeout": "4", "reaper_interval": "1", "event_poll_interval": "0.2"}
 
 
@@ -86,19 +85,6 @@ def slow_model(tmp_path: Path) -> Path:
     return folder
 
 
-def _spec(model: Path, text: Path, samples: int = 8) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "calibration": {"file": str(text)},
-        "calibration_samples": samples,
-        "calibration_seqlen": 64,
-        "evaluation": {"file": str(text)},
-        "eval_seqlen": 64,
-        "eval_windows": 2,
-        "device": "cpu",
-    }
-
-
 @pytest.fixture
 def text(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
@@ -122,7 +108,7 @@ def _events(url: str, job_id: str, until_block: int | None = None) -> list[dict[
 
 def test_end_to_end_over_redis_and_a_celery_worker(service: Service, tiny_dir: Any, text: Path, tmp_path: Path) -> None:
     worker = service.start_worker()
-    job_id = service.submit(_spec(tiny_dir("qwen2"), text))
+    job_id = service.submit(job_spec(tiny_dir("qwen2"), text))
     events = _events(service.url, job_id)
     assert [e["state"] for e in events if e["type"] == "state"] == ["queued", "running", "succeeded"], service.debug()
     assert [e["progress"]["block"] for e in events if e["type"] == "progress" and e["progress"]["block"]] == [1, 2]
@@ -145,7 +131,7 @@ def test_a_worker_killed_mid_job_costs_one_retry_and_nothing_else(
     service: Service, slow_model: Path, text: Path
 ) -> None:
     first = service.start_worker()
-    job_id = service.submit(_spec(slow_model, text, samples=128))
+    job_id = service.submit(job_spec(slow_model, text, samples=128))
     _events(service.url, job_id, until_block=3)
     first.kill()  # SIGKILL to the worker's whole process group: parent and the child running the job
     assert service.job(job_id)["state"] == "running"
@@ -163,7 +149,7 @@ def test_a_worker_killed_mid_job_costs_one_retry_and_nothing_else(
 
 def test_queued_jobs_survive_a_redis_restart(service: Service, tiny_dir: Any, text: Path) -> None:
     model = tiny_dir("llama")
-    ids = [service.submit({**_spec(model, text), "seed": seed}) for seed in range(3)]
+    ids = [service.submit({**job_spec(model, text), "seed": seed}) for seed in range(3)]
     service.redis.stop()
     service.redis.start()
     service.start_worker()
@@ -174,7 +160,7 @@ def test_queued_jobs_survive_a_redis_restart(service: Service, tiny_dir: Any, te
 
 def test_cancel_a_running_job_stops_at_a_block_boundary(service: Service, slow_model: Path, text: Path) -> None:
     service.start_worker()
-    job_id = service.submit(_spec(slow_model, text, samples=128))
+    job_id = service.submit(job_spec(slow_model, text, samples=128))
     _events(service.url, job_id, until_block=2)
     assert httpx.post(f"{service.url}/v1/jobs/{job_id}/cancel", timeout=30).json()["cancel_requested"]
     job = service.wait(job_id)
