@@ -122,13 +122,6 @@ class AuthenticationError(SecateursError):
     code = "unauthorized"
 
 
-class BrokerUnavailableError(SecateursError):
-    """The broker or the job store cannot be reached."""
-
-    status_code = 503
-    code = "unavailable"
-
-
 class ApiError(SecateursError):
     """Seen by a client: a secateurs server refused a request or could not be reached.
 
