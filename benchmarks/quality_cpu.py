@@ -1,7 +1,7 @@
 """Protocol P-CPU: quality and prune time of dense, magnitude, Wanda and SparseGPT 2:4 on SmolLM2-135M.
 
     python benchmarks/quality_cpu.py [--methods dense,magnitude,wanda,sparsegpt] [--output FILE]
-                                     [--calibration-precision fp32|bf16]
+                                     [--calibration-precision fp32|bf16] [--refine-iterations N]
 
 P-CPU: SmolLM2-135M-Instruct (the offline asset), fp32 on CPU; calibration 64 windows × 512 tokens of
 exllamav2's ``c4.utf8`` (tokenized whole; ``rng = random.Random(0)``, window k starts at
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_one(method: str, cache: Path, precision: str = "fp32") -> dict[str, object]:
+def run_one(method: str, cache: Path, precision: str = "fp32", refine: int = 0) -> dict[str, object]:
     """One method in this process: prune (unless dense), evaluate, report time and peak RSS."""
     import torch
     import transformers
@@ -40,6 +40,7 @@ def run_one(method: str, cache: Path, precision: str = "fp32") -> dict[str, obje
     from kernels.driver import PruneConfig, prune_model_
     from kernels.patterns import SparsityPattern
     from kernels.perplexity import eval_windows, perplexity
+    from workers.allocator import heap_allocations
     from workers.assets import fetch_assets
     from workers.data import calibration_windows, read_text, tokenize
 
@@ -57,9 +58,12 @@ def run_one(method: str, cache: Path, precision: str = "fp32") -> dict[str, obje
             method=method,  # type: ignore[arg-type]
             pattern=SparsityPattern.nm(2, 4),
             calibration_precision=precision,  # type: ignore[arg-type]
+            refine_iterations=refine if method in ("wanda", "sparsegpt") else 0,
         )
         started = time.perf_counter()
-        pruned = prune_model_(model, None if method == "magnitude" else calibration, config)
+        with heap_allocations() as heap:  # as run_job does
+            tokens = None if method == "magnitude" else calibration
+            pruned = prune_model_(model, tokens, config, on_block=lambda _block: heap.settle())
         result["prune_seconds"] = round(time.perf_counter() - started, 2)
         result["layers_pruned"] = len(pruned.layers)
         errors = [layer.error for layer in pruned.layers if layer.error is not None]
@@ -67,7 +71,8 @@ def run_one(method: str, cache: Path, precision: str = "fp32") -> dict[str, obje
         result["load_average_after_prune"] = os.getloadavg()
     result["peak_rss_gb_after_prune"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
     started = time.perf_counter()
-    ppl = perplexity(model, eval_windows(wiki_tokens, 512, 64), batch_size=8)
+    with heap_allocations():
+        ppl = perplexity(model, eval_windows(wiki_tokens, 512, 64), batch_size=8)
     result["eval_seconds"] = round(time.perf_counter() - started, 2)
     result["perplexity"] = round(ppl.value, 3)
     result["protocol"] = {
@@ -77,6 +82,7 @@ def run_one(method: str, cache: Path, precision: str = "fp32") -> dict[str, obje
         "calibration_text": "exllamav2 c4.utf8", "calibration_sha256": calib_text.sha256,
         "calibration_samples": 64, "calibration_seqlen": 512, "seed": 0, "dtype": "float32",
         "calibration_precision": precision if method in ("wanda", "sparsegpt") else None,
+        "refine_iterations": refine if method in ("wanda", "sparsegpt") else None,
     }  # fmt: skip
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     result["threads"] = torch.get_num_threads()
@@ -92,17 +98,22 @@ def main() -> None:
         "--calibration-precision", choices=("fp32", "bf16"), default="fp32",
         help="calibration forward's matrix products (P-CPU proper is fp32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--refine-iterations", type=int, default=0,
+        help="conjugate-gradient re-solve steps after the mask (kernels/refine.py; P-CPU proper: 0)",
+    )  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single method, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.cache, args.calibration_precision)))
+        print(json.dumps(run_one(args.one, args.cache, args.calibration_precision, args.refine_iterations)))
         return
     rows = []
     for method in args.methods.split(","):
         print(f"[p-cpu] {method} ...", file=sys.stderr, flush=True)
         done = subprocess.run(
             [sys.executable, __file__, "--one", method, "--cache", str(args.cache),
-             "--calibration-precision", args.calibration_precision],
+             "--calibration-precision", args.calibration_precision,
+             "--refine-iterations", str(args.refine_iterations)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -36,7 +36,9 @@ from torch import nn
 from kernels.baselines import magnitude_, wanda_
 from kernels.discovery import PrunableLayer, find_decoder_blocks, prunable_layers
 from kernels.hessian import HessianAccumulator, dampened_inverse_cholesky, dead_inputs
+from kernels.matmul import fast_linears, linear
 from kernels.patterns import SparsityPattern, sparsity_of
+from kernels.refine import masked_refine_
 from kernels.sparsegpt import sparsegpt_
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ class PruneConfig:
     matrix products and attention in bf16, the residual stream stays fp32), while every Hessian, factorization
     and solve stays fp32. It is faster on CPUs with bf16 matrix units (AVX512-BF16, AMX) and GPUs, and
     changes the numbers slightly: a protocol of its own, never the default.
+
+    ``refine_iterations > 0`` re-solves each pruned layer's kept weights for its fixed mask by that many
+    conjugate-gradient steps (:mod:`kernels.refine`; SparseGPT and Wanda): lower layer errors, more time.
     """
 
     method: MethodName = "sparsegpt"
@@ -63,12 +68,17 @@ class PruneConfig:
     batch_size: int | None = None
     max_damp_retries: int = 4
     calibration_precision: CalibrationPrecision = "fp32"
+    refine_iterations: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("sparsegpt", "wanda", "magnitude"):
             raise ValueError(f"unknown method {self.method!r}: use sparsegpt, wanda or magnitude")
         if self.calibration_precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown calibration precision {self.calibration_precision!r}: use fp32 or bf16")
+        if self.refine_iterations < 0:
+            raise ValueError(f"refine_iterations must be >= 0, got {self.refine_iterations}")
+        if self.refine_iterations and self.method == "magnitude":
+            raise ValueError("refinement re-solves against calibration statistics: magnitude pruning has none")
         if self.method == "sparsegpt" and self.pattern.is_nm and self.blocksize % self.pattern.m:  # type: ignore[operator]
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.pattern.m}")
 
@@ -330,33 +340,22 @@ class _BlockPruner:
         # thread avoids an OpenMP barrier per call, which costs whole scheduler slices when the cores are
         # shared. Measured on the 2-core VM at load average ~3.7: a 1536-wide factorization took 0.18–11.3 s
         # with 2 threads, 0.15–0.25 s with 1; the 7 sweeps of a SmolLM2 block 1.1–7.9 s vs 0.17–0.25 s.
-        # The Hessian products (large GEMMs) keep every thread.
-        cpu = state.layer.weight().device.type == "cpu"
-        with _threads(1 if cpu else torch.get_num_threads()):
-            self._prune_layer(state)
-
-    def _prune_layer(self, state: _LayerState) -> None:
+        # The Hessian products, the refinement and the error (large products) keep every thread.
         group, layer, config = state.group, state.layer, self.config
         assert group is not None
         hessian = group.hessian.hessian  # [in, in]
         original = layer.weight().to(torch.float32).clone()  # [out, in]
         weight = original.clone()
-        dampening = None
-        if config.method == "sparsegpt":
-            if group.factor is None:
-                names = [m.layer.name for m in group.members]
-                group.factor = dampened_inverse_cholesky(
-                    hessian, config.dampening, layers=names, max_retries=config.max_damp_retries
-                )
-            upper, dampening = group.factor
-            sparsegpt_(weight, upper, config.pattern, blocksize=config.blocksize, dead=dead_inputs(hessian))
-        elif config.method == "wanda":
-            wanda_(weight, torch.diagonal(hessian).clamp_min(0).sqrt(), config.pattern)
-        else:
-            magnitude_(weight, config.pattern)
+        cpu = weight.device.type == "cpu"
+        with _threads(1 if cpu else torch.get_num_threads()):
+            dampening = self._mask_and_solve(group, weight, hessian)
+        if config.refine_iterations:
+            damped = hessian.clone()  # the solve's dampening λ (δ · mean diag H) also regularizes the re-solve
+            torch.diagonal(damped).add_((dampening or config.dampening) * float(torch.diagonal(hessian).mean()))
+            masked_refine_(weight, original, damped, config.refine_iterations)
         delta = original - weight  # [out, in]
-        reference = float(((original @ hessian) * original).sum())
-        error = float(((delta @ hessian) * delta).sum()) / reference if reference > 0 else 0.0
+        reference = float((linear(original, hessian) * original).sum())  # tr(W H Wᵀ); H is symmetric
+        error = float((linear(delta, hessian) * delta).sum()) / reference if reference > 0 else 0.0
         layer.set_weight_(weight)
         state.result = LayerResult(
             name=layer.name,
@@ -365,6 +364,24 @@ class _BlockPruner:
             error=error,
             dampening=dampening,
         )
+
+    def _mask_and_solve(self, group: _Group, weight: torch.Tensor, hessian: torch.Tensor) -> float | None:
+        """Prune ``weight`` [out, in] (fp32) in place by the configured method; SparseGPT's dampening λ/δ."""
+        config = self.config
+        if config.method == "sparsegpt":
+            if group.factor is None:
+                names = [m.layer.name for m in group.members]
+                group.factor = dampened_inverse_cholesky(
+                    hessian, config.dampening, layers=names, max_retries=config.max_damp_retries
+                )
+            upper, dampening = group.factor
+            sparsegpt_(weight, upper, config.pattern, blocksize=config.blocksize, dead=dead_inputs(hessian))
+            return dampening
+        if config.method == "wanda":
+            wanda_(weight, torch.diagonal(hessian).clamp_min(0).sqrt(), config.pattern)
+        else:
+            magnitude_(weight, config.pattern)
+        return None
 
     def results(self) -> list[LayerResult]:
         out = []
@@ -467,7 +484,7 @@ def prune_model_(
             block_started = time.perf_counter()
             pruner = _BlockPruner(layers, config)
             precision = config.calibration_precision
-            with _on_device(list(block.modules()), compute):
+            with _on_device(list(block.modules()), compute), fast_linears(block):
                 block_calls = [call[index] for call in calls]  # captured on the compute device
                 if one_pass:
                     with pruner.hooks(prune_on_first_call=True), _calibration_precision(compute, precision):

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from kernels.errors import FactorizationError
+from kernels.matmul import gram_upper_
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,8 @@ log = logging.getLogger(__name__)
 class HessianAccumulator:
     """Running mean of x xᵀ over every token fed to :meth:`add`, in fp32 on the inputs' device.
 
-    Only the upper triangle is accumulated, in column panels of about ``panel`` features (H is symmetric:
-    the panels above the diagonal are about half the work of a full XᵀX once the width is a few panels);
-    :attr:`hessian` mirrors it into the full matrix when read.
+    Only the upper triangle is accumulated (H is symmetric), in row panels of about ``panel`` features
+    (:func:`kernels.matmul.gram_upper_`); :attr:`hessian` mirrors it into the full matrix when read.
     """
 
     def __init__(self, columns: int, device: torch.device | str, *, panel: int = 384) -> None:
@@ -33,17 +33,12 @@ class HessianAccumulator:
     def add(self, inputs: torch.Tensor) -> None:
         """Fold a batch of inputs [..., in] into the mean."""
         x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)  # [tokens, in]
-        count, width = x.shape
+        count = x.shape[0]
         if count == 0:
             return
         total = self.tokens + count
         self._upper.mul_(self.tokens / total)
-        panels = max(1, round(width / self.panel))
-        size = -(-width // panels)
-        for lo in range(0, width, size):
-            hi = min(lo + size, width)
-            # [hi-lo, width-lo] += x[:, lo:hi]ᵀ x[:, lo:] / total: the panel's row of blocks, diagonal onwards
-            self._upper[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:], alpha=1.0 / total)
+        gram_upper_(self._upper, x, alpha=1.0 / total, panel=self.panel)  # upper triangle += xᵀx / total
         self.tokens = total
         self._full = None
 

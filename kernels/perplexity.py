@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.matmul import fast_linears
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -61,21 +63,22 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, count, batch_size):
-            batch = windows[start : start + batch_size].to(target)  # [b, seqlen]
-            if bos_token_id is not None:
-                bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype, device=target)
-                inputs = torch.cat([bos, batch], dim=1)  # [b, 1 + seqlen]
-                labels = batch  # every window token is predicted
-            else:
-                inputs, labels = batch, batch[:, 1:]
-            logits = model(input_ids=inputs, use_cache=False).logits  # [b, len, vocab]
-            logits = logits[:, -labels.shape[1] - 1 : -1]  # positions that predict the labels
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
-            total_nll += float(nll)
-            predicted += labels.numel()
-            if on_batch:
-                on_batch(min(start + batch_size, count), count)
+        with fast_linears(model):  # oneDNN for CPU fp32 products (kernels.matmul)
+            for start in range(0, count, batch_size):
+                batch = windows[start : start + batch_size].to(target)  # [b, seqlen]
+                if bos_token_id is not None:
+                    bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype, device=target)
+                    inputs = torch.cat([bos, batch], dim=1)  # [b, 1 + seqlen]
+                    labels = batch  # every window token is predicted
+                else:
+                    inputs, labels = batch, batch[:, 1:]
+                logits = model(input_ids=inputs, use_cache=False).logits  # [b, len, vocab]
+                logits = logits[:, -labels.shape[1] - 1 : -1]  # positions that predict the labels
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+                total_nll += float(nll)
+                predicted += labels.numel()
+                if on_batch:
+                    on_batch(min(start + batch_size, count), count)
     finally:
         model.train(was_training)
     mean = total_nll / predicted

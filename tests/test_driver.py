@@ -136,6 +136,26 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda_on_every_layer_o
     assert errors["sparsegpt"] < errors["wanda"] <= errors["magnitude"] * 1.05
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_refinement_lowers_every_layers_error_and_keeps_the_pattern(method: str) -> None:
+    errors = {}
+    for iterations in (0, 8):
+        model = tiny_model("llama")
+        config = PruneConfig(method=method, refine_iterations=iterations)  # type: ignore[arg-type]
+        result = prune_model_(model, _calibration(samples=8, seqlen=32), config)
+        errors[iterations] = [r.error for r in result.layers]
+        for block in model.model.layers:
+            for layer in prunable_layers(block, ""):
+                assert satisfies_nm(layer.weight(), 2, 4)
+    assert all(after <= before * 1.0001 for before, after in zip(errors[0], errors[8], strict=True))
+    assert sum(errors[8]) < 0.97 * sum(errors[0])
+
+
+def test_refinement_needs_calibration_statistics() -> None:
+    with pytest.raises(ValueError, match="magnitude"):
+        PruneConfig(method="magnitude", refine_iterations=4)
+
+
 def test_magnitude_needs_no_calibration_and_unstructured_ratios_work() -> None:
     model = tiny_model("gpt2")
     result = prune_model_(model, None, PruneConfig(method="magnitude", pattern=SparsityPattern.unstructured(0.3)))

@@ -56,6 +56,7 @@ from kernels.errors import FactorizationError, PatternError
 from kernels.packing import MAX_M
 from kernels.patterns import SparsityPattern, satisfies_nm
 from kernels.perplexity import Perplexity, eval_windows, perplexity
+from workers.allocator import Heap, heap_allocations
 from workers.data import LoadedText, calibration_windows, read_text, tokenize
 from workers.packed import FORMAT as PACKED_FORMAT
 from workers.packed import PACKED_DIR, write_packed
@@ -394,7 +395,9 @@ def run_job(
     polled between blocks and stops the job with :class:`JobCancelled`, leaving nothing behind.
     """
     try:
-        return _run(spec, on_progress or (lambda _event: None), output_dir, overwrite, should_stop)
+        with heap_allocations() as heap:
+            emit = on_progress or (lambda _event: None)
+            return _run(spec, emit, output_dir, overwrite, should_stop=should_stop, heap=heap)
     except (SecateursError, JobCancelled):
         raise
     except PatternError as exc:
@@ -415,7 +418,9 @@ def _run(
     emit: ProgressCallback,
     output_dir: Path,
     overwrite: bool,
+    *,
     should_stop: Callable[[], bool] | None,
+    heap: Heap,
 ) -> Report:
     clock = _Clock(time.perf_counter())
     check_output_dir(output_dir, overwrite=overwrite)
@@ -430,6 +435,7 @@ def _run(
         exclude=spec.exclude,
         batch_size=spec.calibration_batch_size,
         calibration_precision=spec.calibration_precision,
+        refine_iterations=spec.refine_iterations,
     )
 
     emit(ProgressEvent(stage=Stage.LOAD, message=f"loading {spec.model}"))
@@ -478,6 +484,7 @@ def _run(
     )
 
     def on_block(progress: BlockProgress) -> None:
+        heap.settle()
         emit(
             ProgressEvent(
                 stage=Stage.PRUNE,

@@ -1,0 +1,116 @@
+"""The oneDNN fp32 products (kernels.matmul) against their references, and the heap allocation context."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from kernels.matmul import _onednn_linear_op, fast_linears, gram_upper_, linear
+from tests.conftest import REPO_ROOT
+from tests.models import tiny_model
+from workers.allocator import _glibc
+
+needs_onednn = pytest.mark.skipif(_onednn_linear_op() is None, reason="this PyTorch build has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12), (2, 3, 4, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_f_linear(shape: tuple[int, ...], bias: bool) -> None:
+    x, weight = torch.randn(shape), torch.randn(20, 12)
+    b = torch.randn(20) if bias else None
+    torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b))
+
+
+@needs_onednn
+def test_linear_on_strided_operands_and_a_weight_changed_in_place() -> None:
+    x, weight = torch.randn(12, 9).T, torch.randn(12, 16).T  # [9, 12] and [16, 12], both transposed views
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+    weight.mul_(0.5)[:, ::2] = 0  # no cached copy of the old weight may be used
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+
+
+def test_linear_falls_back_where_onednn_does_not_apply() -> None:
+    x, weight = torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))  # not fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps its bf16 product
+        assert linear(x.float(), weight.float()).dtype == torch.bfloat16
+    w = weight.float().requires_grad_()
+    linear(x.float(), w).sum().backward()  # autograd goes through F.linear
+    assert w.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fp32: oneDNN in token chunks; fp64: addmm_
+@pytest.mark.parametrize("width", [8, 100, 900])
+def test_gram_upper_accumulates_the_upper_triangle_of_xtx(dtype: torch.dtype, width: int) -> None:
+    x = torch.randn(300, width, dtype=dtype)
+    start = torch.randn(width, width, dtype=dtype)
+    out = start.clone()
+    gram_upper_(out, x, alpha=0.25, panel=64, chunk=128)
+    expected = start + 0.25 * (x.T @ x)
+    torch.testing.assert_close(torch.triu(out), torch.triu(expected), rtol=1e-4, atol=1e-3)
+
+
+def test_fast_linears_gives_the_same_logits_hooks_still_run_and_forwards_are_restored() -> None:
+    model = tiny_model("llama", num_layers=2).eval()
+    ids = torch.randint(4, 128, (2, 16))
+    seen: list[str] = []
+    first = model.model.layers[0].self_attn.q_proj
+    handle = first.register_forward_pre_hook(lambda _m, _a: seen.append("pre-hook"))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        seen.clear()
+        with fast_linears(model):
+            fast = model(input_ids=ids).logits
+    handle.remove()
+    torch.testing.assert_close(fast, reference)
+    assert seen == ["pre-hook"]
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fast_linears_covers_gpt2_conv1d() -> None:
+    layer = Conv1D(24, 12)  # nf=24 outputs, nx=12 inputs; weight [12, 24]
+    x = torch.randn(3, 5, 12)
+    with torch.no_grad():
+        reference = layer(x)
+        with fast_linears(nn.Sequential(layer)):
+            torch.testing.assert_close(layer(x), reference)
+    assert "forward" not in layer.__dict__
+
+
+_HEAP = """
+import resource, torch
+from workers.allocator import heap_allocations
+
+def heap_range():
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            return [int(part, 16) for part in line.split()[0].split("-")]
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+with heap_allocations():
+    tensor = torch.ones(16 << 20)  # 64 MiB, above glibc's largest mmap threshold
+    low, high = heap_range()
+    on_heap = low <= tensor.data_ptr() < high
+    del tensor
+    kept = resident()  # freed, but its pages stay with the process for the next tensor
+released = kept - resident()  # the heap was trimmed on exit
+print(int(on_heap), released)
+"""
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
+def test_heap_allocations_keep_large_tensors_on_the_heap_and_give_the_pages_back_on_exit() -> None:
+    # in a fresh interpreter, so that nothing else in this test process shapes the heap
+    done = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    on_heap, released = map(int, done.stdout.split())
+    assert on_heap == 1
+    assert released > 48 << 20
