@@ -2,6 +2,7 @@
 
     python benchmarks/quality_cpu.py [--methods dense,magnitude,wanda,sparsegpt] [--output FILE]
                                      [--calibration-precision fp32|bf16] [--refine-iterations N]
+                                     [--dense-target ALPHA]
 
 P-CPU: SmolLM2-135M-Instruct (the offline asset), fp32 on CPU; calibration 64 windows × 512 tokens of
 exllamav2's ``c4.utf8`` (tokenized whole; ``rng = random.Random(0)``, window k starts at
@@ -30,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_one(method: str, cache: Path, precision: str = "fp32", refine: int = 0) -> dict[str, object]:
+def run_one(
+    method: str, cache: Path, precision: str = "fp32", refine: int = 0, dense_target: float = 0.0
+) -> dict[str, object]:
     """One method in this process: prune (unless dense), evaluate, report time and peak RSS."""
     import torch
     import transformers
@@ -59,6 +62,7 @@ def run_one(method: str, cache: Path, precision: str = "fp32", refine: int = 0) 
             pattern=SparsityPattern.nm(2, 4),
             calibration_precision=precision,  # type: ignore[arg-type]
             refine_iterations=refine if method in ("wanda", "sparsegpt") else 0,
+            dense_target=dense_target if method == "sparsegpt" else 0.0,
         )
         started = time.perf_counter()
         with heap_allocations() as heap:  # as run_job does
@@ -83,6 +87,7 @@ def run_one(method: str, cache: Path, precision: str = "fp32", refine: int = 0) 
         "calibration_samples": 64, "calibration_seqlen": 512, "seed": 0, "dtype": "float32",
         "calibration_precision": precision if method in ("wanda", "sparsegpt") else None,
         "refine_iterations": refine if method in ("wanda", "sparsegpt") else None,
+        "dense_target": dense_target if method == "sparsegpt" else None,
     }  # fmt: skip
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     result["threads"] = torch.get_num_threads()
@@ -102,10 +107,18 @@ def main() -> None:
         "--refine-iterations", type=int, default=0,
         help="conjugate-gradient re-solve steps after the mask (kernels/refine.py; P-CPU proper: 0)",
     )  # fmt: skip
+    parser.add_argument(
+        "--dense-target", type=float, default=0.0,
+        help="SparseGPT's dense-target step fraction (kernels/driver.py; P-CPU proper: 0)",
+    )  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single method, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.cache, args.calibration_precision, args.refine_iterations)))
+        print(
+            json.dumps(
+                run_one(args.one, args.cache, args.calibration_precision, args.refine_iterations, args.dense_target)
+            )
+        )
         return
     rows = []
     for method in args.methods.split(","):
@@ -113,7 +126,7 @@ def main() -> None:
         done = subprocess.run(
             [sys.executable, __file__, "--one", method, "--cache", str(args.cache),
              "--calibration-precision", args.calibration_precision,
-             "--refine-iterations", str(args.refine_iterations)],
+             "--refine-iterations", str(args.refine_iterations), "--dense-target", str(args.dense_target)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -9,7 +9,8 @@ are exact fp32 products that differ only in summation order, so results agree to
 * :func:`linear` – ``F.linear`` for CPU fp32 tensors outside autograd and autocast, else ``F.linear`` itself.
 * :func:`fast_linears` – inside it, every ``nn.Linear`` and GPT-2 ``Conv1D`` of a module computes through
   :func:`linear` (a per-instance ``forward``, removed on exit; forward hooks still run).
-* :func:`gram_upper_` – accumulate the upper triangle of ``α XᵀX`` (the Hessian products, SparseGPT §3).
+* :func:`gram_upper_` – accumulate the upper triangle of ``α XᵀX`` (the Hessian products, SparseGPT §3);
+  :func:`cross_` – ``α AᵀB`` (the dense-target cross products).
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def gram_upper_(out: torch.Tensor, x: torch.Tensor, *, alpha: float, panel: int 
         xt = x[start : start + chunk].T.contiguous()  # [in, chunk]
         for lo, hi in bounds:  # linear(a, b) = a bᵀ: [hi-lo, chunk] @ [chunk, width-lo]
             out[lo:hi, lo:].add_(linear(xt[lo:hi], xt[lo:]), alpha=alpha)
+
+
+def cross_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float, chunk: int = 4096) -> None:
+    """``out += alpha · aᵀb``: out [p, q]; a [tokens, p], b [tokens, q] (oneDNN in token chunks where it
+    applies, as :func:`gram_upper_`; else one ``addmm_``)."""
+    if not _onednn_applies(out, a, b):
+        out.addmm_(a.T, b, alpha=alpha)
+        return
+    for start in range(0, a.shape[0], chunk):
+        at = a[start : start + chunk].T.contiguous()  # [p, chunk]
+        bt = b[start : start + chunk].T.contiguous()  # [q, chunk]
+        out.add_(linear(at, bt), alpha=alpha)  # [p, q]
 
 
 def _linear_forward(module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -254,3 +254,45 @@ def test_model_state_is_restored_after_pruning() -> None:
     assert model.training and model.config.use_cache
     assert all(type(block).forward is not None and "forward" not in vars(block) for block in model.model.layers)
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_dense_target_changes_nothing_where_the_inputs_are_still_dense() -> None:
+    # q/k/v of block 0 read the same input in the dense and the pruned model (C = H): their step is zero
+    # (o_proj onwards already see the pruned q/k/v, so their step is not)
+    weights = []
+    for alpha in (0.0, 0.5):
+        model = tiny_model("llama", num_layers=1)
+        prune_model_(model, _calibration(samples=8, seqlen=32), PruneConfig(dense_target=alpha))
+        attn = model.model.layers[0].self_attn
+        weights.append([getattr(attn, n).weight.detach().clone() for n in ("q_proj", "k_proj", "v_proj", "o_proj")])
+    for ours, reference in zip(weights[1][:3], weights[0][:3], strict=True):
+        torch.testing.assert_close(ours, reference)
+    assert not torch.equal(weights[1][3], weights[0][3])
+
+
+def test_dense_target_step_equals_its_closed_form() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pruned_inputs = torch.randn(512, 16, generator=gen)
+    dense_inputs = pruned_inputs + 0.3 * torch.randn(512, 16, generator=gen)
+    layer = nn.Linear(16, 8, bias=False)
+    config = PruneConfig(dense_target=0.5)
+    pruner = _BlockPruner(prunable_layers(nn.Sequential(layer), ""), config, {"0": dense_inputs})
+    with pruner.hooks(prune_on_first_call=False), torch.no_grad():
+        layer(pruned_inputs)
+    group = pruner.groups[0]
+    hessian = pruned_inputs.T @ pruned_inputs / 512
+    cross = dense_inputs.T @ pruned_inputs / 512  # C = X_dᵀ X / T
+    torch.testing.assert_close(group.shift, cross - hessian, rtol=1e-4, atol=1e-5)
+    weight = layer.weight.detach().clone()
+    damped = hessian + 0.01 * torch.diagonal(hessian).mean() * torch.eye(16)
+    expected = weight + 0.5 * weight @ (cross - hessian) @ torch.linalg.inv(damped)
+    pruner._toward_dense_target(group, weight, group.hessian.hessian)
+    torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config", [{"method": "wanda", "dense_target": 0.5}, {"batch_size": 4, "dense_target": 0.5}, {"dense_target": 2.0}]
+)
+def test_dense_target_is_refused_where_it_cannot_run(config: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="dense_target"):
+        PruneConfig(**config)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kernels.matmul import _onednn_linear_op, fast_linears, gram_upper_, linear
+from kernels.matmul import _onednn_linear_op, cross_, fast_linears, gram_upper_, linear
 from tests.conftest import REPO_ROOT
 from tests.models import tiny_model
 from workers.allocator import _glibc
@@ -55,6 +55,15 @@ def test_gram_upper_accumulates_the_upper_triangle_of_xtx(dtype: torch.dtype, wi
     gram_upper_(out, x, alpha=0.25, panel=64, chunk=128)
     expected = start + 0.25 * (x.T @ x)
     torch.testing.assert_close(torch.triu(out), torch.triu(expected), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_accumulates_atb(dtype: torch.dtype) -> None:
+    a, b = torch.randn(300, 40, dtype=dtype), torch.randn(300, 24, dtype=dtype)
+    out = torch.randn(40, 24, dtype=dtype)
+    expected = out + 0.5 * (a.T @ b)
+    cross_(out, a, b, alpha=0.5, chunk=128)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_fast_linears_gives_the_same_logits_hooks_still_run_and_forwards_are_restored() -> None:

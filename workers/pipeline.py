@@ -436,6 +436,7 @@ def _run(
         batch_size=spec.calibration_batch_size,
         calibration_precision=spec.calibration_precision,
         refine_iterations=spec.refine_iterations,
+        dense_target=spec.dense_target,
     )
 
     emit(ProgressEvent(stage=Stage.LOAD, message=f"loading {spec.model}"))
