@@ -340,8 +340,10 @@ class _BlockPruner:
                 return group
         group = _Group(HessianAccumulator(state.layer.in_features, x.device), weakref.ref(x), [state])
         group.hessian.add(x.detach())
-        dense = self.dense_inputs.pop(state.layer.name, None)
+        dense = self.dense_inputs.get(state.layer.name)
         if dense is not None:  # C − H, both means over the same tokens: [in, in]
+            for name in [name for name, tensor in self.dense_inputs.items() if tensor is dense]:
+                del self.dense_inputs[name]  # the group's dense input is needed only here: let it go
             ours = x.detach().reshape(-1, x.shape[-1])  # [tokens, in]
             cross = torch.zeros_like(group.hessian.hessian)
             cross_(cross, dense.reshape(-1, dense.shape[-1]), ours, alpha=1.0 / ours.shape[0])
