@@ -136,15 +136,21 @@ class _Call:
     hidden_as_kwarg: bool
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
-    """The block's output hidden states, in the dtype of its input (under autocast a block may return bf16)."""
+def _call_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> tuple[torch.Tensor, bool]:
+    """The block's output hidden states in the dtype of its input (under autocast a block may return bf16),
+    and whether the block returns them inside a tuple (as some architectures' blocks do)."""
     dtype = hidden.dtype
     if call.hidden_as_kwarg:
         out = block(*call.args, hidden_states=hidden, **call.kwargs)
     else:
         out = block(hidden, *call.args, **call.kwargs)
-    out = out[0] if isinstance(out, tuple | list) else out
-    return out.to(dtype)
+    wrapped = isinstance(out, tuple | list)
+    return (out[0] if wrapped else out).to(dtype), wrapped
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
+    """The block's output hidden states, in the dtype of its input."""
+    return _call_block(block, hidden, call)[0]
 
 
 @contextmanager
@@ -576,3 +582,54 @@ def prune_model_(
             if on_block:
                 on_block(BlockProgress(index, len(blocks), tuple(block_results), time.perf_counter() - block_started))
     return PruneResult(tuple(results), time.perf_counter() - started, int(calibration.numel()))
+
+
+@torch.no_grad()
+def logits_by_block(
+    model: nn.Module,
+    chunks: list[torch.Tensor],
+    device: torch.device | str,
+    *,
+    on_block: Callable[[int, int], None] | None = None,
+) -> Iterator[torch.Tensor]:
+    """The model's logits for each chunk of token ids [batch, len], one decoder block on ``device`` at a time.
+
+    The same capture and replay as :func:`prune_model_` (so a model far larger than the device can be
+    evaluated): block inputs are captured for every chunk, every block runs on all chunks in turn (hidden
+    states wait on the CPU between blocks), then one last forward per chunk runs the modules outside the
+    blocks (embeddings, final norm, head) with every block replaced by a stub: the last one hands over the
+    precomputed final hidden states. ``on_block(done, total)`` after each block. Yields [batch, len, vocab]
+    on ``device``, chunk by chunk.
+    """
+    compute = torch.device(device)
+    _, blocks = find_decoder_blocks(model)
+    store = torch.device("cpu")
+    with _inference_mode(model):
+        hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
+        hidden = [h.to(store) for h in hidden]
+        wrapped = False
+        for index, block in enumerate(blocks):
+            with _on_device(list(block.modules()), compute), fast_linears(block):
+                for chunk, call in enumerate(calls):
+                    out, wrapped = _call_block(block, hidden[chunk].to(compute), call[index])
+                    hidden[chunk] = out.to(store)  # [batch, len, hidden]
+            if on_block:
+                on_block(index + 1, len(blocks))
+        last = len(blocks) - 1
+        current: list[torch.Tensor] = []
+
+        def make_stub(index: int) -> Callable[..., Any]:
+            def stub(*args: Any, **kwargs: Any) -> Any:
+                state = current[0] if index == last else (args[0] if args else kwargs["hidden_states"])
+                return (state,) if wrapped else state
+
+            return stub
+
+        with ExitStack() as stack, _on_device(_outside(model, blocks), compute), fast_linears(model):
+            for index, block in enumerate(blocks):
+                block.forward = make_stub(index)  # instance attribute shadows the class's forward
+                stack.callback(delattr, block, "forward")
+            for chunk, ids in enumerate(chunks):
+                current[:] = [hidden[chunk].to(compute)]
+                hidden[chunk] = torch.empty(0)  # done with it: free the CPU copy as we go
+                yield model(input_ids=ids.to(compute), use_cache=False).logits

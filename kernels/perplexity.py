@@ -10,13 +10,14 @@ predicted; without, the first token of each window is context only (``seqlen −
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.driver import logits_by_block
 from kernels.matmul import fast_linears
 
 
@@ -49,37 +50,52 @@ def perplexity(
     batch_size: int = 8,
     bos_token_id: int | None = None,
     device: torch.device | str | None = None,
+    by_block: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Perplexity:
     """Perplexity of ``model`` on ``windows`` [count, seqlen] (see module docstring for the convention).
 
-    The model must already sit on ``device`` (default: where its parameters are); ``on_batch(done, total)``
-    reports progress in windows.
+    By default the model must already sit on ``device`` (default: where its parameters are). With
+    ``by_block`` it stays where it is and only one decoder block at a time visits ``device``
+    (:func:`kernels.driver.logits_by_block`): the same numbers, for models larger than the device.
+    ``on_batch(done, total)`` reports progress in windows.
     """
     target = torch.device(device) if device is not None else next(model.parameters()).device
     count, seqlen = windows.shape
+    batches = []  # (inputs, labels) per batch
+    for start in range(0, count, batch_size):
+        batch = windows[start : start + batch_size]  # [b, seqlen]
+        if bos_token_id is not None:
+            bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype)
+            batches.append((torch.cat([bos, batch], dim=1), batch))  # [b, 1 + seqlen]: every token predicted
+        else:
+            batches.append((batch, batch[:, 1:]))
     total_nll = 0.0
     predicted = 0
     was_training = model.training
     model.eval()
     try:
-        with fast_linears(model):  # oneDNN for CPU fp32 products (kernels.matmul)
-            for start in range(0, count, batch_size):
-                batch = windows[start : start + batch_size].to(target)  # [b, seqlen]
-                if bos_token_id is not None:
-                    bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype, device=target)
-                    inputs = torch.cat([bos, batch], dim=1)  # [b, 1 + seqlen]
-                    labels = batch  # every window token is predicted
-                else:
-                    inputs, labels = batch, batch[:, 1:]
-                logits = model(input_ids=inputs, use_cache=False).logits  # [b, len, vocab]
-                logits = logits[:, -labels.shape[1] - 1 : -1]  # positions that predict the labels
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
-                total_nll += float(nll)
-                predicted += labels.numel()
-                if on_batch:
-                    on_batch(min(start + batch_size, count), count)
+        if by_block:
+            all_logits: Iterator[torch.Tensor] = logits_by_block(model, [i for i, _ in batches], target)
+        else:
+            all_logits = _whole_model_logits(model, [i for i, _ in batches], target)
+        done = 0
+        for (_inputs, batch_labels), batch_logits in zip(batches, all_logits, strict=True):  # [b, len, vocab]
+            logits = batch_logits[:, -batch_labels.shape[1] - 1 : -1]  # positions that predict the labels
+            labels = batch_labels.to(logits.device)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            predicted += labels.numel()
+            done += labels.shape[0]
+            if on_batch:
+                on_batch(done, count)
     finally:
         model.train(was_training)
     mean = total_nll / predicted
     return Perplexity(math.exp(mean), mean, count, seqlen, predicted, bos_token_id is not None)
+
+
+def _whole_model_logits(model: nn.Module, inputs: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    with fast_linears(model):  # oneDNN for CPU fp32 products (kernels.matmul)
+        for ids in inputs:
+            yield model(input_ids=ids.to(device), use_cache=False).logits

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from app.errors import DataSourceError, OutputExistsError
-from app.schemas import JobSpec, Report, TextSource
+from app.schemas import JobSpec, ProgressEvent, Report, TextSource
 from kernels.patterns import satisfies_nm
 from tests.conftest import TinyDir
 from tests.models import bad_model_dir
+from workers import pipeline
 from workers.cli import cli
 from workers.pipeline import JobCancelled, run_job
 from workers.storage import TMP_PREFIX
@@ -92,6 +93,19 @@ def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
     assert [e.block for e in blocks] == [1, 2] and all(e.layers for e in blocks)
     assert events[-1].stage == "done"
     assert _no_leftovers(tmp_path)
+
+
+def test_a_model_too_large_for_the_device_is_evaluated_block_by_block_with_the_same_numbers(
+    tiny_dir: TinyDir, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_dir("llama")
+    whole = run_job(_spec(model, text_file), output_dir=tmp_path / "whole")
+    monkeypatch.setattr(pipeline, "_fits_whole", lambda *_args, **_kwargs: False)  # as on a too-small GPU
+    events: list[ProgressEvent] = []
+    by_block = run_job(_spec(model, text_file), events.append, output_dir=tmp_path / "by-block")
+    assert any("one block at a time" in event.message for event in events)
+    assert by_block.perplexity.dense == pytest.approx(whole.perplexity.dense, rel=1e-5)
+    assert by_block.perplexity.pruned == pytest.approx(whole.perplexity.pruned, rel=1e-5)
 
 
 def test_zeros_are_stored_in_place_in_safetensors(tiny_dir: TinyDir, text_file: Path, tmp_path: Path) -> None:

@@ -296,15 +296,21 @@ def _evaluate(
 ) -> tuple[Perplexity | None, float | None]:
     """Perplexity and the seconds it took, announced as ``stage``; ``(None, None)`` without evaluation text.
 
-    The whole model visits ``device`` for this (pruning needs one block there; evaluation all of it).
+    The whole model visits ``device`` when it fits there with room for the activations; otherwise one decoder
+    block at a time does (the same numbers, as pruning does it).
     """
     if windows is None:
         return None, None
-    emit(ProgressEvent(stage=stage, message=f"{label} perplexity on {windows.shape[0]} windows"))
+    whole = _fits_whole(model, device)
+    how = "" if whole else ", one block at a time on the device"
+    emit(ProgressEvent(stage=stage, message=f"{label} perplexity on {windows.shape[0]} windows{how}"))
     started = time.perf_counter()
-    model.to(device)
+    if whole:
+        model.to(device)
     try:
-        result = perplexity(model, windows, batch_size=spec.eval_batch_size, bos_token_id=bos, device=device)
+        result = perplexity(
+            model, windows, batch_size=spec.eval_batch_size, bos_token_id=bos, device=device, by_block=not whole
+        )
     finally:
         model.to("cpu")
         if device.type == "cuda":
@@ -312,6 +318,15 @@ def _evaluate(
     seconds = time.perf_counter() - started
     emit(ProgressEvent(stage=stage, message=f"{label} perplexity {result.value:.3f}", seconds=seconds))
     return result, seconds
+
+
+def _fits_whole(model: nn.Module, device: torch.device, *, share: float = 0.6) -> bool:
+    """Whether the model's weights take less than ``share`` of the device's free memory (always on CPU)."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return size < share * free
 
 
 def _measure_speed(
