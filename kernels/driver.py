@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -591,7 +591,7 @@ def logits_by_block(
     device: torch.device | str,
     *,
     on_block: Callable[[int, int], None] | None = None,
-) -> Iterator[torch.Tensor]:
+) -> Generator[torch.Tensor, None, None]:
     """The model's logits for each chunk of token ids [batch, len], one decoder block on ``device`` at a time.
 
     The same capture and replay as :func:`prune_model_` (so a model far larger than the device can be

@@ -10,7 +10,7 @@ predicted; without, the first token of each window is context only (``seqlen −
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +74,9 @@ def perplexity(
     predicted = 0
     was_training = model.training
     model.eval()
+    inputs = [ids for ids, _labels in batches]
+    all_logits = logits_by_block(model, inputs, target) if by_block else _whole_model_logits(model, inputs, target)
     try:
-        if by_block:
-            all_logits: Iterator[torch.Tensor] = logits_by_block(model, [i for i, _ in batches], target)
-        else:
-            all_logits = _whole_model_logits(model, [i for i, _ in batches], target)
         done = 0
         for (_inputs, batch_labels), batch_logits in zip(batches, all_logits, strict=True):  # [b, len, vocab]
             logits = batch_logits[:, -batch_labels.shape[1] - 1 : -1]  # positions that predict the labels
@@ -90,12 +88,15 @@ def perplexity(
             if on_batch:
                 on_batch(done, count)
     finally:
+        all_logits.close()  # leave the generator's context now (it restores the model), also on an error
         model.train(was_training)
     mean = total_nll / predicted
     return Perplexity(math.exp(mean), mean, count, seqlen, predicted, bos_token_id is not None)
 
 
-def _whole_model_logits(model: nn.Module, inputs: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+def _whole_model_logits(
+    model: nn.Module, inputs: list[torch.Tensor], device: torch.device
+) -> Generator[torch.Tensor, None, None]:
     with fast_linears(model):  # oneDNN for CPU fp32 products (kernels.matmul)
         for ids in inputs:
             yield model(input_ids=ids.to(device), use_cache=False).logits

@@ -309,3 +309,16 @@ def test_perplexity_by_block_equals_the_whole_model_forward(arch: str, bos: int 
     assert by_block.predicted_tokens == whole.predicted_tokens
     assert by_block.value == pytest.approx(whole.value, rel=1e-5)
     assert not any("forward" in m.__dict__ for m in model.modules())  # every stub removed
+
+
+@pytest.mark.parametrize("by_block", [False, True])
+def test_an_error_during_evaluation_leaves_the_model_as_it_was(by_block: bool) -> None:
+    model = tiny_model("llama")
+    windows = torch.randint(4, VOCAB, (4, 16))
+
+    def stop(_done: int, _total: int) -> None:
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        perplexity(model, windows, batch_size=2, by_block=by_block, on_batch=stop)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no stub, no fast_linears override
