@@ -224,6 +224,17 @@ def _outside(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside]
 
 
+@contextmanager
+def _stubbed_blocks(blocks: nn.ModuleList, make_stub: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
+    """Block ``i`` runs ``make_stub(i)`` instead of its forward for the duration (an instance attribute that
+    shadows the class's forward; removed on exit)."""
+    with ExitStack() as stack:
+        for index, block in enumerate(blocks):
+            block.forward = make_stub(index)
+            stack.callback(delattr, block, "forward")
+        yield
+
+
 @torch.no_grad()
 def _capture_block_calls(
     model: nn.Module, blocks: nn.ModuleList, chunks: list[torch.Tensor], device: torch.device
@@ -247,10 +258,7 @@ def _capture_block_calls(
 
         return stub
 
-    with ExitStack() as stack, _on_device(_outside(model, blocks), device):
-        for index, block in enumerate(blocks):
-            block.forward = make_stub(index)  # instance attribute shadows the class's forward
-            stack.callback(delattr, block, "forward")
+    with _stubbed_blocks(blocks, make_stub), _on_device(_outside(model, blocks), device):
         for chunk in chunks:
             calls.append([])
             with suppress(_StopForward):
@@ -625,10 +633,7 @@ def logits_by_block(
 
             return stub
 
-        with ExitStack() as stack, _on_device(_outside(model, blocks), compute), fast_linears(model):
-            for index, block in enumerate(blocks):
-                block.forward = make_stub(index)  # instance attribute shadows the class's forward
-                stack.callback(delattr, block, "forward")
+        with _stubbed_blocks(blocks, make_stub), _on_device(_outside(model, blocks), compute), fast_linears(model):
             for chunk, ids in enumerate(chunks):
                 current[:] = [hidden[chunk].to(compute)]
                 hidden[chunk] = torch.empty(0)  # done with it: free the CPU copy as we go
