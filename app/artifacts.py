@@ -6,8 +6,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.errors import JobNotFoundError
-from app.schemas import Artifact
+from secateurs.app.errors import JobNotFoundError
+from secateurs.app.schemas import Artifact
 
 _CHUNK = 1 << 20
 

@@ -1,4 +1,4 @@
-"""The ``secateurs`` command group and its shared helpers. Engine commands are added by ``workers.cli``.
+"""The ``secateurs`` command group and its shared helpers. Engine commands are added by ``secateurs.workers.cli``.
 
 This module never imports torch: commands that only talk to a server stay light.
 """
@@ -15,8 +15,8 @@ import click
 from pydantic import ValidationError
 from rich.console import Console
 
-from app.errors import SecateursError
-from app.schemas import JobSpec, Method, TextSource
+from secateurs.app.errors import SecateursError
+from secateurs.app.schemas import JobSpec, Method, TextSource, describe_validation_error
 
 err_console = Console(stderr=True)
 EXIT_USER_ERROR = 2
@@ -27,16 +27,6 @@ def fail(message: str, hint: str | None = None) -> NoReturn:
     if hint:
         err_console.print(f"[yellow]  hint:[/] {hint}", highlight=False)
     sys.exit(EXIT_USER_ERROR)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, naming the field as the user wrote it."""
-    lines = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"])
-        message = str(error["msg"]).removeprefix("Value error, ")
-        lines.append(message if not field or message.startswith(field) else f"{field}: {message}")
-    return "; ".join(lines)
 
 
 _ENGINE_MODULES = {"torch", "transformers", "accelerate", "safetensors", "gguf", "numpy"}

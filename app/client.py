@@ -1,8 +1,9 @@
 """A small typed client of the secateurs REST API (sync, httpx): what the batch CLI and scripts build on.
 
-Every method returns the API's own pydantic schemas (:mod:`app.schemas`). Every failure a person can act on
-is an :class:`~app.errors.ApiError`: :class:`~app.errors.ClientError` when the server refused the request
-(4xx; its ``ErrorBody`` message and hint are kept), :class:`~app.errors.ServerError` when it failed (5xx),
+Every method returns the API's own pydantic schemas (:mod:`secateurs.app.schemas`). Every failure a person can
+act on is an :class:`~secateurs.app.errors.ApiError`: :class:`~secateurs.app.errors.ClientError` when the server
+refused the request (4xx; its ``ErrorBody`` message and hint are kept), :class:`~secateurs.app.errors.ServerError`
+when it failed (5xx),
 answered something that is not the API, or could not be reached.
 
 Three things need more than one request and are done here once:
@@ -37,9 +38,9 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from app.errors import ClientError, OutputExistsError, ServerError
-from app.files import replace_dir
-from app.schemas import ArtifactList, ErrorBody, Job, JobEvent, JobPage, JobSpec, JobState, Upload
+from secateurs.app.errors import ClientError, OutputExistsError, ServerError
+from secateurs.app.files import replace_dir
+from secateurs.app.schemas import ArtifactList, ErrorBody, Job, JobEvent, JobPage, JobSpec, JobState, Upload
 
 log = logging.getLogger(__name__)
 

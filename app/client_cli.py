@@ -1,7 +1,7 @@
 """The batch CLI: ``secateurs submit / status / list / wait / cancel / download / batch``.
 
-These commands talk only to a secateurs server's REST API (:mod:`app.client`); they never import torch, so
-they run on any machine with Python, far from the GPUs. Registered on :data:`app.cli.cli`.
+These commands talk only to a secateurs server's REST API (:mod:`secateurs.app.client`); they never import torch, so
+they run on any machine with Python, far from the GPUs. Registered on :data:`secateurs.app.cli.cli`.
 
 Exit codes: 0 success; 1 a job failed or was cancelled (``wait``, ``batch``); 2 the request itself was wrong or
 the server could not be reached (message and hint on stderr).
@@ -28,11 +28,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app.cli import cli, describe_validation_error, err_console, fail, spec_from_options, spec_options, user_errors
-from app.client import SecateursClient, idempotency_key_for
-from app.errors import InvalidSpecError, SecateursError
-from app.schemas import Job, JobEvent, JobSpec, JobState
-from app.settings import get_settings
+from secateurs.app.cli import cli, err_console, fail, spec_from_options, spec_options, user_errors
+from secateurs.app.client import SecateursClient, idempotency_key_for
+from secateurs.app.errors import InvalidSpecError, SecateursError
+from secateurs.app.schemas import Job, JobEvent, JobSpec, JobState, describe_validation_error
+from secateurs.app.settings import get_settings
 
 EXIT_JOB_FAILED = 1
 

@@ -1,6 +1,6 @@
 """The FastAPI application: ``create_app()`` wires settings, the job store, the Celery producer and the reaper.
 
-Never imports torch: the API process stays light (``uvicorn --factory app.main:create_app``).
+Never imports torch: the API process stays light (``uvicorn --factory secateurs.app.main:create_app``).
 Errors are mapped to HTTP here, once: a :class:`SecateursError` becomes its ``status_code`` with an
 :class:`ErrorBody`; a request that does not validate becomes 422 naming each bad field; anything else is a
 500 that says it is a bug, without internals.
@@ -23,14 +23,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import __version__, page
-from app.api import health, jobs, uploads
-from app.api.deps import require_api_key
-from app.errors import SecateursError
-from app.queue import make_celery, send_job
-from app.schemas import ErrorBody, JobError
-from app.settings import Settings, get_settings
-from app.store import JobStore
+from secateurs.app import __version__, page
+from secateurs.app.api import health, jobs, uploads
+from secateurs.app.api.deps import require_api_key
+from secateurs.app.errors import SecateursError
+from secateurs.app.queue import make_celery, send_job
+from secateurs.app.schemas import ErrorBody, JobError
+from secateurs.app.settings import Settings, get_settings
+from secateurs.app.store import JobStore
 
 log = logging.getLogger(__name__)
 

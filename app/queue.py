@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.settings import QUEUE, TASK_NAME, Settings
+from secateurs.app.settings import QUEUE, TASK_NAME, Settings
 
 log = logging.getLogger(__name__)
 

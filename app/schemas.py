@@ -10,11 +10,21 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.errors import InvalidSpecError
+from secateurs.app.errors import InvalidSpecError
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, naming the field as the user wrote it."""
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(message if not field or message.startswith(field) else f"{field}: {message}")
+    return "; ".join(lines)
 
 
 class Method(StrEnum):

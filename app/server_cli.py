@@ -18,9 +18,9 @@ from pathlib import Path
 import click
 import httpx
 
-from app.cli import cli, err_console, user_errors
-from app.errors import ServerError
-from app.settings import Settings, get_settings, hash_api_key
+from secateurs.app.cli import cli, err_console, user_errors
+from secateurs.app.errors import ServerError
+from secateurs.app.settings import Settings, get_settings, hash_api_key
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class _WorkerProcess:
         self.thread.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=self.env)
+        return subprocess.Popen([sys.executable, "-m", "secateurs", "worker"], env=self.env)
 
     def _supervise(self) -> None:
         while not self.stopping.is_set():
@@ -79,7 +79,7 @@ def embedded_server(settings: Settings) -> Iterator[str]:
     err_console.print(f"embedded service on {url} (data and log in {settings.data_dir})", highlight=False)
     with log_path.open("ab") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--worker"],
+            [sys.executable, "-m", "secateurs", "serve", "--port", str(port), "--worker"],
             stdout=subprocess.DEVNULL,
             stderr=log_file,
         )
@@ -124,8 +124,8 @@ def serve(host: str, port: int, worker: bool | None) -> None:
     """
     import uvicorn
 
-    from app.main import create_app
-    from app.migrate import upgrade
+    from secateurs.app.main import create_app
+    from secateurs.app.migrate import upgrade
 
     with user_errors():
         settings = _settings_for_serve()
@@ -169,7 +169,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Create or migrate the job store at $SECATEURS_DATABASE_URL (default: the SQLite file in the data dir)."""
-    from app.migrate import upgrade
+    from secateurs.app.migrate import upgrade
 
     with user_errors():
         url = get_settings().store_url

@@ -13,8 +13,8 @@ import json
 import re
 from pathlib import Path, PurePosixPath
 
-from app.errors import DataSourceError, ModelSourceError, PathNotAllowedError
-from app.schemas import JobSpec, TextSource
+from secateurs.app.errors import DataSourceError, ModelSourceError, PathNotAllowedError
+from secateurs.app.schemas import JobSpec, TextSource
 
 UPLOAD_PREFIX = "upload:"
 _UPLOAD_ID = re.compile(r"^upl_[0-9a-f]{20}$")

@@ -22,9 +22,9 @@ from sqlalchemy import CursorResult, Engine, Executable, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import EventRow, JobRow, make_engine, utcnow
-from app.errors import IdempotencyConflictError, JobNotFoundError, JobStateError
-from app.schemas import Job, JobError, JobEvent, JobProgress, JobResult, JobSpec, JobState
+from secateurs.app.db import EventRow, JobRow, make_engine, utcnow
+from secateurs.app.errors import IdempotencyConflictError, JobNotFoundError, JobStateError
+from secateurs.app.schemas import Job, JobError, JobEvent, JobProgress, JobResult, JobSpec, JobState
 
 
 def new_job_id() -> str:

@@ -21,9 +21,9 @@ from typing import IO, Literal
 
 from fastapi.concurrency import run_in_threadpool
 
-from app.errors import DataSourceError, ModelSourceError, UploadTooLargeError
-from app.schemas import Upload
-from app.sources import check_model_folder
+from secateurs.app.errors import DataSourceError, ModelSourceError, UploadTooLargeError
+from secateurs.app.schemas import Upload
+from secateurs.app.sources import check_model_folder
 
 Kind = Literal["model", "text"]
 _META = "upload.json"

@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "api-load.json")
     args = parser.parse_args()
 
-    from workers.assets import fetch_assets
+    from secateurs.workers.assets import fetch_assets
 
     assets = fetch_assets(args.cache)
     data = Path(tempfile.mkdtemp(prefix="secateurs-load-"))
@@ -165,7 +165,7 @@ def main() -> None:
     env |= {"SECATEURS_DATA_DIR": str(data), "SECATEURS_CACHE_DIR": str(args.cache)}
     server = f"http://127.0.0.1:{args.port}"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "serve", "--port", str(args.port)],
+        [sys.executable, "-m", "secateurs", "serve", "--port", str(args.port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=(data / "serve.log").open("wb"),

@@ -9,7 +9,7 @@ exllamav2's ``c4.utf8`` (tokenized whole; ``rng = random.Random(0)``, window k s
 ``rng.randint(0, n_tokens - 513)``, in order); every linear inside the decoder blocks pruned; evaluation on
 the first 64 non-overlapping 512-token windows of WikiText-2 raw test (exact bytes, CRLF kept), tokenized
 whole with ``add_special_tokens=False``, no BOS. Each method runs in a fresh process so that its peak RSS
-is its own. The pruning is the same ``kernels.driver.prune_model_`` call that ``secateurs prune`` makes.
+is its own. The pruning is the same ``secateurs.kernels.driver.prune_model_`` call that ``secateurs prune`` makes.
 ``--calibration-precision bf16`` runs the calibration forwards under bf16 autocast (Hessians and the solve
 stay fp32): a variant of the protocol, recorded as ``protocol.calibration_precision`` in every row. Each row
 also records the load average before and after its run (the 2-core VM is shared).
@@ -39,13 +39,13 @@ def run_one(
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.schemas import TextSource
-    from kernels.driver import PruneConfig, prune_model_
-    from kernels.patterns import SparsityPattern
-    from kernels.perplexity import eval_windows, perplexity
-    from workers.allocator import heap_allocations
-    from workers.assets import fetch_assets
-    from workers.data import calibration_windows, read_text, tokenize
+    from secateurs.app.schemas import TextSource
+    from secateurs.kernels.driver import PruneConfig, prune_model_
+    from secateurs.kernels.patterns import SparsityPattern
+    from secateurs.kernels.perplexity import eval_windows, perplexity
+    from secateurs.workers.allocator import heap_allocations
+    from secateurs.workers.assets import fetch_assets
+    from secateurs.workers.data import calibration_windows, read_text, tokenize
 
     assets = fetch_assets(cache)
     assert assets.wikitext2_test is not None, "P-CPU needs ../shared/data/wikitext-2-raw/wiki.test.raw"

@@ -14,9 +14,12 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
 COPY kernels ./kernels
-# `pip install .` (no extras), then prove that no torch came along with it.
+# secateurs/ is the one import name: its __init__ and links to the three folders above.
+COPY secateurs ./secateurs
+# `pip install .` (no extras), then prove that no torch came along with it and that the one import name holds
+# (run from / so that the source folders are not on the path).
 RUN pip install . \
-    && python -c "import importlib.util as u, sys; sys.exit('torch found in the API image' if u.find_spec('torch') else 0)"
+    && cd / && python -c "import importlib.util as u, sys, secateurs; sys.exit('torch found in the API image' if u.find_spec('torch') else 'a bare layer name is importable' if any(u.find_spec(n) for n in ('app', 'workers', 'kernels')) else 0)"
 
 # Same uid as the worker image: both write the shared data volume.
 RUN useradd --create-home --uid 1000 secateurs \
@@ -28,4 +31,4 @@ ENV SECATEURS_DATA_DIR=/data
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+CMD ["uvicorn", "--factory", "secateurs.app.main:create_app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

@@ -13,6 +13,8 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
 COPY kernels ./kernels
+# secateurs/ is the one import name: its __init__ and links to the three folders above.
+COPY secateurs ./secateurs
 RUN pip install '.[engine]'
 
 # Same uid as the API image: both write the shared data volume.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.patterns import SparsityPattern, prune_mask
+from secateurs.kernels.patterns import SparsityPattern, prune_mask
 
 
 @torch.no_grad()

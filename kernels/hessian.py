@@ -11,8 +11,8 @@ import logging
 
 import torch
 
-from kernels.errors import FactorizationError
-from kernels.matmul import gram_upper_
+from secateurs.kernels.errors import FactorizationError
+from secateurs.kernels.matmul import gram_upper_
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class HessianAccumulator:
     """Running mean of x xᵀ over every token fed to :meth:`add`, in fp32 on the inputs' device.
 
     Only the upper triangle is accumulated (H is symmetric), in row panels of about ``panel`` features
-    (:func:`kernels.matmul.gram_upper_`); :attr:`hessian` mirrors it into the full matrix when read.
+    (:func:`secateurs.kernels.matmul.gram_upper_`); :attr:`hessian` mirrors it into the full matrix when read.
     """
 
     def __init__(self, columns: int, device: torch.device | str, *, panel: int = 384) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.errors import PatternError
+from secateurs.kernels.errors import PatternError
 
 MAX_M = 16  # positions fit in 4 bits
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.errors import PatternError
+from secateurs.kernels.errors import PatternError
 
 
 @dataclass(frozen=True)

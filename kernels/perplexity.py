@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.driver import logits_by_block
-from kernels.matmul import fast_linears
+from secateurs.kernels.driver import logits_by_block
+from secateurs.kernels.matmul import fast_linears
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def perplexity(
 
     By default the model must already sit on ``device`` (default: where its parameters are). With
     ``by_block`` it stays where it is and only one decoder block at a time visits ``device``
-    (:func:`kernels.driver.logits_by_block`): the same numbers, for models larger than the device.
+    (:func:`secateurs.kernels.driver.logits_by_block`): the same numbers, for models larger than the device.
     ``on_batch(done, total)`` reports progress in windows.
     """
     target = torch.device(device) if device is not None else next(model.parameters()).device
@@ -97,6 +97,6 @@ def perplexity(
 def _whole_model_logits(
     model: nn.Module, inputs: list[torch.Tensor], device: torch.device
 ) -> Generator[torch.Tensor, None, None]:
-    with fast_linears(model):  # oneDNN for CPU fp32 products (kernels.matmul)
+    with fast_linears(model):  # oneDNN for CPU fp32 products (secateurs.kernels.matmul)
         for ids in inputs:
             yield model(input_ids=ids.to(device), use_cache=False).logits

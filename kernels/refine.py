@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.matmul import linear
+from secateurs.kernels.matmul import linear
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import itertools
 
 import torch
 
-from kernels.patterns import SparsityPattern, topk_prune_mask
+from secateurs.kernels.patterns import SparsityPattern, topk_prune_mask
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def sparsegpt_(
     """Prune ``weight`` [rows, cols] in place (fp32) and return the OBS loss per weight [rows, cols].
 
     ``hinv_upper`` [cols, cols] is the upper Cholesky factor of the dampened inverse Hessian
-    (:func:`kernels.hessian.dampened_inverse_cholesky`); ``dead`` marks input columns never active, whose
+    (:func:`secateurs.kernels.hessian.dampened_inverse_cholesky`); ``dead`` marks input columns never active, whose
     weights are zeroed first (they cannot affect the output). For N:M, ``blocksize`` must be a multiple of M.
     """
     cols = weight.shape[1]

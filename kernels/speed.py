@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.packing import PackedLinear, packed_nbytes
-from kernels.patterns import SparsityPattern, prune_mask
+from secateurs.kernels.packing import PackedLinear, packed_nbytes
+from secateurs.kernels.patterns import SparsityPattern, prune_mask
 
 Status = Literal["measured", "failed", "error", "unavailable", "skipped"]
 
@@ -239,7 +239,7 @@ class SemiStructuredPath(SparsePath):
 
 
 class PackedReferencePath(SparsePath):
-    """The project's packed N:M format (:mod:`kernels.packing`), reference forward: decompress, then dense.
+    """The project's packed N:M format (:mod:`secateurs.kernels.packing`), reference forward: decompress, then dense.
 
     It measures what the format costs when no kernel reads it directly; it is not expected to be faster.
     """
@@ -493,7 +493,7 @@ class SpeedSettings:
 
 @dataclass(frozen=True)
 class SpeedResult:
-    """A whole measurement; field for field what ``app.schemas.SpeedReport`` serializes."""
+    """A whole measurement; field for field what ``secateurs.app.schemas.SpeedReport`` serializes."""
 
     conditions: DeviceFacts
     dtype: str

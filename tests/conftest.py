@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import AssetError
+from secateurs.app.errors import AssetError
+from secateurs.workers.assets import OfflineAssets, fetch_assets
 from tests.models import tiny_model_dir
-from workers.assets import OfflineAssets, fetch_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

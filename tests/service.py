@@ -104,7 +104,7 @@ class Process:
         self.log = log
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", *args],
+                [sys.executable, "-m", "secateurs", *args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

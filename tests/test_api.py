@@ -1,6 +1,6 @@
 """The REST API in process (store on SQLite, embedded broker): contract, bad input, auth, uploads, artifacts.
 
-Jobs are run here by :func:`workers.jobs.execute_job`, the plain function the Celery task calls; the real
+Jobs are run here by :func:`secateurs.workers.jobs.execute_job`, the plain function the Celery task calls; the real
 broker and worker processes are exercised in ``test_service.py``.
 """
 
@@ -21,14 +21,14 @@ import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from app.main import create_app
-from app.migrate import upgrade
-from app.schemas import Job, JobState
-from app.settings import Settings, hash_api_key
-from app.store import JobStore
+from secateurs.app.main import create_app
+from secateurs.app.migrate import upgrade
+from secateurs.app.schemas import Job, JobState
+from secateurs.app.settings import Settings, hash_api_key
+from secateurs.app.store import JobStore
+from secateurs.workers.jobs import execute_job
 from tests.conftest import TinyDir
 from tests.models import bad_model_dir
-from workers.jobs import execute_job
 
 TEXT = ("the quick brown fox jumps over the lazy dog while calibration text flows onward " * 300).encode()
 
@@ -327,8 +327,9 @@ def test_settings_refuse_plain_keys() -> None:
 
 
 def test_the_api_process_never_imports_torch() -> None:
-    code = "import sys, app.main, app.client_cli, app.server_cli; create = app.main.create_app; " + (
-        "assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, secateurs.app.main, secateurs.app.client_cli, secateurs.app.server_cli; "
+        "create = secateurs.app.main.create_app; " + ("assert 'torch' not in sys.modules, 'torch imported'")
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 

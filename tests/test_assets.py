@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from secateurs.workers.assets import OfflineAssets, fetch_assets
 from tests.models import ARCHITECTURES, decoder_layers, linear_in_features, tiny_model
-from workers.assets import OfflineAssets, fetch_assets
 
 
 @pytest.mark.slow

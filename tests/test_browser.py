@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from app.settings import hash_api_key
+from secateurs.app.settings import hash_api_key
 from tests.models import bad_model_dir, tiny_model, tiny_tokenizer
 from tests.service import TEXT, _unavailable, job_spec, service_env, start_api
 

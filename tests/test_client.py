@@ -25,11 +25,11 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from app import client_cli
-from app.cli import cli
-from app.client import SecateursClient, extract_tar_stream, parse_sse
-from app.errors import ClientError, OutputExistsError, ServerError
-from app.schemas import (
+from secateurs.app import client_cli
+from secateurs.app.cli import cli
+from secateurs.app.client import SecateursClient, extract_tar_stream, parse_sse
+from secateurs.app.errors import ClientError, OutputExistsError, ServerError
+from secateurs.app.schemas import (
     Artifact,
     ArtifactList,
     ErrorBody,
@@ -43,7 +43,7 @@ from app.schemas import (
     JobState,
     Stage,
 )
-from app.settings import get_settings
+from secateurs.app.settings import get_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\x00" * 3000, "report.json": b"{}"}
@@ -285,7 +285,7 @@ def test_events_give_up_after_reconnect_for_seconds() -> None:
         "http://fake", transport=httpx.MockTransport(refuse), reconnect_for=30, sleep=lambda _: None
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("app.client.time.monotonic", lambda: float(next(clock)))
+        mp.setattr("secateurs.app.client.time.monotonic", lambda: float(next(clock)))
         with pytest.raises(ServerError, match="cannot connect") as info:
             list(client.events("job_1"))
     assert "secateurs serve" in (info.value.hint or "")
@@ -625,7 +625,7 @@ def test_batch_validates_every_entry_before_submitting(fake: FakeServer, tmp_pat
 
 
 def test_client_commands_do_not_import_torch() -> None:
-    code = "import sys, app.client_cli, app.client; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, secateurs.app.client_cli, secateurs.app.client; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
 

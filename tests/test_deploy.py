@@ -111,15 +111,17 @@ def test_settings_shared_by_api_workers_and_migration(compose: dict[str, Any]) -
 
 
 def test_commands_exist(compose: dict[str, Any]) -> None:
-    from app.cli import cli
-    from app.main import create_app
-    from workers import cli as worker_cli
+    from secateurs.app.cli import cli
+    from secateurs.app.main import create_app
+    from secateurs.workers import cli as worker_cli
 
     assert callable(create_app) and worker_cli.main
     services = compose["services"]
     assert _command(services["migrate"]) == ["secateurs", "db", "upgrade"]
     api = _command(services["api"])
-    assert api[:3] == ["uvicorn", "--factory", "app.main:create_app"] and api[api.index("--port") + 1] == "8000"
+    assert (
+        api[:3] == ["uvicorn", "--factory", "secateurs.app.main:create_app"] and api[api.index("--port") + 1] == "8000"
+    )
     assert any(str(port).endswith(":8000") for port in services["api"]["ports"])
     worker = _command(services["worker"])
     ctx = click.Context(cli)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.discovery import find_decoder_blocks, prunable_layers
-from kernels.driver import (
+from secateurs.kernels.discovery import find_decoder_blocks, prunable_layers
+from secateurs.kernels.driver import (
     BlockProgress,
     PruneConfig,
     _BlockPruner,
@@ -20,11 +20,11 @@ from kernels.driver import (
     _run_block,
     prune_model_,
 )
-from kernels.errors import PatternError
-from kernels.hessian import HessianAccumulator, dampened_inverse_cholesky
-from kernels.patterns import SparsityPattern, satisfies_nm
-from kernels.perplexity import perplexity
-from kernels.sparsegpt import sparsegpt_
+from secateurs.kernels.errors import PatternError
+from secateurs.kernels.hessian import HessianAccumulator, dampened_inverse_cholesky
+from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
+from secateurs.kernels.perplexity import perplexity
+from secateurs.kernels.sparsegpt import sparsegpt_
 from tests.models import ARCHITECTURES, VOCAB, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""The oneDNN fp32 products (kernels.matmul) against their references, and the heap allocation context."""
+"""The oneDNN fp32 products (secateurs.kernels.matmul) against their references, and the heap allocation context."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kernels.matmul import _onednn_linear_op, cross_, fast_linears, gram_upper_, linear
+from secateurs.kernels.matmul import _onednn_linear_op, cross_, fast_linears, gram_upper_, linear
+from secateurs.workers.allocator import _glibc
 from tests.conftest import REPO_ROOT
 from tests.models import tiny_model
-from workers.allocator import _glibc
 
 needs_onednn = pytest.mark.skipif(_onednn_linear_op() is None, reason="this PyTorch build has no oneDNN linear")
 
@@ -95,7 +95,7 @@ def test_fast_linears_covers_gpt2_conv1d() -> None:
 
 _HEAP = """
 import resource, torch
-from workers.allocator import heap_allocations
+from secateurs.workers.allocator import heap_allocations
 
 def heap_range():
     for line in open("/proc/self/maps"):

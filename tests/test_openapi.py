@@ -9,9 +9,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from app.main import create_app
-from app.migrate import upgrade
-from app.settings import Settings, hash_api_key
+from secateurs.app.main import create_app
+from secateurs.app.migrate import upgrade
+from secateurs.app.settings import Settings, hash_api_key
 
 KEY = "sk-schemathesis"
 

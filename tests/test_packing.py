@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from app.schemas import JobSpec, Report
-from kernels.packing import (
+from secateurs.app.schemas import JobSpec, Report
+from secateurs.kernels.packing import (
     PackedLinear,
     PackedWeight,
     PackingError,
@@ -26,11 +26,11 @@ from kernels.packing import (
     unpack_nm,
     unregister_packed_kernel,
 )
-from kernels.patterns import nm_prune_mask
+from secateurs.kernels.patterns import nm_prune_mask
+from secateurs.workers.cli import cli
+from secateurs.workers.packed import MANIFEST_NAME, PACKED_FILE, load_dense_model, load_sparse_model
+from secateurs.workers.pipeline import run_job
 from tests.conftest import TinyDir
-from workers.cli import cli
-from workers.packed import MANIFEST_NAME, PACKED_FILE, load_dense_model, load_sparse_model
-from workers.pipeline import run_job
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _INT_VIEW = {2: torch.int16, 4: torch.int32}

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.migrate import upgrade
-from app.page import ASSETS, STATIC
-from app.settings import Settings, hash_api_key
+from secateurs.app.main import create_app
+from secateurs.app.migrate import upgrade
+from secateurs.app.page import ASSETS, STATIC
+from secateurs.app.settings import Settings, hash_api_key
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["/", "/jobs/job_01a20000000000000000"]
@@ -107,14 +107,14 @@ def test_scripts_never_build_html_from_strings() -> None:
 
 def test_static_files_ship_in_the_package() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    shipped = config["tool"]["setuptools"]["package-data"]["app"]
+    shipped = config["tool"]["setuptools"]["package-data"]["secateurs.app"]
     assert "static/*" in shipped and "migrations/*.mako" in shipped
 
 
 def test_the_page_never_needs_torch(tmp_path: Path) -> None:
     code = (
-        "import sys; from fastapi.testclient import TestClient; import app.page, app.main; "
-        "c = TestClient(app.main.create_app()); "
+        "import sys; from fastapi.testclient import TestClient; import secateurs.app.page, secateurs.app.main; "
+        "c = TestClient(secateurs.app.main.create_app()); "
         "assert all(c.get(p).status_code == 200 for p in ('/', '/jobs/x', '/static/job.js')); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )

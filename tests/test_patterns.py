@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.errors import PatternError
-from kernels.patterns import SparsityPattern, nm_prune_mask, prune_mask, satisfies_nm, sparsity_of
+from secateurs.kernels.errors import PatternError
+from secateurs.kernels.patterns import SparsityPattern, nm_prune_mask, prune_mask, satisfies_nm, sparsity_of
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8), (1, 2), (3, 4)])

@@ -13,15 +13,15 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from app.errors import DataSourceError, OutputExistsError
-from app.schemas import JobSpec, ProgressEvent, Report, TextSource
-from kernels.patterns import satisfies_nm
+from secateurs.app.errors import DataSourceError, OutputExistsError
+from secateurs.app.schemas import JobSpec, ProgressEvent, Report, TextSource
+from secateurs.kernels.patterns import satisfies_nm
+from secateurs.workers import pipeline
+from secateurs.workers.cli import cli
+from secateurs.workers.pipeline import JobCancelled, run_job
+from secateurs.workers.storage import TMP_PREFIX
 from tests.conftest import TinyDir
 from tests.models import bad_model_dir
-from workers import pipeline
-from workers.cli import cli
-from workers.pipeline import JobCancelled, run_job
-from workers.storage import TMP_PREFIX
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.schemas import JobSpec, TextSource
-from workers.assets import OfflineAssets
-from workers.pipeline import run_job
+from secateurs.app.schemas import JobSpec, TextSource
+from secateurs.workers.assets import OfflineAssets
+from secateurs.workers.pipeline import run_job
 
 pytestmark = pytest.mark.slow
 

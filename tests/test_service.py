@@ -21,9 +21,9 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM
 
+from secateurs.workers.assets import OfflineAssets
 from tests.models import tiny_model, tiny_tokenizer
 from tests.service import TEXT, Process, RedisServer, job_spec, service_env, start_api, wait_for
-from workers.assets import OfflineAssets
 
 FAST = {"heartbeat_interval": "0.5", "heartbeat_timeout": "4", "reaper_interval": "1", "event_poll_interval": "0.2"}
 
@@ -187,7 +187,7 @@ def test_embedded_mode_runs_the_three_command_contract_on_smollm2(assets: Offlin
         ]  # fmt: skip
 
         def secateurs(*args: str) -> subprocess.CompletedProcess[str]:
-            command = [sys.executable, "-m", "workers.cli", *args]
+            command = [sys.executable, "-m", "secateurs", *args]
             return subprocess.run(command, env=env, capture_output=True, text=True, check=False)
 
         submit = secateurs("submit", str(assets.smollm2), "--server", url, *flags)
@@ -217,7 +217,7 @@ def test_quickstart_is_the_main_job_through_the_service(assets: OfflineAssets, t
     out = tmp_path / "quick"
     flags = ["--calibration-samples", "4", "--eval-windows", "2", "--device", "cpu", "--output", str(out)]
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "quickstart", *flags],
+        [sys.executable, "-m", "secateurs", "quickstart", *flags],
         env=env,
         capture_output=True,
         text=True,

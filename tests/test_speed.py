@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from app.cli import spec_from_options, spec_options
-from app.schemas import JobSpec, Report, SpeedReport
-from kernels.driver import PruneConfig, plan_layers, prune_model_
-from kernels.patterns import SparsityPattern
-from kernels.speed import (
+from secateurs.app.cli import spec_from_options, spec_options
+from secateurs.app.schemas import JobSpec, Report, SpeedReport
+from secateurs.kernels.driver import PruneConfig, plan_layers, prune_model_
+from secateurs.kernels.patterns import SparsityPattern
+from secateurs.kernels.speed import (
     PackedReferencePath,
     SemiStructuredPath,
     SparsePath,
@@ -33,10 +33,10 @@ from kernels.speed import (
     sweep_linear,
     unregister_sparse_path,
 )
+from secateurs.workers.pipeline import run_job
+from secateurs.workers.speed import run_speed_step, speed_enabled
 from tests.conftest import TinyDir
 from tests.models import tiny_model
-from workers.pipeline import run_job
-from workers.speed import run_speed_step, speed_enabled
 
 PATTERN = SparsityPattern.nm(2, 4)
 CPU = torch.device("cpu")

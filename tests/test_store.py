@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from app.db import JobRow
-from app.errors import IdempotencyConflictError, JobNotFoundError, JobStateError
-from app.migrate import upgrade
-from app.schemas import JobError, JobProgress, JobResult, JobSpec, JobState
-from app.store import JobStore
+from secateurs.app.db import JobRow
+from secateurs.app.errors import IdempotencyConflictError, JobNotFoundError, JobStateError
+from secateurs.app.migrate import upgrade
+from secateurs.app.schemas import JobError, JobProgress, JobResult, JobSpec, JobState
+from secateurs.app.store import JobStore
 from tests.service import postgres_database
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from app.errors import AssetError
+from secateurs.app.errors import AssetError
 
 logger = logging.getLogger(__name__)
 

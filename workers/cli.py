@@ -21,11 +21,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-import app.client_cli
-import app.server_cli  # noqa: F401  (registers serve, db, api-key)
-from app.cli import cli, fail, spec_from_options, spec_options, user_errors
-from app.schemas import JobSpec, Method
-from app.settings import get_settings
+import secateurs.app.client_cli
+import secateurs.app.server_cli  # noqa: F401  (registers serve, db, api-key)
+from secateurs.app.cli import cli, fail, spec_from_options, spec_options, user_errors
+from secateurs.app.schemas import JobSpec, Method
+from secateurs.app.settings import get_settings
 
 console = Console(stderr=True)
 
@@ -51,8 +51,8 @@ def prune(output: str, overwrite: bool, **options: Any) -> None:
     """
     with user_errors():
         spec = spec_from_options(options)
-        from app.schemas import ProgressEvent, Stage
-        from workers.pipeline import quiet_libraries, run_job
+        from secateurs.app.schemas import ProgressEvent, Stage
+        from secateurs.workers.pipeline import quiet_libraries, run_job
 
         quiet_libraries()
         with Progress(
@@ -146,10 +146,10 @@ def quickstart(output: str, overwrite: bool, **options: Any) -> None:
        follows it live (block i/N, ETA), downloads the pruned model and report, prints the summary;
     4. stops the server. The same REST + Celery path as `serve` / `submit` / `wait` / `download`.
     """
-    from app.client_cli import JobDisplay, open_client
-    from app.schemas import JobState, TextSource
-    from app.server_cli import embedded_server
-    from workers.assets import fetch_assets
+    from secateurs.app.client_cli import JobDisplay, open_client
+    from secateurs.app.schemas import JobState, TextSource
+    from secateurs.app.server_cli import embedded_server
+    from secateurs.workers.assets import fetch_assets
 
     with user_errors():
         settings = get_settings()
@@ -201,7 +201,7 @@ def fetch_assets_command(cache_dir: str | None, force: bool, as_json: bool) -> N
     calibration texts (c4, wiki, tiny, code from the exllamav2 wheel); the WikiText-2 test split when
     ../shared is present. Idempotent: a second call returns at once.
     """
-    from workers.assets import fetch_assets
+    from secateurs.workers.assets import fetch_assets
 
     with user_errors():
         root = Path(cache_dir) if cache_dir else get_settings().cache_dir
@@ -227,11 +227,11 @@ def worker(loglevel: str, hostname: str | None) -> None:
     """
     import os
 
-    from app.main import reap_once
-    from app.migrate import upgrade
-    from app.settings import QUEUE
-    from app.store import JobStore
-    from workers.celery_app import app as celery_app
+    from secateurs.app.main import reap_once
+    from secateurs.app.migrate import upgrade
+    from secateurs.app.settings import QUEUE
+    from secateurs.app.store import JobStore
+    from secateurs.workers.celery_app import app as celery_app
 
     with user_errors():
         settings = get_settings()
@@ -268,7 +268,7 @@ def unpack(packed: str, output: str, overwrite: bool) -> None:
 
     Every tensor is rebuilt bit for bit and checked against the sha256 the manifest records.
     """
-    from workers.packed import unpack_checkpoint
+    from secateurs.workers.packed import unpack_checkpoint
 
     with user_errors():
         result = unpack_checkpoint(Path(packed), Path(output), overwrite=overwrite)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from app.errors import DataSourceError
-from app.schemas import TextSource
+from secateurs.app.errors import DataSourceError
+from secateurs.app.schemas import TextSource
 
 
 @dataclass(frozen=True)

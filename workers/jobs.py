@@ -17,11 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from app.errors import SecateursError
-from app.schemas import JobError, JobProgress, JobResult, JobState, ProgressEvent, Report, Stage
-from app.settings import Settings
-from app.store import JobStore
-from workers.storage import TMP_PREFIX
+from secateurs.app.errors import SecateursError
+from secateurs.app.schemas import JobError, JobProgress, JobResult, JobState, ProgressEvent, Report, Stage
+from secateurs.app.settings import Settings
+from secateurs.app.store import JobStore
+from secateurs.workers.storage import TMP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,11 @@ class _Attempt:
 
 def execute_job(job_id: str, store: JobStore, settings: Settings, worker: str | None = None) -> JobState | None:
     """Run job ``job_id`` if it is queued; the state this attempt recorded, or None if it recorded nothing."""
-    from workers.pipeline import JobCancelled, quiet_libraries, run_job  # torch arrives here, in the job's process
+    from secateurs.workers.pipeline import (  # torch arrives here, in the job's process
+        JobCancelled,
+        quiet_libraries,
+        run_job,
+    )
 
     quiet_libraries()
 

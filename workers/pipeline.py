@@ -2,7 +2,7 @@
 save (the HF folder, its packed N:M copy in ``packed/``, ``report.json``), as one function.
 
 This is the whole job, for the CLI's ``prune`` and for the service's workers alike. Every error a user can
-act on leaves as an :class:`app.errors.SecateursError`; the output folder appears complete or not at all.
+act on leaves as an :class:`secateurs.app.errors.SecateursError`; the output folder appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from app.errors import (
+from secateurs.app.errors import (
     DataSourceError,
     DeviceError,
     ModelSourceError,
     PruningError,
     SecateursError,
 )
-from app.schemas import (
+from secateurs.app.schemas import (
     CalibrationReport,
     Environment,
     JobSpec,
@@ -49,19 +49,19 @@ from app.schemas import (
     Stage,
     Timings,
 )
-from app.sources import check_model_folder
-from kernels.discovery import PrunableLayer
-from kernels.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
-from kernels.errors import FactorizationError, PatternError
-from kernels.packing import MAX_M
-from kernels.patterns import SparsityPattern, satisfies_nm
-from kernels.perplexity import Perplexity, eval_windows, perplexity
-from workers.allocator import Heap, heap_allocations
-from workers.data import LoadedText, calibration_windows, read_text, tokenize
-from workers.packed import FORMAT as PACKED_FORMAT
-from workers.packed import PACKED_DIR, write_packed
-from workers.speed import run_speed_step, speed_enabled
-from workers.storage import atomic_output_dir, check_output_dir
+from secateurs.app.sources import check_model_folder
+from secateurs.kernels.discovery import PrunableLayer
+from secateurs.kernels.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
+from secateurs.kernels.errors import FactorizationError, PatternError
+from secateurs.kernels.packing import MAX_M
+from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
+from secateurs.kernels.perplexity import Perplexity, eval_windows, perplexity
+from secateurs.workers.allocator import Heap, heap_allocations
+from secateurs.workers.data import LoadedText, calibration_windows, read_text, tokenize
+from secateurs.workers.packed import FORMAT as PACKED_FORMAT
+from secateurs.workers.packed import PACKED_DIR, write_packed
+from secateurs.workers.speed import run_speed_step, speed_enabled
+from secateurs.workers.storage import atomic_output_dir, check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _model_folder(spec: JobSpec) -> Path:
 
 
 def _check_folder(folder: Path) -> None:
-    """The API's checks (:func:`app.sources.check_model_folder`), then: does the config name a causal LM?"""
+    """The API's checks (:func:`secateurs.app.sources.check_model_folder`), then: does the config name a causal LM?"""
     check_model_folder(folder)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -339,7 +339,7 @@ def _measure_speed(
     emit: ProgressCallback,
     should_stop: Callable[[], bool] | None,
 ) -> SpeedReport | None:
-    """The speed section (:mod:`workers.speed`), or None when the step is off for this job and worker."""
+    """The speed section (:mod:`secateurs.workers.speed`), or None when the step is off for this job and worker."""
     if not speed_enabled(spec, device):
         return None
     emit(ProgressEvent(stage=Stage.MEASURE_SPEED, message=f"measuring dense versus sparse speed on {device}"))
@@ -357,7 +357,7 @@ def _measure_speed(
 def _write_packed(
     model: nn.Module, folder: Path, layers: list[LayerResult], pattern: SparsityPattern, verified: bool
 ) -> PackedReport:
-    """Write ``folder/packed/`` (:mod:`workers.packed`) for N:M patterns; say why not otherwise."""
+    """Write ``folder/packed/`` (:mod:`secateurs.workers.packed`) for N:M patterns; say why not otherwise."""
     if not pattern.is_nm:
         return PackedReport(written=False, reason=f"pattern {pattern} is unstructured: packing stores N:M only")
     assert pattern.n is not None and pattern.m is not None

@@ -1,8 +1,8 @@
 """The speed step of a job: measure dense versus 2:4 sparse execution of the pruned model, as a report section.
 
-The measurement itself is :func:`kernels.speed.measure_speed`; this module decides when it runs, moves the model
-to the device and back, adds what torch cannot tell (the CPU's name, the NVIDIA driver release) and turns the
-result into :class:`app.schemas.SpeedReport`.
+The measurement itself is :func:`secateurs.kernels.speed.measure_speed`; this module decides when it runs, moves
+the model to the device and back, adds what torch cannot tell (the CPU's name, the NVIDIA driver release) and turns the
+result into :class:`secateurs.app.schemas.SpeedReport`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from app.schemas import JobSpec, SpeedReport
-from kernels.patterns import SparsityPattern
-from kernels.speed import LinearResult, SparsePath, SpeedResult, SpeedSettings, measure_speed
+from secateurs.app.schemas import JobSpec, SpeedReport
+from secateurs.kernels.patterns import SparsityPattern
+from secateurs.kernels.speed import LinearResult, SparsePath, SpeedResult, SpeedSettings, measure_speed
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def driver_release() -> str | None:
 
 
 def to_report(result: SpeedResult, seconds: float | None = None) -> SpeedReport:
-    """A :class:`kernels.speed.SpeedResult` as the report's section (same fields), plus the driver release."""
+    """A :class:`secateurs.kernels.speed.SpeedResult` as the report's section (same fields), plus the driver release."""
     data = dataclasses.asdict(result)
     if data["conditions"]["device"].startswith("cuda"):
         data["conditions"]["driver"] = driver_release()

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app.errors import OutputExistsError
-from app.files import replace_dir
+from secateurs.app.errors import OutputExistsError
+from secateurs.app.files import replace_dir
 
 log = logging.getLogger(__name__)
 

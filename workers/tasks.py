@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from app.settings import TASK_NAME, get_settings
-from app.store import JobStore
-from workers.celery_app import app
-from workers.jobs import execute_job
+from secateurs.app.settings import TASK_NAME, get_settings
+from secateurs.app.store import JobStore
+from secateurs.workers.celery_app import app
+from secateurs.workers.jobs import execute_job
 
 
 @lru_cache(maxsize=1)

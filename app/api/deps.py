@@ -9,10 +9,10 @@ from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import AuthenticationError
-from app.schemas import ErrorBody
-from app.settings import Settings, hash_api_key
-from app.store import JobStore
+from secateurs.app.errors import AuthenticationError
+from secateurs.app.schemas import ErrorBody
+from secateurs.app.settings import Settings, hash_api_key
+from secateurs.app.store import JobStore
 
 
 def get_settings(request: Request) -> Settings:

@@ -9,8 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from app.api.deps import CeleryDep, StoreDep
-from app.queue import broker_reachable
+from secateurs.app.api.deps import CeleryDep, StoreDep
+from secateurs.app.queue import broker_reachable
 
 router = APIRouter(tags=["health"])
 

@@ -12,13 +12,13 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from app.api.deps import ERRORS, CeleryDep, SettingsDep, StoreDep
-from app.artifacts import artifact_file, list_artifacts, tar_stream
-from app.errors import JobStateError
-from app.queue import send_job
-from app.schemas import ArtifactList, Job, JobEvent, JobPage, JobSpec, JobState
-from app.settings import Settings
-from app.sources import resolve_sources
+from secateurs.app.api.deps import ERRORS, CeleryDep, SettingsDep, StoreDep
+from secateurs.app.artifacts import artifact_file, list_artifacts, tar_stream
+from secateurs.app.errors import JobStateError
+from secateurs.app.queue import send_job
+from secateurs.app.schemas import ArtifactList, Job, JobEvent, JobPage, JobSpec, JobState
+from secateurs.app.settings import Settings
+from secateurs.app.sources import resolve_sources
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, status
 
-from app.api.deps import ERRORS, SettingsDep
-from app.errors import JobNotFoundError, UploadTooLargeError
-from app.schemas import Upload
-from app.uploads import read_upload, save_upload
+from secateurs.app.api.deps import ERRORS, SettingsDep
+from secateurs.app.errors import JobNotFoundError, UploadTooLargeError
+from secateurs.app.schemas import Upload
+from secateurs.app.uploads import read_upload, save_upload
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 

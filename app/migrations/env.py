@@ -1,10 +1,11 @@
-"""Alembic environment: the URL comes from :func:`app.migrate.alembic_config`, the metadata from ``app.db``."""
+"""Alembic environment: the URL comes from :func:`secateurs.app.migrate.alembic_config`, the metadata from
+``secateurs.app.db``."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from app.db import Base, make_engine
+from secateurs.app.db import Base, make_engine
 
 config = context.config
 
