@@ -9,7 +9,8 @@ exllamav2's ``c4.utf8`` (tokenized whole; ``rng = random.Random(0)``, window k s
 ``rng.randint(0, n_tokens - 513)``, in order); every linear inside the decoder blocks pruned; evaluation on
 the first 64 non-overlapping 512-token windows of WikiText-2 raw test (exact bytes, CRLF kept), tokenized
 whole with ``add_special_tokens=False``, no BOS. Each method runs in a fresh process so that its peak RSS
-is its own. The pruning is the same ``secateurs.kernels.driver.prune_model_`` call that ``secateurs prune`` makes.
+is its own. The pruning is the same ``secateurs.kernels.pruning.driver.prune_model_`` call that ``secateurs
+prune`` makes.
 ``--calibration-precision bf16`` runs the calibration forwards under bf16 autocast (Hessians and the solve
 stay fp32): a variant of the protocol, recorded as ``protocol.calibration_precision`` in every row. Each row
 also records the load average before and after its run (the 2-core VM is shared).
@@ -40,9 +41,9 @@ def run_one(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from secateurs.app.schemas import TextSource
-    from secateurs.kernels.driver import PruneConfig, prune_model_
+    from secateurs.kernels.measure.perplexity import eval_windows, perplexity
     from secateurs.kernels.patterns import SparsityPattern
-    from secateurs.kernels.perplexity import eval_windows, perplexity
+    from secateurs.kernels.pruning.driver import PruneConfig, prune_model_
     from secateurs.workers.allocator import heap_allocations
     from secateurs.workers.assets import fetch_assets
     from secateurs.workers.data import calibration_windows, read_text, tokenize
@@ -105,11 +106,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--refine-iterations", type=int, default=0,
-        help="conjugate-gradient re-solve steps after the mask (kernels/refine.py; P-CPU proper: 0)",
+        help="conjugate-gradient re-solve steps after the mask (kernels/pruning/refine.py; P-CPU proper: 0)",
     )  # fmt: skip
     parser.add_argument(
         "--dense-target", type=float, default=0.0,
-        help="SparseGPT's dense-target step fraction (kernels/driver.py; P-CPU proper: 0)",
+        help="SparseGPT's dense-target step fraction (kernels/pruning/driver.py; P-CPU proper: 0)",
     )  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single method, print JSON
     args = parser.parse_args()

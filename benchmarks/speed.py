@@ -4,9 +4,9 @@
     python benchmarks/speed.py --device cpu --prefill 1x512 --llama-tokens 1,16,128,512,2048 \\
         --warmup 2 --repetitions 7                    # the short CPU run committed in speed-cpu.json
 
-Two parts, each the same code the job's speed step runs (``secateurs.kernels.speed``), with the conditions of every
-figure (device, driver, CUDA, torch, cuSPARSELt, dtype, warm-up, repetitions, rotation, median/IQR/min/max, the physical
-limit and its basis):
+Two parts, each the same code the job's speed step runs (``secateurs.kernels.measure.speed``), with the conditions
+of every figure (device, driver, CUDA, torch, cuSPARSELt, dtype, warm-up, repetitions, rotation,
+median/IQR/min/max, the physical limit and its basis):
 
 * **SmolLM2-135M-Instruct** (the offline asset), pruned 2:4 by magnitude (the weights' values do not change the
   speed; every sparse path is still checked against the dense-with-zeros output before it is timed): every
@@ -85,8 +85,15 @@ def main() -> None:
     import torch
     import transformers
 
+    from secateurs.kernels.measure.speed import (
+        SpeedResult,
+        SpeedSettings,
+        device_facts,
+        path_infos,
+        sparse_paths,
+        sweep_linear,
+    )
     from secateurs.kernels.patterns import SparsityPattern
-    from secateurs.kernels.speed import SpeedResult, SpeedSettings, device_facts, path_infos, sparse_paths, sweep_linear
     from secateurs.workers.pipeline import resolve_device, resolve_dtype
     from secateurs.workers.speed import cpu_name, driver_release, run_speed_step, to_report
 
@@ -128,7 +135,7 @@ def main() -> None:
     if not args.skip_smollm2:
         from transformers import AutoModelForCausalLM
 
-        from secateurs.kernels.driver import PruneConfig, plan_layers, prune_model_
+        from secateurs.kernels.pruning.driver import PruneConfig, plan_layers, prune_model_
         from secateurs.workers.assets import fetch_assets
 
         dtype = resolve_dtype(args.smollm2_dtype, device)

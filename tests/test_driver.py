@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from secateurs.kernels.discovery import find_decoder_blocks, prunable_layers
-from secateurs.kernels.driver import (
+from secateurs.kernels.errors import PatternError
+from secateurs.kernels.measure.perplexity import perplexity
+from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
+from secateurs.kernels.pruning.discovery import find_decoder_blocks, prunable_layers
+from secateurs.kernels.pruning.driver import (
     BlockProgress,
     PruneConfig,
     _BlockPruner,
@@ -20,11 +23,8 @@ from secateurs.kernels.driver import (
     _run_block,
     prune_model_,
 )
-from secateurs.kernels.errors import PatternError
-from secateurs.kernels.hessian import HessianAccumulator, dampened_inverse_cholesky
-from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
-from secateurs.kernels.perplexity import perplexity
-from secateurs.kernels.sparsegpt import sparsegpt_
+from secateurs.kernels.pruning.hessian import HessianAccumulator, dampened_inverse_cholesky
+from secateurs.kernels.pruning.sparsegpt import sparsegpt_
 from tests.models import ARCHITECTURES, VOCAB, tiny_model
 
 

@@ -169,5 +169,5 @@ def test_load_names_what_is_wrong(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ModelSourceError, match="is a file"):
         secateurs.load(tmp_path / "file")
-    with pytest.raises(ModelSourceError, match="has no config.json"):
+    with pytest.raises(ModelSourceError, match=r"has no config\.json"):
         secateurs.load(tmp_path)

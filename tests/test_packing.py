@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from secateurs.app.schemas import JobSpec, Report
-from secateurs.kernels.packing import (
+from secateurs.kernels.patterns import nm_prune_mask
+from secateurs.kernels.sparse.packing import (
     PackedLinear,
     PackedWeight,
     PackingError,
@@ -26,7 +27,6 @@ from secateurs.kernels.packing import (
     unpack_nm,
     unregister_packed_kernel,
 )
-from secateurs.kernels.patterns import nm_prune_mask
 from secateurs.workers.cli import cli
 from secateurs.workers.packed import MANIFEST_NAME, PACKED_FILE, load_dense_model, load_sparse_model
 from secateurs.workers.pipeline import run_job

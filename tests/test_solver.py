@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secateurs.kernels.baselines import magnitude_, wanda_
 from secateurs.kernels.errors import FactorizationError
-from secateurs.kernels.hessian import HessianAccumulator, dampened_inverse_cholesky
 from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
-from secateurs.kernels.refine import masked_refine_
-from secateurs.kernels.sparsegpt import sparsegpt_
+from secateurs.kernels.pruning.baselines import magnitude_, wanda_
+from secateurs.kernels.pruning.hessian import HessianAccumulator, dampened_inverse_cholesky
+from secateurs.kernels.pruning.refine import masked_refine_
+from secateurs.kernels.pruning.sparsegpt import sparsegpt_
 
 
 def _layer_error(original: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:

@@ -16,9 +16,7 @@ from torch import nn
 
 from secateurs.app.cli import spec_from_options, spec_options
 from secateurs.app.schemas import JobSpec, Report, SpeedReport
-from secateurs.kernels.driver import PruneConfig, plan_layers, prune_model_
-from secateurs.kernels.patterns import SparsityPattern
-from secateurs.kernels.speed import (
+from secateurs.kernels.measure.speed import (
     PackedReferencePath,
     SemiStructuredPath,
     SparsePath,
@@ -33,6 +31,8 @@ from secateurs.kernels.speed import (
     sweep_linear,
     unregister_sparse_path,
 )
+from secateurs.kernels.patterns import SparsityPattern
+from secateurs.kernels.pruning.driver import PruneConfig, plan_layers, prune_model_
 from secateurs.workers.pipeline import run_job
 from secateurs.workers.speed import run_speed_step, speed_enabled
 from tests.conftest import TinyDir

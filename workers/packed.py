@@ -3,7 +3,7 @@
 A packed folder (``OUT_DIR/packed/``) holds
 
 * ``model.packed.safetensors``: every tensor of the source checkpoint, the pruned linears' weights replaced by
-  ``<name>::values`` and ``<name>::indices`` (:mod:`secateurs.kernels.packing`), everything else unchanged;
+  ``<name>::values`` and ``<name>::indices`` (:mod:`secateurs.kernels.sparse.packing`), everything else unchanged;
 * ``manifest.json``: format version, pattern, per-tensor source file, shape, dtype and sha256 of its raw bytes,
   the sha256 and safetensors metadata of every source file, and the bytes before and after;
 * copies of the source folder's other files (config, tokenizer), so the folder stands alone.
@@ -11,7 +11,7 @@ A packed folder (``OUT_DIR/packed/``) holds
 :func:`unpack_checkpoint` rebuilds the source safetensors files tensor for tensor, checking each rebuilt tensor
 against its recorded sha256 (and reporting whether whole files came out byte-identical, which they do when the
 same safetensors version writes them). :func:`load_dense_model` builds the exact dense model in memory;
-:func:`load_sparse_model` builds it with :class:`secateurs.kernels.packing.PackedLinear` modules instead.
+:func:`load_sparse_model` builds it with :class:`secateurs.kernels.sparse.packing.PackedLinear` modules instead.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from secateurs.app.errors import ModelSourceError
-from secateurs.kernels.packing import PackedWeight, PackingError, index_bits, pack_nm, replace_with_packed_, unpack_nm
+from secateurs.kernels.sparse.packing import (
+    PackedWeight,
+    PackingError,
+    index_bits,
+    pack_nm,
+    replace_with_packed_,
+    unpack_nm,
+)
 from secateurs.workers.storage import atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -112,8 +119,8 @@ def write_packed(checkpoint: Path, dest: Path, targets: Mapping[str, bool], n: i
     """Pack the weights named in ``targets`` (tensor name -> stored transposed, as GPT-2 ``Conv1D``) into ``dest``.
 
     ``dest`` must not exist yet (the caller writes into a temporary folder). Raises
-    :class:`secateurs.kernels.packing.PackingError` when a weight is not N:M, :class:`ModelSourceError` when a named
-    tensor is missing from the checkpoint.
+    :class:`secateurs.kernels.sparse.packing.PackingError` when a weight is not N:M, :class:`ModelSourceError`
+    when a named tensor is missing from the checkpoint.
     """
     started = time.perf_counter()
     index_bits(m)  # refuses M outside the format before any work
@@ -359,7 +366,8 @@ def load_dense_model(folder: Path) -> nn.Module:
 
 
 def load_sparse_model(folder: Path) -> nn.Module:
-    """The model with every packed weight held by a :class:`~secateurs.kernels.packing.PackedLinear` (never dense)."""
+    """The model with every packed weight held by a :class:`~secateurs.kernels.sparse.packing.PackedLinear`
+    (never densified)."""
     manifest = read_manifest(folder)
     records: Mapping[str, Mapping[str, Any]] = manifest["tensors"]
     model = _empty_model(folder, _main_dtype(manifest))

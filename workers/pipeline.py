@@ -50,12 +50,12 @@ from secateurs.app.schemas import (
     Timings,
 )
 from secateurs.app.sources import check_model_folder
-from secateurs.kernels.discovery import PrunableLayer
-from secateurs.kernels.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
 from secateurs.kernels.errors import FactorizationError, PatternError
-from secateurs.kernels.packing import MAX_M
+from secateurs.kernels.measure.perplexity import Perplexity, eval_windows, perplexity
 from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
-from secateurs.kernels.perplexity import Perplexity, eval_windows, perplexity
+from secateurs.kernels.pruning.discovery import PrunableLayer
+from secateurs.kernels.pruning.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
+from secateurs.kernels.sparse.packing import MAX_M
 from secateurs.workers.allocator import Heap, heap_allocations
 from secateurs.workers.data import LoadedText, calibration_windows, read_text, tokenize
 from secateurs.workers.packed import FORMAT as PACKED_FORMAT

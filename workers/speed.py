@@ -1,6 +1,6 @@
 """The speed step of a job: measure dense versus 2:4 sparse execution of the pruned model, as a report section.
 
-The measurement itself is :func:`secateurs.kernels.speed.measure_speed`; this module decides when it runs, moves
+The measurement itself is :func:`secateurs.kernels.measure.speed.measure_speed`; this module decides when it runs, moves
 the model to the device and back, adds what torch cannot tell (the CPU's name, the NVIDIA driver release) and turns the
 result into :class:`secateurs.app.schemas.SpeedReport`.
 """
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from secateurs.app.schemas import JobSpec, SpeedReport
+from secateurs.kernels.measure.speed import LinearResult, SparsePath, SpeedResult, SpeedSettings, measure_speed
 from secateurs.kernels.patterns import SparsityPattern
-from secateurs.kernels.speed import LinearResult, SparsePath, SpeedResult, SpeedSettings, measure_speed
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def driver_release() -> str | None:
 
 
 def to_report(result: SpeedResult, seconds: float | None = None) -> SpeedReport:
-    """A :class:`secateurs.kernels.speed.SpeedResult` as the report's section (same fields), plus the driver release."""
+    """A :class:`secateurs.kernels.measure.speed.SpeedResult` as the report's section (same fields), plus the
+    driver release."""
     data = dataclasses.asdict(result)
     if data["conditions"]["device"].startswith("cuda"):
         data["conditions"]["driver"] = driver_release()

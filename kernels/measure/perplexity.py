@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.kernels.driver import logits_by_block
 from secateurs.kernels.matmul import fast_linears
+from secateurs.kernels.pruning.driver import logits_by_block
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def perplexity(
 
     By default the model must already sit on ``device`` (default: where its parameters are). With
     ``by_block`` it stays where it is and only one decoder block at a time visits ``device``
-    (:func:`secateurs.kernels.driver.logits_by_block`): the same numbers, for models larger than the device.
+    (:func:`secateurs.kernels.pruning.driver.logits_by_block`): the same numbers, for models larger than the device.
     ``on_batch(done, total)`` reports progress in windows.
     """
     target = torch.device(device) if device is not None else next(model.parameters()).device

@@ -30,8 +30,9 @@ def sparsegpt_(
     """Prune ``weight`` [rows, cols] in place (fp32) and return the OBS loss per weight [rows, cols].
 
     ``hinv_upper`` [cols, cols] is the upper Cholesky factor of the dampened inverse Hessian
-    (:func:`secateurs.kernels.hessian.dampened_inverse_cholesky`); ``dead`` marks input columns never active, whose
-    weights are zeroed first (they cannot affect the output). For N:M, ``blocksize`` must be a multiple of M.
+    (:func:`secateurs.kernels.pruning.hessian.dampened_inverse_cholesky`); ``dead`` marks input columns never
+    active, whose weights are zeroed first (they cannot affect the output). For N:M, ``blocksize`` must be a
+    multiple of M.
     """
     cols = weight.shape[1]
     if weight.dtype != torch.float32:

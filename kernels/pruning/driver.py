@@ -9,8 +9,8 @@ device, only one block and its activations. This driver is generic over architec
    rotary embeddings, per-layer sliding-window masks, …) and pass the hidden states through; the last stub
    stops the forward with a private exception. Only embeddings and other non-block modules touch the device.
 2. **Per block.** Move it to the device and run it on the recorded inputs with a forward pre-hook on each
-   prunable linear. The hook accumulates the layer's Hessian (:mod:`secateurs.kernels.hessian`) once per *distinct
-   input tensor* (q/k/v and gate/up read the same tensor, detected from the inputs themselves), factors it
+   prunable linear. The hook accumulates the layer's Hessian (:mod:`secateurs.kernels.pruning.hessian`) once
+   per *distinct input tensor* (q/k/v and gate/up read the same tensor, detected from the inputs themselves), factors it
    once, prunes the layer, and lets the forward continue with the pruned weights. So the block's output *is*
    the pruned block's output (the next block's input) after a single pass, and layers later in a block are
    calibrated on the outputs of earlier, already-pruned layers (the reference code's "true sequential"
@@ -33,13 +33,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from secateurs.kernels.baselines import magnitude_, wanda_
-from secateurs.kernels.discovery import PrunableLayer, find_decoder_blocks, prunable_layers
-from secateurs.kernels.hessian import HessianAccumulator, dampened_inverse_cholesky, dead_inputs
 from secateurs.kernels.matmul import cross_, fast_linears, linear
 from secateurs.kernels.patterns import SparsityPattern, sparsity_of
-from secateurs.kernels.refine import masked_refine_
-from secateurs.kernels.sparsegpt import sparsegpt_
+from secateurs.kernels.pruning.baselines import magnitude_, wanda_
+from secateurs.kernels.pruning.discovery import PrunableLayer, find_decoder_blocks, prunable_layers
+from secateurs.kernels.pruning.hessian import HessianAccumulator, dampened_inverse_cholesky, dead_inputs
+from secateurs.kernels.pruning.refine import masked_refine_
+from secateurs.kernels.pruning.sparsegpt import sparsegpt_
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class PruneConfig:
     changes the numbers slightly: a protocol of its own, never the default.
 
     ``refine_iterations > 0`` re-solves each pruned layer's kept weights for its fixed mask by that many
-    conjugate-gradient steps (:mod:`secateurs.kernels.refine`; SparseGPT and Wanda): lower layer errors, more time.
+    conjugate-gradient steps (:mod:`secateurs.kernels.pruning.refine`; SparseGPT and Wanda): lower layer errors,
+    more time.
 
     ``dense_target = α > 0`` (SparseGPT, one pass) also runs each block *dense* on the dense model's hidden
     states and moves every layer's weight toward reproducing the dense layer's outputs from the pruned

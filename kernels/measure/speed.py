@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.kernels.packing import PackedLinear, packed_nbytes
 from secateurs.kernels.patterns import SparsityPattern, prune_mask
+from secateurs.kernels.sparse.packing import PackedLinear, packed_nbytes
 
 Status = Literal["measured", "failed", "error", "unavailable", "skipped"]
 
@@ -239,7 +239,8 @@ class SemiStructuredPath(SparsePath):
 
 
 class PackedReferencePath(SparsePath):
-    """The project's packed N:M format (:mod:`secateurs.kernels.packing`), reference forward: decompress, then dense.
+    """The project's packed N:M format (:mod:`secateurs.kernels.sparse.packing`), reference forward: decompress,
+    then dense.
 
     It measures what the format costs when no kernel reads it directly; it is not expected to be faster.
     """

@@ -1,0 +1,1 @@
+"""Measurement: perplexity with the papers' convention, and dense-versus-sparse speed."""

@@ -1,0 +1,1 @@
+"""Sparse execution: the packed N:M form and the kernels that compute straight from it."""
