@@ -41,6 +41,7 @@ def load_pruned(folder: Path, *, device: str = "auto", dtype: torch.dtype | str 
             f"transformers could not load {folder}: {first}",
             hint="check that the folder is a complete secateurs output (config.json and *.safetensors)",
         ) from None
-    model.to(target)
+    module: torch.nn.Module = model  # transformers' typed `to` does not take a device
+    module.to(target)
     model.eval()
     return model
