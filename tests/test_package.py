@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,10 +30,14 @@ def _run(code: str, cwd: Path, **env: str) -> str:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built from a copy of the checkout (links kept as links), so the build leaves nothing in the repository."""
+    source = tmp_path_factory.mktemp("source") / "secateurs"
+    skip = shutil.ignore_patterns(".git", ".venv", ".cache", "node_modules", "build", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO_ROOT, source, symlinks=True, ignore=skip)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."],
-        cwd=REPO_ROOT,
+        cwd=source,
         check=True,
         capture_output=True,
     )

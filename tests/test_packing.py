@@ -16,9 +16,11 @@ from transformers import AutoModelForCausalLM
 from secateurs.app.schemas import JobSpec, Report
 from secateurs.kernels.patterns import nm_prune_mask
 from secateurs.kernels.sparse.packing import (
+    KernelDescription,
     PackedLinear,
     PackedWeight,
     PackingError,
+    describe_packed_kernels,
     pack_bits,
     pack_nm,
     packed_nbytes,
@@ -161,10 +163,15 @@ def test_packed_linear_offers_inputs_to_registered_kernels_first() -> None:
     register_packed_kernel("declines", declines)
     try:
         torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight()))
-        register_packed_kernel("answers", answers)
+        assert layer.last_path == "reference"
+        register_packed_kernel("answers", answers, lambda: KernelDescription("answers", True, "sevens everywhere"))
         assert bool((layer(x) == 7.0).all())
+        assert layer.last_path == "answers"
+        described = {d.name: d for d in describe_packed_kernels()}
+        assert described["answers"].detail == "sevens everywhere" and described["declines"].available
         layer.use_kernels = False
         torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight()))
+        assert layer.last_path == "reference"
     finally:
         unregister_packed_kernel("declines")
         unregister_packed_kernel("answers")

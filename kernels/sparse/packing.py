@@ -219,14 +219,39 @@ def unpack_nm(packed: PackedWeight, *, check: bool = True) -> torch.Tensor:
 
 # --- The sparse module ---------------------------------------------------------------------------------------
 
-# A fast kernel: (x [..., in], layer) -> y [..., out], or None to decline (shape, dtype, device it cannot take).
+# A fast kernel: (x [..., in], layer) -> y [..., out], or None to decline (shape, dtype, device or token count it
+# does not take; the next kernel, and finally the reference forward, get the call).
 PackedKernel = Callable[[torch.Tensor, "PackedLinear"], torch.Tensor | None]
-_KERNELS: dict[str, PackedKernel] = {}
+REFERENCE_PATH = "reference"
 
 
-def register_packed_kernel(name: str, kernel: PackedKernel) -> None:
-    """Add a kernel that :class:`PackedLinear` tries, in registration order, before its reference forward."""
-    _KERNELS[name] = kernel
+@dataclass(frozen=True)
+class KernelDescription:
+    """What a registered kernel says of itself, for reports: ``detail`` names the conditions it runs under
+    (instruction set, threads, hand-over token count) or, when ``available`` is False, why it cannot run."""
+
+    name: str
+    available: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class _Registered:
+    kernel: PackedKernel
+    describe: Callable[[], KernelDescription] | None
+
+
+_KERNELS: dict[str, _Registered] = {}
+
+
+def register_packed_kernel(
+    name: str, kernel: PackedKernel, describe: Callable[[], KernelDescription] | None = None
+) -> None:
+    """Add a kernel that :class:`PackedLinear` tries, in registration order, before its reference forward.
+
+    ``describe`` (optional) tells reports what the kernel runs on, or why it cannot run here.
+    """
+    _KERNELS[name] = _Registered(kernel, describe)
 
 
 def unregister_packed_kernel(name: str) -> None:
@@ -234,14 +259,23 @@ def unregister_packed_kernel(name: str) -> None:
 
 
 def packed_kernels() -> Mapping[str, PackedKernel]:
-    return dict(_KERNELS)
+    return {name: entry.kernel for name, entry in _KERNELS.items()}
+
+
+def describe_packed_kernels() -> list[KernelDescription]:
+    """Every registered kernel's own description (registration order)."""
+    return [
+        entry.describe() if entry.describe else KernelDescription(name, True, "no description")
+        for name, entry in _KERNELS.items()
+    ]
 
 
 class PackedLinear(nn.Module):
     """y = x Wᵀ + b with W held packed (``values`` and ``indices`` buffers; see the module docstring).
 
     ``forward`` offers the input to every registered kernel (:func:`register_packed_kernel`) and falls back to
-    the reference: decompress W, then ``F.linear``. ``use_kernels=False`` forces the reference.
+    the reference: decompress W, then ``F.linear``. ``use_kernels=False`` forces the reference. ``last_path``
+    names what computed the latest call (a kernel's name, or ``"reference"``), so reports say what really ran.
     """
 
     values: torch.Tensor
@@ -253,6 +287,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = packed.shape
         self.n, self.m = packed.n, packed.m
         self.use_kernels = use_kernels
+        self.last_path: str | None = None  # set by every forward
         self.register_buffer("values", packed.values)
         self.register_buffer("indices", packed.indices)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -273,10 +308,12 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if self.use_kernels:
-            for kernel in _KERNELS.values():
-                y = kernel(x, self)
+            for name, entry in _KERNELS.items():
+                y = entry.kernel(x, self)
                 if y is not None:
+                    self.last_path = name
                     return y
+        self.last_path = REFERENCE_PATH
         return F.linear(x, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
