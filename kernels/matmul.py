@@ -9,6 +9,7 @@ are exact fp32 products that differ only in summation order, so results agree to
 * :func:`linear` – ``F.linear`` for CPU fp32 tensors outside autograd and autocast, else ``F.linear`` itself.
 * :func:`fast_linears` – inside it, every ``nn.Linear`` and GPT-2 ``Conv1D`` of a module computes through
   :func:`linear` (a per-instance ``forward``, removed on exit; forward hooks still run).
+* :func:`mm` – ``a @ b`` for 2-D operands, the same way (the triangular inverse of the factorization).
 * :func:`gram_upper_` – accumulate the upper triangle of ``α XᵀX`` (the Hessian products, SparseGPT §3);
   :func:`cross_` – ``α AᵀB`` (the dense-target cross products).
 """
@@ -61,6 +62,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     assert op is not None
     # contiguous operands: oneDNN on strided views is far slower than the copy (seen: 30 s instead of 0.1 s)
     return op(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D a [p, k], b [k, q] → [p, q]; through oneDNN where it applies (:func:`linear`)."""
+    if not _onednn_applies(a, b):
+        return a @ b
+    return linear(a, b.T)  # linear(a, w) = a wᵀ; linear makes w = bᵀ contiguous for oneDNN
 
 
 def gram_upper_(out: torch.Tensor, x: torch.Tensor, *, alpha: float, panel: int = 384, chunk: int = 4096) -> None:

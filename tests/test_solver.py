@@ -8,7 +8,7 @@ import torch
 from secateurs.kernels.errors import FactorizationError
 from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
 from secateurs.kernels.pruning.baselines import magnitude_, wanda_
-from secateurs.kernels.pruning.hessian import HessianAccumulator, dampened_inverse_cholesky
+from secateurs.kernels.pruning.hessian import HessianAccumulator, dampened_inverse_cholesky, lower_triangular_inverse
 from secateurs.kernels.pruning.refine import masked_refine_
 from secateurs.kernels.pruning.sparsegpt import sparsegpt_
 
@@ -92,6 +92,35 @@ def test_dead_inputs_are_zeroed_and_do_not_break_the_solve() -> None:
     sparsegpt_(weight, upper, SparsityPattern.nm(2, 4), dead=torch.diagonal(acc.hessian) == 0)
     assert bool((weight[:, 5] == 0).all())
     assert bool(torch.isfinite(weight).all())
+
+
+@pytest.mark.parametrize("width", [8, 300, 600])
+def test_factor_equals_the_reference_three_step_factorization(width: int) -> None:
+    """U from one reversed Cholesky + a triangular inverse == the reference's cholesky → cholesky_inverse →
+    cholesky(upper) (the SparseGPT code), dead inputs included."""
+    x = _correlated_inputs(4 * width, width).double()
+    x[:, 3] = 0  # a dead input
+    acc = HessianAccumulator(width, "cpu")
+    acc.add(x)
+    h = acc.hessian.double()
+    upper, damp = dampened_inverse_cholesky(h, 0.01, layers=["w"])
+    ref = h.clone()
+    ref[3, 3] = 1.0
+    torch.diagonal(ref).add_(0.01 * float(torch.diagonal(ref).mean()))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+    assert damp == 0.01
+    torch.testing.assert_close(upper, expected, rtol=1e-9, atol=1e-12)
+    upper32, _ = dampened_inverse_cholesky(h.float(), 0.01, layers=["w"])  # fp32, as the driver runs it
+    torch.testing.assert_close(upper32.double(), expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(("n", "leaf"), [(5, 256), (257, 64), (700, 256)])
+def test_lower_triangular_inverse(n: int, leaf: int) -> None:
+    lower = torch.randn(n, n, dtype=torch.float64).tril() / n**0.5
+    lower.diagonal().copy_(torch.rand(n, dtype=torch.float64) + 1.0)
+    inverse = lower_triangular_inverse(lower, leaf=leaf)
+    torch.testing.assert_close(inverse @ lower, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert bool((inverse.triu(1) == 0).all())
 
 
 def test_failed_factorization_retries_then_names_the_layer() -> None:
