@@ -340,11 +340,11 @@ def check(
 
     Raises AssertionError when the output is not finite or misses torch's tolerance for ``dtype``.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     dense = random_24(rows, cols, dtype, device, generator)  # [rows, cols]
     packed = pack_nm(dense, 2, 4)
-    b = torch.randn(rows, generator=generator).to(device, dtype) if bias else None  # [rows]
-    x = torch.randn(tokens, cols, generator=generator).to(device, dtype)  # [tokens, cols]
+    b = torch.randn(rows, generator=generator, device=device).to(dtype) if bias else None  # [rows]
+    x = torch.randn(tokens, cols, generator=generator, device=device).to(dtype)  # [tokens, cols]
     y = packed24_linear(x, packed.values, packed.indices, b, config=config)  # [tokens, rows]
     reference = F.linear(x.double(), dense.double(), b.double() if b is not None else None)  # [tokens, rows]
     assert torch.isfinite(y).all(), "non-finite output"
