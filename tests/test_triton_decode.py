@@ -221,6 +221,9 @@ def test_gpu_packed_linear_runs_triton_for_decode_only(dtype: torch.dtype) -> No
         assert mismatch(y, F.linear(x, dense, bias)) is None, shape
     strided = torch.randn(3, 1152, generator=g).to("cuda", dtype)[:, ::2]  # [3, 576], not contiguous
     assert mismatch(layer(strided), F.linear(strided, dense, bias)) is None
+    trained = torch.randn(1, 576, generator=g).to("cuda", dtype).requires_grad_()
+    layer(trained).sum().backward()  # the kernel has no backward: autograd calls go to the reference forward
+    assert layer.last_path != "triton" and trained.grad is not None
     layer32 = PackedLinear.from_dense(dense.float(), bias.float())
     layer32(torch.randn(1, 576, device="cuda"))
     assert layer32.last_path != "triton"  # float32 is not a decode dtype of this kernel

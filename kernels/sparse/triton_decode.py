@@ -268,7 +268,7 @@ def _missing() -> str | None:
     return None
 
 
-def decline_reason(x: torch.Tensor, layer: PackedLinear) -> str | None:
+def decline_reason(x: torch.Tensor, layer: PackedLinear) -> str | None:  # noqa: PLR0911 (one guard per rule)
     """Why the registered kernel does not take this call, or None when it does."""
     missing = _missing()
     if missing is not None:
@@ -282,6 +282,8 @@ def decline_reason(x: torch.Tensor, layer: PackedLinear) -> str | None:
     tokens = x.numel() // max(x.shape[-1], 1)
     if not 1 <= tokens <= MAX_TOKENS:
         return f"decode only: 1..{MAX_TOKENS} tokens, got {tokens}"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "inference only: the kernel has no backward (the reference forward keeps autograd)"
     return None
 
 
