@@ -237,35 +237,40 @@ def kernel_check(device: torch.device, smoke: bool) -> dict[str, Any]:
     from secateurs.kernels.sparse.triton_decode import Config, check, packed24_linear, random_24
 
     configs = [Config(4, 16, 3), Config(8, 64, 4), Config(2, 128, num_warps=2), Config(16, 256, 2, 8, 3)]
-    config_shape, config_tokens = (64, 1024), (1, 7, 16)
+    # (shapes, dtypes, token counts, bias): every shape at the tiles 1, 4 and 16; every tile on one shape; odd
+    # shapes with bias. Few distinct specializations: each costs a compile (about a second).
+    plan: list[tuple[list[tuple[int, int]], list[torch.dtype], tuple[int, ...], bool | None]] = [
+        ([*LLAMA_7B_SHAPES, *SMOLLM2_SHAPES], [torch.float16, torch.bfloat16], (1, 3, 16), False),
+        ([(4096, 4096)], [torch.bfloat16], (1, 2, 3, 5, 8, 16), None),  # None: bias on odd token counts
+        ([(37, 72), (1000, 200), (64, 8192)], [torch.float16, torch.bfloat16], (1, 16), True),
+    ]
+    config_shape, config_tokens, config_dtype = (64, 1024), (1, 16), torch.bfloat16
     if smoke:  # the interpreter takes about a second a call
-        shapes, dtypes, token_counts = [(37, 72)], [torch.float16], (1, 3)
-        configs, config_shape, config_tokens = configs[:1], (64, 128), (3,)
-    else:
-        shapes = [*LLAMA_7B_SHAPES, *SMOLLM2_SHAPES, (37, 72), (1000, 200), (64, 8192)]
-        dtypes, token_counts = [torch.float16, torch.bfloat16], (1, 2, 3, 5, 8, 16)  # every token tile
+        plan = [([(37, 72)], [torch.float16], (1, 3), None)]
+        configs, config_shape, config_tokens, config_dtype = configs[:1], (64, 128), (3,), torch.float16
     cases, worst = [], 0.0
-    for dtype in dtypes:
-        for shape in shapes:
-            for tokens in token_counts:
-                bias = (tokens + shape[0]) % 2 == 0
-                rel = check(*shape, tokens, dtype, device, bias=bias, seed=tokens)
-                worst = max(worst, rel)
-                cases.append({"shape": shape, "tokens": tokens, "dtype": str(dtype), "bias": bias, "rel_err": rel})
+    for shapes, dtypes, token_counts, with_bias in plan:
+        for dtype in dtypes:
+            for shape in shapes:
+                for tokens in token_counts:
+                    bias = tokens % 2 == 1 if with_bias is None else with_bias
+                    rel = check(*shape, tokens, dtype, device, bias=bias, seed=tokens)
+                    worst = max(worst, rel)
+                    cases.append({"shape": shape, "tokens": tokens, "dtype": str(dtype), "bias": bias, "rel_err": rel})
     for config in configs:
         for tokens in config_tokens:
-            rel = check(*config_shape, tokens, dtypes[-1], device, config=config, seed=tokens)
+            rel = check(*config_shape, tokens, config_dtype, device, config=config, seed=tokens)
             worst = max(worst, rel)
             cases.append({"shape": config_shape, "tokens": tokens, "config": str(config), "rel_err": rel})
     # Poisoned output: run into a NaN-filled buffer's worth of memory (the allocator hands it back) and require
     # every element finite and equal to the reference.
     g = torch.Generator().manual_seed(7)
-    dense = random_24(1000, 200, dtypes[-1], device, g)
+    dense = random_24(1000, 200, config_dtype, device, g)
     packed = pack_nm(dense)
     for tokens in (1,) if smoke else (1, 16):
-        poison = torch.full((tokens, 1000), float("nan"), dtype=dtypes[-1], device=device)
+        poison = torch.full((tokens, 1000), float("nan"), dtype=config_dtype, device=device)
         del poison  # the next allocation of this size reuses its block
-        x = torch.randn(tokens, 200, generator=g).to(device, dtypes[-1])
+        x = torch.randn(tokens, 200, generator=g).to(device, config_dtype)
         y = packed24_linear(x, packed.values, packed.indices)
         assert torch.isfinite(y).all(), "an output element was not written"
         torch.testing.assert_close(y.double(), F.linear(x.double(), dense.double()), rtol=1.6e-2, atol=1e-2)
@@ -586,11 +591,155 @@ def speed_llama(device: torch.device, smoke: bool) -> dict[str, Any]:
     return to_report(result, time.perf_counter() - started).model_dump(mode="json")
 
 
-def _random_model(config: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> Any:
+def _random_model(config: dict[str, Any], dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> Any:
+    """A random LLaMA of this config, built (and initialized) on ``device``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=dtype).eval()
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=dtype).eval()
+
+
+# --- decode_graph ---------------------------------------------------------------------------------------------
+
+# LLaMA-7B's block shapes with 4 blocks (about 1.07 B parameters): weight bytes dominate a decode step there.
+LLAMA_7B_4_BLOCKS: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+def _graph_decode(
+    model: Any, prompt: torch.Tensor, steps: int, rounds: int, device: torch.device
+) -> tuple[list[int], list[float]]:
+    """Greedy decode with a static KV cache; one step captured in a CUDA graph and replayed (CPU: run eagerly).
+
+    Returns the first ``steps`` generated tokens and the milliseconds per step of each timed round.
+    """
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps * (rounds + 1) + 16)
+    with torch.no_grad():
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)  # [1, 1], the step's input, at a fixed address
+
+        def step() -> None:
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits  # [1, 1, vocab]
+            token.copy_(logits[:, -1:].argmax(-1))
+
+        if device.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles the kernels, allocates outside the capture
+                step()
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run: Callable[[], None] = graph.replay
+        else:
+            run = step
+        generated = []
+        for _ in range(steps):  # untimed: the tokens, one host read per step
+            run()
+            generated.append(int(token.item()))
+        per_step = []
+        for _ in range(rounds):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(steps):
+                    run()
+                end.record()
+                end.synchronize()
+                per_step.append(start.elapsed_time(end) / steps)
+            else:
+                started = time.perf_counter()
+                for _ in range(steps):
+                    run()
+                per_step.append((time.perf_counter() - started) * 1e3 / steps)
+    return generated, per_step
+
+
+def decode_graph(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Batch-1 greedy decode, dense versus the Triton kernel in every pruned linear, each step a CUDA-graph replay
+    (static KV cache): the end-to-end effect of the kernel without Python's launch overhead."""
+    from secateurs.kernels.measure.speed import mismatch, sparse_paths
+    from secateurs.kernels.patterns import SparsityPattern
+    from secateurs.kernels.pruning.driver import PruneConfig, plan_layers, prune_model_
+
+    pattern = SparsityPattern.nm(2, 4)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = next(p for p in sparse_paths() if p.name == "packed_triton")
+    if smoke and path.unavailable(device, dtype):  # the swap and the static cache still run, through the reference
+        path = next(p for p in sparse_paths() if p.name == "packed_reference")
+    models = (
+        [("smoke", SMOKE_CONFIG)]
+        if smoke
+        else [("smollm2-shaped", SMOLLM2_CONFIG), ("llama7b-4-blocks", LLAMA_7B_4_BLOCKS)]
+    )
+    steps, rounds = (4, 2) if smoke else (64, 5)
+    results = []
+    for label, config in models:
+        model = _random_model(config, dtype, device=str(device))
+        prune = PruneConfig(method="magnitude", pattern=pattern)
+        prune_model_(model, None, prune)
+        _, _, per_block = plan_layers(model, prune)
+        names = [layer.name for layers in per_block for layer in layers]
+        g = torch.Generator(device=device).manual_seed(0)
+        prompt = torch.randint(0, config["vocab_size"], (1, 32), generator=g, device=device)  # [1, 32]
+        entry: dict[str, Any] = {"model": label, "dtype": str(dtype).removeprefix("torch."), "steps": steps}
+        tokens, per_step = _graph_decode(model, prompt, steps, rounds, device)
+        entry["dense"] = {**_stats(per_step), "tokens_per_s": 1e3 / statistics.median(per_step)}
+        reason = path.unavailable(device, dtype)
+        if reason is not None:
+            entry[path.name] = {"status": "unavailable", "reason": reason}
+        else:
+            originals = {}
+            for name in names:  # swap every pruned linear for the path's module, gated first
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                module = getattr(parent, child)
+                replacement = path.build(module.weight, module.bias, pattern)
+                x = torch.randn(1, module.weight.shape[1], generator=g, device=device).to(dtype)
+                problem = mismatch(replacement(x), F.linear(x, module.weight, module.bias))
+                if problem is not None:
+                    raise AssertionError(f"{name}: the Triton path differs from dense: {problem}")
+                originals[name] = module
+                setattr(parent, child, replacement)
+            sparse_tokens, sparse_per_step = _graph_decode(model, prompt, steps, rounds, device)
+            agree = next((i for i, (a, b) in enumerate(zip(tokens, sparse_tokens, strict=True)) if a != b), steps)
+            entry[path.name] = {
+                **_stats(sparse_per_step),
+                "tokens_per_s": 1e3 / statistics.median(sparse_per_step),
+                "speedup": statistics.median(per_step) / statistics.median(sparse_per_step),
+                "tokens_agree_first": agree,
+                "tokens_equal": sum(a == b for a, b in zip(tokens, sparse_tokens, strict=True)),
+            }
+            for name, module in originals.items():
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+            say(
+                f"  {label}: dense {entry['dense']['tokens_per_s']:.0f} tok/s, {path.name} "
+                f"{entry[path.name]['tokens_per_s']:.0f} tok/s = {entry[path.name]['speedup']:.2f}x"
+            )
+        results.append(entry)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "timer": "cuda_graph (one decode step per replay)" if device.type == "cuda" else "perf_counter, eager",
+        "protocol": f"batch 1, 32-token random prompt, greedy, static KV cache, {rounds} rounds of {steps} steps",
+        "results": results,
+    }
 
 
 def speed_smollm2(device: torch.device, smoke: bool) -> dict[str, Any]:
@@ -716,9 +865,10 @@ def main() -> None:
         ("pytest_gpu", 60, lambda: pytest_gpu(args.out, min(150.0, max(run.left() - 200, 60)))),
         ("kernel_timing", 40, lambda: kernel_timing(device, smoke, l2)),
         ("speed_llama", 40, lambda: speed_llama(device, smoke)),
-        ("kernel_configs", 40, lambda: kernel_configs(device, smoke, l2, min(90.0, run.left() - 120))),
+        ("decode_graph", 40, lambda: decode_graph(device, smoke)),
         ("prune_cuda", 40, lambda: prune_cuda(device, smoke)),
         ("speed_smollm2", 60, lambda: speed_smollm2(device, smoke)),
+        ("kernel_configs", 30, lambda: kernel_configs(device, smoke, l2, min(90.0, run.left() - 15))),
     ]
     for name, needs, section in sections:
         if only and name not in only:

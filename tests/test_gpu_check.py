@@ -114,7 +114,7 @@ needs_triton = pytest.mark.skipif(
 
 @needs_triton
 def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
-    sections = "environment,kernel_check,kernel_timing,kernel_configs,speed_llama,prune_cuda,speed_smollm2"
+    sections = "environment,kernel_check,kernel_timing,speed_llama,decode_graph,prune_cuda,speed_smollm2,kernel_configs"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), "--smoke", "--only", sections],
@@ -143,6 +143,9 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     jobs = data["prune_cuda"]["jobs"]
     assert len(jobs) == 2 and all("timings" in job and "environment" in job for job in jobs)
     assert data["speed_smollm2"]["end_to_end"], data["speed_smollm2"]
+    decode = data["decode_graph"]["results"][0]
+    assert decode["dense"]["tokens_per_s"] > 0
+    assert decode["packed_reference"]["tokens_equal"] == decode["steps"]  # fp32: the same greedy tokens
 
 
 def test_shell_wrapper_runs_the_check_and_keeps_its_log(tmp_path: Path) -> None:

@@ -193,7 +193,7 @@ GPU_SHAPES = [(37, 72), (576, 576), (1536, 576), (576, 1536), (1000, 200), (4096
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gpu_kernel_equals_dense_with_zeros(shape: tuple[int, int], dtype: torch.dtype) -> None:
-    for tokens in (1, 2, 3, 4, 5, 8, 9, 13, 16):
+    for tokens in (1, 3, 8, 16):  # the token tiles 1, 4, 8, 16 (each a compile; the interpreter covers more)
         check(*shape, tokens, dtype, "cuda", bias=tokens % 2 == 1, seed=tokens)
 
 
@@ -202,8 +202,8 @@ def test_gpu_kernel_equals_dense_with_zeros(shape: tuple[int, int], dtype: torch
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_split_k_and_small_chunks(dtype: torch.dtype) -> None:
     for config in (Config(4, 16, 3), Config(8, 64, 4), Config(2, 128, 1, num_warps=2), Config(16, 256, 2, 8, 3)):
-        for tokens in (1, 7, 16):
-            check(64, 4096, tokens, dtype, "cuda", config=config, seed=tokens)
+        for tokens in (1, 16):
+            check(64, 1024, tokens, dtype, "cuda", config=config, seed=tokens)
 
 
 @pytest.mark.gpu
