@@ -160,6 +160,7 @@ def block_m(tokens: int) -> int:
 _TABLE = {1: (4, 512), 2: (4, 256), 4: (4, 128), 8: (4, 64), 16: (4, 32)}
 
 
+@functools.lru_cache(maxsize=1024)
 def pick_config(tokens: int, rows: int, kept: int, multiprocessors: int) -> Config:
     """The configuration for ``tokens`` x [tokens, 2·kept] times a [rows, 2·kept] packed weight.
 
@@ -176,6 +177,11 @@ def pick_config(tokens: int, rows: int, kept: int, multiprocessors: int) -> Conf
 
 
 # --- The launcher ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def interpreting() -> bool:
@@ -216,8 +222,7 @@ def packed24_linear(
     if tokens > 1:  # stored [K, BLOCK_M], zero-padded: one gathered position loads every token in one vector
         x2 = (x2.t().contiguous() if tile == tokens else F.pad(x2.t(), (0, tile - tokens))).t()  # [BLOCK_M, K]
     if config is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        config = pick_config(tokens, rows, kept, sms)
+        config = pick_config(tokens, rows, kept, _multiprocessors(x.device) if x.is_cuda else 1)
     values, indices = values.contiguous(), indices.contiguous()
     if config.split_k == 1:
         out = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)  # [M, N]
