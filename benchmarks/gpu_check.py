@@ -412,8 +412,13 @@ def _time_both(
 ) -> dict[str, Any]:
     times: dict[str, Any] = {}
     if device.type == "cuda":
-        times["graph_dense"] = _stats(_graph_ms(dense_calls, 30))
-        times["graph_triton"] = _stats(_graph_ms(sparse_calls, 30))
+        try:
+            times["graph_dense"] = _stats(_graph_ms(dense_calls, 30))
+            times["graph_triton"] = _stats(_graph_ms(sparse_calls, 30))
+        except RuntimeError as exc:  # the eager figures still stand; the reason is kept
+            torch.cuda.synchronize()
+            times.pop("graph_dense", None)
+            times["graph_error"] = " ".join(str(exc).split())[:300]
     rounds = 1 if device.type != "cuda" else 30
     times["eager_dense"] = _stats(_loop_ms(dense_calls, rounds, device))
     times["eager_triton"] = _stats(_loop_ms(sparse_calls, rounds, device))
@@ -618,10 +623,11 @@ LLAMA_7B_4_BLOCKS: dict[str, Any] = {
 
 def _graph_decode(
     model: Any, prompt: torch.Tensor, steps: int, rounds: int, device: torch.device
-) -> tuple[list[int], list[float]]:
-    """Greedy decode with a static KV cache; one step captured in a CUDA graph and replayed (CPU: run eagerly).
+) -> tuple[list[int], list[float], str]:
+    """Greedy decode with a static KV cache; one step captured in a CUDA graph and replayed (CPU, or a capture
+    that fails: the step runs eagerly, and the returned mode says so).
 
-    Returns the first ``steps`` generated tokens and the milliseconds per step of each timed round.
+    Returns the first ``steps`` generated tokens, the milliseconds per step of each timed round, and the mode.
     """
     from transformers import StaticCache
 
@@ -642,11 +648,16 @@ def _graph_decode(
                 step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            run: Callable[[], None] = graph.replay
+            try:
+                with torch.cuda.graph(graph):
+                    step()
+                run: Callable[[], None] = graph.replay
+                mode = "cuda_graph"
+            except RuntimeError as exc:  # something in the step cannot be captured: measure it eagerly instead
+                torch.cuda.synchronize()
+                run, mode = step, f"eager (CUDA-graph capture failed: {' '.join(str(exc).split())[:300]})"
         else:
-            run = step
+            run, mode = step, "eager"
         generated = []
         for _ in range(steps):  # untimed: the tokens, one host read per step
             run()
@@ -666,7 +677,7 @@ def _graph_decode(
                 for _ in range(steps):
                     run()
                 per_step.append((time.perf_counter() - started) * 1e3 / steps)
-    return generated, per_step
+    return generated, per_step, mode
 
 
 def decode_graph(device: torch.device, smoke: bool) -> dict[str, Any]:
@@ -697,8 +708,8 @@ def decode_graph(device: torch.device, smoke: bool) -> dict[str, Any]:
         g = torch.Generator(device=device).manual_seed(0)
         prompt = torch.randint(0, config["vocab_size"], (1, 32), generator=g, device=device)  # [1, 32]
         entry: dict[str, Any] = {"model": label, "dtype": str(dtype).removeprefix("torch."), "steps": steps}
-        tokens, per_step = _graph_decode(model, prompt, steps, rounds, device)
-        entry["dense"] = {**_stats(per_step), "tokens_per_s": 1e3 / statistics.median(per_step)}
+        tokens, per_step, mode = _graph_decode(model, prompt, steps, rounds, device)
+        entry["dense"] = {**_stats(per_step), "tokens_per_s": 1e3 / statistics.median(per_step), "mode": mode}
         reason = path.unavailable(device, dtype)
         if reason is not None:
             entry[path.name] = {"status": "unavailable", "reason": reason}
@@ -715,7 +726,7 @@ def decode_graph(device: torch.device, smoke: bool) -> dict[str, Any]:
                     raise AssertionError(f"{name}: the Triton path differs from dense: {problem}")
                 originals[name] = module
                 setattr(parent, child, replacement)
-            sparse_tokens, sparse_per_step = _graph_decode(model, prompt, steps, rounds, device)
+            sparse_tokens, sparse_per_step, sparse_mode = _graph_decode(model, prompt, steps, rounds, device)
             agree = next((i for i, (a, b) in enumerate(zip(tokens, sparse_tokens, strict=True)) if a != b), steps)
             entry[path.name] = {
                 **_stats(sparse_per_step),
@@ -723,6 +734,7 @@ def decode_graph(device: torch.device, smoke: bool) -> dict[str, Any]:
                 "speedup": statistics.median(per_step) / statistics.median(sparse_per_step),
                 "tokens_agree_first": agree,
                 "tokens_equal": sum(a == b for a, b in zip(tokens, sparse_tokens, strict=True)),
+                "mode": sparse_mode,
             }
             for name, module in originals.items():
                 parent_name, _, child = name.rpartition(".")
@@ -736,7 +748,11 @@ def decode_graph(device: torch.device, smoke: bool) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {
-        "timer": "cuda_graph (one decode step per replay)" if device.type == "cuda" else "perf_counter, eager",
+        "timer": (
+            "CUDA events around rounds of steps; each step one CUDA-graph replay unless its mode says otherwise"
+            if device.type == "cuda"
+            else "perf_counter, eager"
+        ),
         "protocol": f"batch 1, 32-token random prompt, greedy, static KV cache, {rounds} rounds of {steps} steps",
         "results": results,
     }
