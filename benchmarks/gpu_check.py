@@ -22,15 +22,17 @@ Sections:
   dense ``F.linear`` (cuBLAS) against the Triton kernel, weights rotated over more than 3x the L2 cache, timed
   two ways: replaying a CUDA graph of the calls (kernel time, no launch overhead) and eager back-to-back calls
   between two events (what an eager decode step pays, launch overhead included); achieved GB/s for each.
-* ``kernel_configs``: alternative launch configurations of the kernel on the LLaMA-7B shapes at 1, 4 and 16
-  tokens (CUDA-graph timing), against the configuration table's choice: the data to tune the table with.
 * ``speed_llama``: the project's speed sweep (:func:`secateurs.kernels.measure.speed.sweep_linear`: correctness
   gate, then timed) on the LLaMA-7B layers, 1, 4, 16, 64 and 512 tokens, bfloat16, every registered path.
+* ``decode_graph``: batch-1 greedy decode with a static KV cache, one step per CUDA-graph replay, dense versus
+  the Triton kernel in every pruned linear, on a SmolLM2-shaped and a 4-block LLaMA-7B-shaped random 2:4 model.
 * ``prune_cuda``: SparseGPT jobs (``run_job``) on ``cuda`` for a tiny random LLaMA and a SmolLM2-shaped random
   one: peak device memory (``torch.cuda.max_memory_allocated``) and the report's timings and environment.
 * ``speed_smollm2``: the job's speed step (:func:`secateurs.workers.speed.run_speed_step`) on a SmolLM2-shaped
   random model pruned 2:4 by magnitude, bfloat16: every shape at 1/16/128/512 tokens, prefill 1x512, decode
   batch 1 and 16, dense versus every path, all eager.
+* ``kernel_configs``: alternative launch configurations of the kernel on the LLaMA-7B shapes at 1, 4 and 16
+  tokens (CUDA-graph timing), against the configuration table's choice: the data to tune the table with.
 """
 
 from __future__ import annotations
