@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateurs.kernels.patterns import SparsityPattern, prune_mask
-from secateurs.kernels.sparse.packing import PackedLinear, packed_nbytes
+from secateurs.kernels.sparse.packing import PackedLinear, describe_packed_kernels, packed_kernels, packed_nbytes
 
 Status = Literal["measured", "failed", "error", "unavailable", "skipped"]
 
@@ -171,6 +171,10 @@ class SparsePath(ABC):
         """Why the path cannot take a weight of ``shape`` (out, in) with ``pattern``, or None."""
         return None
 
+    def declines(self, tokens: int) -> str | None:
+        """Why the per-shape sweep does not time the path at ``tokens`` (a decode-only kernel), or None."""
+        return None
+
     @abstractmethod
     def build(self, weight: torch.Tensor, bias: torch.Tensor | None, pattern: SparsityPattern) -> nn.Module:
         """A module computing ``F.linear(x, weight, bias)`` from the dense-with-zeros ``weight`` [out, in]."""
@@ -282,9 +286,89 @@ def sparse_paths() -> list[SparsePath]:
     return list(_PATHS.values())
 
 
+class _KernelLinear(nn.Module):
+    """A :class:`PackedLinear` computed by one named packed kernel; calls it declines run the reference forward."""
+
+    def __init__(self, layer: PackedLinear, kernel: str) -> None:
+        super().__init__()
+        self.layer, self.kernel = layer, kernel
+        self.last_path: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        y = packed_kernels()[self.kernel](x, self.layer)
+        if y is not None:
+            self.last_path = self.kernel
+            return y
+        self.last_path = "reference"
+        return F.linear(x, self.layer.dense_weight(), self.layer.bias)
+
+
+class PackedKernelPath(SparsePath):
+    """The packed N:M format computed by one kernel registered with
+    :func:`secateurs.kernels.sparse.packing.register_packed_kernel` (e.g. the Triton decode kernel).
+
+    Calls the kernel declines (more tokens than ``max_tokens``) run the packed reference forward, as in a loaded
+    model: the per-shape sweep does not time those token counts (:meth:`declines`), end to end they count.
+    """
+
+    def __init__(
+        self,
+        kernel: str,
+        description: str,
+        *,
+        device_type: str,
+        dtypes: tuple[torch.dtype, ...],
+        patterns: tuple[tuple[int, int], ...],
+        max_tokens: int | None = None,
+    ) -> None:
+        self.name = f"packed_{kernel}"
+        self.kernel, self.description = kernel, description
+        self.device_type, self.dtypes, self.patterns, self.max_tokens = device_type, dtypes, patterns, max_tokens
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != self.device_type:
+            return f"the {self.kernel} kernel runs on {self.device_type}, not {device.type}"
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"the {self.kernel} kernel takes {names}, not {str(dtype).removeprefix('torch.')}"
+        described = next((d for d in describe_packed_kernels() if d.name == self.kernel), None)
+        if described is None:
+            return f"no packed kernel named {self.kernel!r} is registered"
+        return None if described.available else described.detail
+
+    def unsupported(self, shape: tuple[int, int], dtype: torch.dtype, pattern: SparsityPattern) -> str | None:
+        if not pattern.is_nm or (pattern.n, pattern.m) not in self.patterns:
+            names = ", ".join(f"{n}:{m}" for n, m in self.patterns)
+            return f"the {self.kernel} kernel computes {names}, not {pattern}"
+        return None
+
+    def declines(self, tokens: int) -> str | None:
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return (
+                f"the {self.kernel} kernel takes 1..{self.max_tokens} tokens (decode); larger calls run the packed "
+                "reference forward in a loaded model"
+            )
+        return None
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None, pattern: SparsityPattern) -> nn.Module:
+        assert pattern.n is not None and pattern.m is not None
+        return _KernelLinear(PackedLinear.from_dense(weight, bias, pattern.n, pattern.m), self.kernel)
+
+
 register_sparse_path(SemiStructuredPath("cusparselt"))
 register_sparse_path(SemiStructuredPath("cutlass"))
 register_sparse_path(PackedReferencePath())
+register_sparse_path(
+    PackedKernelPath(
+        "triton",
+        "secateurs packed 2:4, Triton decode kernel (kernels/sparse/triton_decode.py): kept values and 2-bit codes "
+        "read directly, x gathered through the codes, fp32 accumulation; 1-16 tokens, the packed reference beyond",
+        device_type="cuda",
+        dtypes=(torch.float16, torch.bfloat16),
+        patterns=((2, 4),),
+        max_tokens=16,
+    )
+)
 
 
 # --- Device facts and physical limits ------------------------------------------------------------------------
@@ -618,6 +702,10 @@ def sweep_linear(
                 if isinstance(entry, str):
                     status: Status = "error" if entry.startswith("error: ") else "unavailable"
                     point.append(PathResult(path.name, status, entry.removeprefix("error: ")))
+                    continue
+                declined = path.declines(tokens)
+                if declined is not None:
+                    point.append(PathResult(path.name, "unavailable", declined))
                     continue
                 point.append(
                     _measure_path(

@@ -1,0 +1,361 @@
+"""A Triton kernel for 2:4 decode on CUDA: y = x·Wᵀ (+ b) straight from the packed tensors, no dense copy.
+
+The packed 2:4 form (:mod:`secateurs.kernels.sparse.packing`) keeps, for every group of 4 inputs, 2 values and
+their 2-bit positions: ``values`` [out, in/2] and ``indices`` [out, in/8] uint8, 4 codes per byte, the first in the
+low bits. At decode (1-16 tokens) the product is memory-bound: the time is the weight bytes over the memory
+bandwidth, and the packed form moves 9/16 of the dense bytes in 16-bit, so a kernel that reads it directly can be
+up to 16/9 = 1.78× faster than dense cuBLAS with no sparse tensor core at all (GUIDE §6; NVIDIA's 2:4 pattern:
+Mishra et al. 2021, arXiv 2104.08378, §3). Sparse tensor cores (cuSPARSELt) only pay off in the compute-bound
+regime, from hundreds of tokens on (pytorch#111339), which is why this kernel stops at 16 tokens.
+
+How it computes, in the style of the Triton tutorials (the kernel, its launcher, its check against torch):
+
+* Each program owns ``BLOCK_N`` output rows and walks that block's kept values in chunks of ``BLOCK_KH``. Per
+  chunk it loads the kept values (contiguous per row: coalesced) and the code byte of each (``kh // 4``), takes
+  the 2-bit code ``(byte >> 2·(kh % 4)) & 3``, and gathers x at input position ``4·(kh // 2) + code``: x is a few
+  KB and stays in cache, only the packed weight streams from memory. Products accumulate in fp32.
+* Tokens are the innermost tile axis: for more than one token x is passed transposed ([in, tokens] in memory) so
+  one gathered position loads all tokens at once.
+* Split-K: when the row blocks alone cannot fill the GPU (few output rows), the kept values of a row are split
+  over ``SPLIT_K`` programs that add their partial sums into an fp32 buffer with atomics; the launcher casts it.
+* Configurations come from a small table per token class (:func:`pick_config`), not from autotuning.
+
+Triton is optional: it is imported on first use; without it, or without CUDA, or for a call it does not take
+(dtype, more than 16 tokens, a pattern other than 2:4), the registered kernel declines (returns None) and
+:class:`secateurs.kernels.sparse.packing.PackedLinear` runs its reference forward; :func:`describe` says why.
+Under ``TRITON_INTERPRET=1`` the launcher also runs on CPU tensors (fp32/fp16), which is how CI checks it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from secateurs.kernels.sparse.packing import KernelDescription, PackedLinear, pack_nm, register_packed_kernel
+
+log = logging.getLogger(__name__)
+
+NAME = "triton"
+MAX_TOKENS = 16  # beyond this, decode is no longer memory-bound enough to win: the call goes to dense/cuSPARSELt
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter computes with numpy: no bf16
+
+
+# --- The kernel ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The jitted kernel, built on first use so that importing this module never imports Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def packed24_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917 (Triton kernels take flat arguments)
+        x_ptr,  # [M, K] activations, any strides; for BLOCK_M > 1, BLOCK_M tokens stored [K, BLOCK_M] (padded)
+        values_ptr,  # [N, KH] kept values, row-major
+        indices_ptr,  # [N, ceil(KH / 4)] uint8, 4 two-bit codes per byte, first in the low bits
+        bias_ptr,  # [N] (unused unless HAS_BIAS)
+        out_ptr,  # [M, N]: x's dtype, or fp32 when SPLIT_K > 1 (atomics)
+        M,
+        N,
+        KH,  # kept values per row = in_features / 2
+        stride_xm,
+        stride_xk,
+        stride_vn,
+        stride_in,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_KH: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)  # row offsets of large layers overflow int32
+        tokens = tl.arange(0, BLOCK_M)  # [BM]
+        token_ok = tokens < M
+        # This program's share of the row: a whole number of chunks, so only the row's end is ragged (the last
+        # split may run a few fully masked chunks: the loop bound is the same for every split).
+        chunks = tl.cdiv(tl.cdiv(KH, BLOCK_KH), SPLIT_K)
+        k_begin = pid_k * chunks * BLOCK_KH
+        k_end = tl.minimum(k_begin + chunks * BLOCK_KH, KH)
+        # One token: everything stays in the [BN, BKH] layout of the values (no layout change inside the loop).
+        # More tokens: a [BN, BKH, BM] tile, tokens innermost so that one gathered position loads them all.
+        if BLOCK_M == 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_KH], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_KH, BLOCK_M], dtype=tl.float32)
+        for chunk in range(0, chunks):
+            kh = k_begin + chunk * BLOCK_KH + tl.arange(0, BLOCK_KH)  # [BKH] index of the kept value in its row
+            mask = row_ok[:, None] & (kh < k_end)[None, :]  # [BN, BKH]
+            vals = tl.load(values_ptr + rows64[:, None] * stride_vn + kh[None, :], mask=mask, other=0.0)
+            byte = tl.load(indices_ptr + rows64[:, None] * stride_in + (kh // 4)[None, :], mask=mask, other=0)
+            code = (byte.to(tl.int32) >> ((kh % 4) * 2)[None, :]) & 3  # [BN, BKH] position inside the group
+            col = (kh // 2 * 4)[None, :] + code  # [BN, BKH] input position: 4·group + code
+            if BLOCK_M == 1:
+                xv = tl.load(x_ptr + col * stride_xk, mask=mask, other=0.0)  # [BN, BKH]
+                acc += vals.to(tl.float32) * xv.to(tl.float32)
+            else:
+                xv = tl.load(
+                    x_ptr + col[:, :, None] * stride_xk + tokens[None, None, :] * stride_xm,
+                    mask=mask[:, :, None],  # x holds BLOCK_M tokens (zero-padded): no token mask, vector loads
+                    other=0.0,
+                )  # [BN, BKH, BM]
+                acc += vals.to(tl.float32)[:, :, None] * xv.to(tl.float32)
+        if BLOCK_M == 1:  # noqa: SIM108 (a static branch of the kernel, like the two above)
+            y = tl.sum(acc, axis=1)[:, None]  # [BN, 1]
+        else:
+            y = tl.sum(acc, axis=1)  # [BN, BM]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BN]
+            y += tl.where(pid_k == 0, bias, 0.0)[:, None]  # added once, by the first split
+        out = out_ptr + tokens[None, :] * stride_om + rows[:, None]  # [BN, BM]
+        out_mask = row_ok[:, None] & token_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out, y, mask=out_mask)
+
+    return packed24_kernel
+
+
+# --- Configurations ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: rows per program, kept values per chunk, K splits, warps, pipeline stages."""
+
+    block_n: int
+    block_kh: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __str__(self) -> str:
+        return (
+            f"BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} SPLIT_K={self.split_k} "
+            f"warps={self.num_warps} stages={self.num_stages}"
+        )
+
+
+def block_m(tokens: int) -> int:
+    """The token tile: the next power of two (1, 2, 4, 8, 16)."""
+    return 1 << max(0, (tokens - 1).bit_length())
+
+
+# Per token tile: (BLOCK_N, BLOCK_KH) holding about 2048 products per program (16 per thread at 4 warps), so the
+# fp32 accumulator stays in registers whatever the token count. A first table, chosen by that rule and NOT yet
+# tuned on a GPU: benchmarks/gpu_check.py times alternatives on the shapes that matter and reports the best.
+_TABLE = {1: (4, 512), 2: (4, 256), 4: (4, 128), 8: (4, 64), 16: (4, 32)}
+
+
+@functools.lru_cache(maxsize=1024)
+def pick_config(tokens: int, rows: int, kept: int, multiprocessors: int) -> Config:
+    """The configuration for ``tokens`` x [tokens, 2·kept] times a [rows, 2·kept] packed weight.
+
+    Split-K only when the row blocks would leave most multiprocessors idle and each split keeps at least two
+    chunks of the row (the fp32 buffer, the atomics and the final cast cost more than they give otherwise).
+    """
+    block_n, block_kh = _TABLE[block_m(tokens)]
+    programs = -(-rows // block_n)
+    chunks = -(-kept // block_kh)
+    split = 1
+    while programs * split * 2 <= 2 * multiprocessors and chunks // (split * 2) >= 2:
+        split *= 2
+    return Config(block_n, block_kh, split)
+
+
+# --- The launcher ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def interpreting() -> bool:
+    """Whether the kernel was built for Triton's interpreter (``TRITON_INTERPRET=1`` when it was first used)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_kernel(), InterpretedFunction)
+
+
+def packed24_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b for the 2:4 packed W (``values`` [N, K/2], ``indices`` [N, K/8] uint8): x [..., K] -> [..., N].
+
+    No policy here (the registered kernel decides which calls to take): any token count and the dtype of x,
+    which must equal the values' dtype. ``config`` overrides :func:`pick_config` (benchmarks use it).
+    """
+    rows, kept = values.shape
+    k = x.shape[-1]
+    if k != 2 * kept or indices.shape != (rows, -(-kept // 4)) or indices.dtype != torch.uint8:
+        raise ValueError(
+            f"2:4 packed weight with values {tuple(values.shape)} and indices {tuple(indices.shape)} "
+            f"({indices.dtype}) does not fit inputs of width {k}: values must be [out, in/2], indices "
+            f"[out, ceil(in/8)] uint8"
+        )
+    if x.dtype != values.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x is {x.dtype}, the weight {values.dtype}, the bias {getattr(bias, 'dtype', None)}")
+    if not x.is_cuda and not interpreting():
+        raise ValueError(f"the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not {x.device}")
+    x2 = x.reshape(-1, k)  # [M, K]
+    tokens = x2.shape[0]
+    tile = block_m(tokens)
+    if tokens > 1:  # stored [K, BLOCK_M], zero-padded: one gathered position loads every token in one vector
+        x2 = (x2.t().contiguous() if tile == tokens else F.pad(x2.t(), (0, tile - tokens))).t()  # [BLOCK_M, K]
+    if config is None:
+        config = pick_config(tokens, rows, kept, _multiprocessors(x.device) if x.is_cuda else 1)
+    values, indices = values.contiguous(), indices.contiguous()
+    if config.split_k == 1:
+        out = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)  # [M, N]
+    else:
+        out = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device)  # [M, N] partial sums
+    if tokens:
+        grid = (-(-rows // config.block_n), config.split_k)
+        _kernel()[grid](
+            x2,
+            values,
+            indices,
+            bias if bias is not None else values,  # any pointer: not read without HAS_BIAS
+            out,
+            tokens,
+            rows,
+            kept,
+            x2.stride(0),
+            x2.stride(1),
+            values.stride(0),
+            indices.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            SPLIT_K=config.split_k,
+            BLOCK_M=tile,
+            BLOCK_N=config.block_n,
+            BLOCK_KH=config.block_kh,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    return out.to(x.dtype).reshape(*x.shape[:-1], rows)  # [..., N]
+
+
+# --- Registration: the kernel PackedLinear tries -------------------------------------------------------------
+
+
+@functools.cache
+def _missing() -> str | None:
+    """Why the kernel cannot run in this process at all, or None (cached: it does not change)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; Linux x86-64 with a CUDA GPU)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    try:
+        import triton
+    except ImportError as exc:  # a broken install: say so once, never fail the forward
+        return f"Triton does not import: {exc}"
+    del triton
+    return None
+
+
+def decline_reason(x: torch.Tensor, layer: PackedLinear) -> str | None:  # noqa: PLR0911 (one guard per rule)
+    """Why the registered kernel does not take this call, or None when it does."""
+    missing = _missing()
+    if missing is not None:
+        return missing
+    if not x.is_cuda or not layer.values.is_cuda:
+        return f"runs on CUDA tensors, got {x.device.type}"
+    if (layer.n, layer.m) != (2, 4):
+        return f"runs 2:4 only, not {layer.n}:{layer.m}"
+    if x.dtype not in CUDA_DTYPES or x.dtype != layer.values.dtype:
+        return f"takes float16 and bfloat16 (x and weight alike), got x {x.dtype}, weight {layer.values.dtype}"
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if not 1 <= tokens <= MAX_TOKENS:
+        return f"decode only: 1..{MAX_TOKENS} tokens, got {tokens}"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "inference only: the kernel has no backward (the reference forward keeps autograd)"
+    return None
+
+
+def triton_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
+    """The :data:`secateurs.kernels.sparse.packing.PackedKernel` registered as ``"triton"``."""
+    if decline_reason(x, layer) is not None:
+        return None
+    if x.device.index not in (None, torch.cuda.current_device()):
+        with torch.cuda.device(x.device):
+            return packed24_linear(x, layer.values, layer.indices, layer.bias)
+    return packed24_linear(x, layer.values, layer.indices, layer.bias)
+
+
+def describe() -> KernelDescription:
+    missing = _missing()
+    if missing is not None:
+        return KernelDescription(NAME, False, missing)
+    import triton
+
+    return KernelDescription(
+        NAME,
+        True,
+        f"Triton {triton.__version__} on {torch.cuda.get_device_name()}: 2:4 packed, float16/bfloat16, "
+        f"1-{MAX_TOKENS} tokens (more go to the next path); fp32 accumulation; configurations from a fixed table",
+    )
+
+
+register_packed_kernel(NAME, triton_kernel, describe)
+
+
+# --- The check against torch ---------------------------------------------------------------------------------
+
+
+def random_24(
+    rows: int, cols: int, dtype: torch.dtype, device: torch.device | str, generator: torch.Generator
+) -> torch.Tensor:
+    """A random exactly-2:4 weight [rows, cols] (the two largest |w| of each group of 4 kept)."""
+    weight = torch.randn(rows, cols, generator=generator, device=generator.device).to(device)  # [rows, cols]
+    groups = weight.abs().reshape(rows, cols // 4, 4)  # [rows, cols/4, 4]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    return torch.where(keep.reshape(rows, cols), weight, 0.0).to(dtype)
+
+
+def check(
+    rows: int,
+    cols: int,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    bias: bool = True,
+    config: Config | None = None,
+    seed: int = 0,
+) -> float:
+    """Run the kernel on a random 2:4 layer and return ‖y − y_ref‖ / ‖y_ref‖ against dense-with-zeros in fp64.
+
+    Raises AssertionError when the output is not finite or misses torch's tolerance for ``dtype``.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dense = random_24(rows, cols, dtype, device, generator)  # [rows, cols]
+    packed = pack_nm(dense, 2, 4)
+    b = torch.randn(rows, generator=generator, device=device).to(dtype) if bias else None  # [rows]
+    x = torch.randn(tokens, cols, generator=generator, device=device).to(dtype)  # [tokens, cols]
+    y = packed24_linear(x, packed.values, packed.indices, b, config=config)  # [tokens, rows]
+    reference = F.linear(x.double(), dense.double(), b.double() if b is not None else None)  # [tokens, rows]
+    assert torch.isfinite(y).all(), "non-finite output"
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = float(reference.pow(2).mean().sqrt())
+    torch.testing.assert_close(y.double(), reference, rtol=tolerance, atol=tolerance * scale)
+    return float((y.double() - reference).norm() / reference.norm().clamp_min(1e-30))

@@ -1,0 +1,91 @@
+"""Runs the Triton 2:4 kernel under Triton's interpreter on CPU tensors and prints one JSON line per case.
+
+Started by tests/test_triton_decode.py in a subprocess with ``TRITON_INTERPRET=1`` (the variable must be set
+before Triton is first used, and it must not leak into other tests). Each case compares the kernel with
+dense-with-zeros in fp64 (:func:`secateurs.kernels.sparse.triton_decode.check`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import traceback
+from typing import Any
+
+import torch
+
+from secateurs.kernels.sparse.packing import pack_nm
+from secateurs.kernels.sparse.triton_decode import Config, check, interpreting, packed24_linear, random_24
+
+# (rows, cols): rows not a multiple of any BLOCK_N, kept values (cols/2) not a multiple of any chunk.
+SHAPES = ((37, 72), (8, 24), (130, 200))
+TOKENS = (1, 3, 16)
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# The table's own choice; a small chunk (several chunks per row, the last one ragged); split-K over 3 programs
+# (a split with fewer chunks than the others, and atomics).
+CONFIGS = {
+    "table": None,
+    "small": Config(block_n=4, block_kh=16),
+    "split3": Config(block_n=8, block_kh=8, split_k=3),
+}
+
+
+def case_id(shape: tuple[int, int], tokens: int, dtype: str, bias: bool, config: str) -> str:
+    return f"{shape[0]}x{shape[1]}-t{tokens}-{dtype}-{'bias' if bias else 'nobias'}-{config}"
+
+
+def cases() -> list[tuple[str, dict[str, Any]]]:
+    """Every shape x token count x dtype x configuration; bias on every other case (each configuration gets both:
+    the interpreter takes about a second a case on 2 cores, so the full product with bias would double the time)."""
+    out = []
+    for index, (shape, tokens, dtype, config) in enumerate(itertools.product(SHAPES, TOKENS, DTYPES, CONFIGS)):
+        bias = index % 2 == 0
+        spec = {"shape": shape, "tokens": tokens, "dtype": dtype, "bias": bias, "config": config}
+        out.append((case_id(shape, tokens, dtype, bias, config), spec))
+    return out
+
+
+def non_contiguous() -> float:
+    """x a strided view [2, 3, K] (every other column of a wider tensor): the kernel follows the strides."""
+    generator = torch.Generator().manual_seed(1)
+    dense = random_24(20, 40, torch.float32, "cpu", generator)  # [20, 40]
+    packed = pack_nm(dense)
+    wide = torch.randn(2, 3, 80, generator=generator)  # [2, 3, 80]
+    x = wide[..., ::2]  # [2, 3, 40], stride 2 along K
+    y = packed24_linear(x, packed.values, packed.indices, config=Config(block_n=4, block_kh=8))  # [2, 3, 20]
+    reference = torch.nn.functional.linear(x.double(), dense.double())
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-5)
+    single = wide[0, 0, ::2]  # [40], one token, strided
+    torch.testing.assert_close(
+        packed24_linear(single, packed.values, packed.indices).double(), reference[0, 0], rtol=1e-5, atol=1e-5
+    )
+    return float((y.double() - reference).norm() / reference.norm())
+
+
+def main() -> None:
+    import triton
+
+    print(json.dumps({"id": "interpreter", "ok": interpreting(), "triton": triton.__version__}), flush=True)
+    for ident, spec in cases():
+        try:
+            rel = check(
+                *spec["shape"],
+                spec["tokens"],
+                DTYPES[spec["dtype"]],
+                "cpu",
+                bias=spec["bias"],
+                config=CONFIGS[spec["config"]],
+            )
+            print(json.dumps({"id": ident, "ok": True, "relative_error": rel}), flush=True)
+        except Exception as exc:  # reported to the test, which fails with the message
+            print(json.dumps({"id": ident, "ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            traceback.print_exc(file=sys.stderr)
+    try:
+        print(json.dumps({"id": "non_contiguous", "ok": True, "relative_error": non_contiguous()}), flush=True)
+    except Exception as exc:
+        print(json.dumps({"id": "non_contiguous", "ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
