@@ -23,9 +23,13 @@ def list_artifacts(folder: Path) -> list[Artifact]:
 def artifact_file(folder: Path, relative: str) -> Path:
     """The file ``relative`` inside ``folder``; never anything outside it."""
     base = folder.resolve()
-    path = (base / relative).resolve()
-    if not path.is_relative_to(base) or not path.is_file():
-        raise JobNotFoundError(f"no artifact {relative!r}", hint="list them with GET /v1/jobs/{id}/artifacts")
+    missing = JobNotFoundError(f"no artifact {relative!r}", hint="list them with GET /v1/jobs/{id}/artifacts")
+    try:
+        path = (base / relative).resolve()
+        if not path.is_relative_to(base) or not path.is_file():
+            raise missing
+    except (OSError, ValueError, RuntimeError):  # a NUL, a name too long, a symlink loop: no such artifact
+        raise missing from None
     return path
 
 
