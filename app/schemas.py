@@ -678,7 +678,13 @@ class ArtifactList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[Artifact]
-    archive: str = Field(description="URL path of the whole folder as one streamed .tar archive.")
+    archive: str = Field(description="URL path of these files as one streamed .tar archive.")
+    size: int = Field(default=0, description="Bytes of the listed files together.")
+    parts: list[Literal["dense", "packed", "report"]] = Field(
+        default_factory=list,
+        description="The parts listed (dense: the HF checkpoint; packed: packed/; report: report.json); "
+        "empty: the whole folder.",
+    )
 
 
 class Upload(BaseModel):

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from secateurs.app.api.deps import ERRORS, CeleryDep, SettingsDep, StoreDep, require_json
-from secateurs.app.artifacts import artifact_file, list_artifacts, tar_stream
+from secateurs.app.artifacts import PARTS, Part, artifact_file, list_artifacts, tar_stream
 from secateurs.app.errors import InvalidRequestError, JobNotFoundError, JobStateError
 from secateurs.app.queue import send_job
 from secateurs.app.schemas import ArtifactList, Job, JobEvent, JobPage, JobSpec, JobState
@@ -172,10 +172,30 @@ def job_report(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Any:
     return json.loads(artifact_file(folder, "report.json").read_text(encoding="utf-8"))
 
 
+PartQuery = Annotated[
+    list[Part] | None,
+    Query(
+        description="Only these parts of the output folder (repeatable): dense (the Hugging Face checkpoint), "
+        "packed (the packed N:M copy in packed/), report (report.json). Default: all of it."
+    ),
+]
+
+
+def _parts_query(part: list[Part] | None) -> str:
+    return "?" + "&".join(f"part={p}" for p in sorted(set(part), key=PARTS.index)) if part else ""
+
+
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
-def job_artifacts(job_id: JobId, store: StoreDep, settings: SettingsDep) -> ArtifactList:
+def job_artifacts(job_id: JobId, store: StoreDep, settings: SettingsDep, part: PartQuery = None) -> ArtifactList:
+    """The files of a succeeded job's output folder (or of some of its parts), with their sizes."""
     folder = _output(settings, store.get(job_id))
-    return ArtifactList(data=list_artifacts(folder), archive=f"/v1/jobs/{job_id}/artifacts.tar")
+    files = list_artifacts(folder, part)
+    return ArtifactList(
+        data=files,
+        archive=f"/v1/jobs/{job_id}/artifacts.tar{_parts_query(part)}",
+        size=sum(artifact.size for artifact in files),
+        parts=sorted(set(part or ()), key=PARTS.index),
+    )
 
 
 @router.get(
@@ -183,11 +203,11 @@ def job_artifacts(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Arti
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}, **ERRORS},
 )
-def job_archive(job_id: JobId, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
-    """The whole output folder (HF checkpoint + report.json) as one tar, streamed."""
+def job_archive(job_id: JobId, store: StoreDep, settings: SettingsDep, part: PartQuery = None) -> StreamingResponse:
+    """The whole output folder (HF checkpoint, packed copy, report.json), or some of its parts, as one tar, streamed."""
     folder = _output(settings, store.get(job_id))
     return StreamingResponse(
-        tar_stream(folder),
+        tar_stream(folder, part),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{job_id}.tar"'},
     )
