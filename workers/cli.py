@@ -21,6 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 import secateurs.app.client_cli
 import secateurs.app.server_cli  # registers serve, db, api-key
@@ -110,7 +111,7 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
             f"{p['windows']} × {p['window']} tokens ({p['predicted_tokens']} predicted), "
             f"BOS {'yes' if p['bos'] else 'no'}",
         )
-        table.add_row("evaluation text", describe_text(p["text"], p["text_sha256"]))
+        table.add_row("evaluation text", Text(describe_text(p["text"], p["text_sha256"])))
         table.add_row("text sha256", p["text_sha256"])
     s = report["sparsity"]
     table.add_row("pattern verified", "yes" if s["verified"] else "[red]NO[/]")
@@ -186,9 +187,9 @@ def quickstart(output: str, overwrite: bool, as_json: bool, **options: Any) -> N
         assets = fetch_assets(settings.cache_dir, log=lambda line: console.print(line, highlight=False))
         evaluation = quickstart_eval_text(assets.wiki, eval_file=options["eval_file"])
         if evaluation.notice:
-            console.print(Panel(evaluation.notice, title="NOT WikiText-2", border_style="bold red"), highlight=False)
+            console.print(Panel(Text(evaluation.notice), title="NOT WikiText-2", border_style="bold red"))
         else:
-            console.print(f"evaluation text: {evaluation.label}", highlight=False, soft_wrap=True)
+            console.print(f"evaluation text: {evaluation.label}", highlight=False, markup=False, soft_wrap=True)
         method = Method(options["method"])
         spec = JobSpec(
             model=str(assets.smollm2),
@@ -220,8 +221,7 @@ def quickstart(output: str, overwrite: bool, as_json: bool, **options: Any) -> N
     _print_result(report, output, as_json)
     if evaluation.notice:
         console.print(
-            f"[bold red]note:[/] these perplexities are on {evaluation.label}, not on WikiText-2 (see above)",
-            highlight=False,
+            Text("note: ", style="bold red") + Text(f"these perplexities are on {evaluation.label} (see above)"),
             soft_wrap=True,
         )
 

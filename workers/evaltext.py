@@ -60,12 +60,12 @@ class EvalText:
             return None
         tried = "\n".join(f"  - {line}" for line in self.tried)
         return (
-            "WikiText-2 is not available here, so this run's perplexities are NOT WikiText-2 figures and do not\n"
+            "WikiText-2 is not available here, so this run's perplexities are NOT WikiText-2 figures and do not "
             "compare with published ones. It evaluates on the offline substitute instead:\n"
             f"  {self.label}\n  sha256 {self.sha256}\n"
             f"Looked for WikiText-2's test split:\n{tried}\n"
-            "The README gives this text's figures beside WikiText-2's. To evaluate on WikiText-2: pass\n"
-            "--eval-file PATH/wiki.test.raw, or reach huggingface.co with the 'datasets' package installed\n"
+            "The README gives this text's figures beside WikiText-2's. To evaluate on WikiText-2, pass "
+            "--eval-file PATH/wiki.test.raw, or reach huggingface.co with the 'datasets' package installed "
             "(pip install 'secateurs[hub]')."
         )
 
