@@ -200,11 +200,16 @@ def allowed_path(raw: str, roots: list[Path], what: str) -> Path:
     )
 
 
+def is_upload_id(text: str) -> bool:
+    """What ``POST /v1/uploads`` hands out: ``upl_`` and 20 hex digits."""
+    return _UPLOAD_ID.fullmatch(text) is not None
+
+
 def upload_path(raw: str, uploads: Path, kind: str) -> Path:
     """The stored file or folder of ``upload:<id>``."""
     upload_id = raw.removeprefix(UPLOAD_PREFIX)
     target = uploads / upload_id / kind
-    if not _UPLOAD_ID.fullmatch(upload_id) or not target.exists():
+    if not is_upload_id(upload_id) or not target.exists():
         raise DataSourceError(
             f"no {kind} upload {upload_id!r}",
             hint=f"upload it first (POST /v1/uploads?kind={kind}) and use the id it returns",

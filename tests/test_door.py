@@ -212,6 +212,11 @@ def test_cursors_and_headers(api: Api) -> None:
     assert api.healthy()
 
 
+def test_an_upload_id_with_a_nul_or_too_long_is_not_found(api: Api) -> None:
+    for upload_id in ("upl_%00", "upl_" + "a" * 300, "upl_0123456789abcdef0123"):
+        _error(api.client.get(f"/v1/uploads/{upload_id}"), 404, "no upload")
+
+
 def test_an_artifact_path_with_a_nul_is_not_found(api: Api) -> None:
     job = api.run(_post(api, api.spec(method="magnitude", calibration=None, evaluation=None)).json()["id"])
     assert job.state is JobState.SUCCEEDED
