@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from secateurs.app.main import create_app
+from secateurs.app.migrate import upgrade
 from secateurs.app.schemas import JobState
+from secateurs.app.settings import Settings
 from tests.conftest import TinyDir
 from tests.test_api import Api, make_api
 
@@ -120,6 +124,19 @@ def test_a_bad_spec_is_a_422_with_its_own_message(api: Api, case: tuple[dict[str
     error = _error(_post(api, api.spec(**_fill(template, names))), 422, message)
     assert "less than" not in error["message"] and "greater than" not in error["message"]
     assert api.healthy()
+
+
+def test_the_issue_s_nul_request_on_an_embedded_server(tmp_path: Path) -> None:
+    """Issue 12's curl, against the embedded server's settings (every local path allowed: roots = /)."""
+    config = Settings(data_dir=tmp_path / "data", allowed_roots=[Path("/")])
+    upgrade(config.store_url)
+    body = b'{"model": "/models/smol\\u0000lm2", "calibration": {"file": "c4.utf8"}}'
+    with TestClient(create_app(config)) as client:
+        error = _error(client.post("/v1/jobs", content=body, headers=JSON), 422, "model: contains U+0000 (NUL)")
+        assert error["type"] == "invalid_request"
+        for field in ("calibration", "evaluation"):
+            spec = {"model": "org/x", field: {"file": f"{tmp_path}/c4\u0000.utf8"}}
+            _error(client.post("/v1/jobs", json=spec), 422, f"{field}.file: contains U+0000 (NUL)")
 
 
 def test_door_messages_say_which_of_file_folder_empty_blank(api: Api) -> None:
