@@ -260,3 +260,22 @@ def test_artifacts_api_and_download_take_one_part(api: Api, tmp_path: Path, monk
     assert result.exit_code == 0 and result.stdout.startswith(f"{dense}: ")
     assert (dense / "model.safetensors").is_file() and not (dense / "report.json").exists()
     assert not (dense / "packed").exists()
+
+
+def test_only_the_embedded_root_warning_is_silenced() -> None:
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
+    from secateurs.workers.cli import quiet_embedded_root_warning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_embedded_root_warning()
+        warnings.warn(SecurityWarning("You're running the worker with superuser privileges: ..."), stacklevel=1)
+        warnings.warn(SecurityWarning("insecure content type 'pickle'"), stacklevel=1)
+        warnings.warn(UserWarning("You're running the worker with superuser privileges"), stacklevel=1)
+    assert [str(w.message) for w in seen] == [
+        "insecure content type 'pickle'",
+        "You're running the worker with superuser privileges",
+    ]
