@@ -29,7 +29,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, TypeVar
@@ -388,9 +388,11 @@ class SecateursClient:
         result: dict[str, Any] = self._request("GET", f"{self._job_path(job_id)}/report").json()
         return result
 
-    def artifacts(self, job_id: str) -> ArtifactList:
-        """``GET /v1/jobs/{id}/artifacts``: the files of a succeeded job's output folder."""
-        return self._parse(ArtifactList, self._request("GET", f"{self._job_path(job_id)}/artifacts"))
+    def artifacts(self, job_id: str, parts: Collection[str] | None = None) -> ArtifactList:
+        """``GET /v1/jobs/{id}/artifacts``: the files of a succeeded job's output folder (or of its ``parts``:
+        ``dense``, ``packed``, ``report``)."""
+        params = {"part": list(parts)} if parts else None
+        return self._parse(ArtifactList, self._request("GET", f"{self._job_path(job_id)}/artifacts", params=params))
 
     def upload(self, source: Path, kind: Literal["model", "text"]) -> Upload:
         """``POST /v1/uploads``: stream a text file, or a model folder packed as a tar (files at its root).
@@ -498,22 +500,43 @@ class SecateursClient:
 
     # --- downloads ----------------------------------------------------------------------------------------
 
-    def download(self, job_id: str, output: Path, *, overwrite: bool = False) -> ArtifactList:
-        """Stream the job's output folder (``artifacts.tar``) into ``output``, whole or not at all.
+    def download(
+        self,
+        job_id: str,
+        output: Path,
+        *,
+        overwrite: bool = False,
+        parts: Collection[str] | None = None,
+        announce: Callable[[ArtifactList], None] | None = None,
+    ) -> ArtifactList:
+        """Stream the job's output folder (``artifacts.tar``), or only its ``parts``, into ``output``, whole or not
+        at all.
 
-        ``output`` must be absent or empty unless ``overwrite``. The archive goes into a temporary sibling folder,
-        is checked member by member (:func:`safe_member_path`) and against the artifact listing (names and
-        sizes), and is renamed into place only then; on any error the temporary folder is removed.
+        ``parts``: any of ``dense`` (the Hugging Face checkpoint), ``packed`` (``packed/``) and ``report``
+        (``report.json``); None takes everything. ``announce`` sees the listing (files, total size) before the
+        first byte is fetched. ``output`` must be absent or empty unless ``overwrite``. The archive goes into a
+        temporary sibling folder, is checked member by member (:func:`safe_member_path`) and against the artifact
+        listing (names and sizes), and is renamed into place only then; on any error the temporary folder is
+        removed.
         """
         output = Path(os.path.abspath(output))
         _check_output(output, overwrite=overwrite)
-        listing = self.artifacts(job_id)
+        listing = self.artifacts(job_id, parts)
+        if not listing.data:
+            raise ClientError(
+                f"job {job_id} has no {' or '.join(parts or ['output'])} files to download",
+                hint="a packed copy exists only for N:M patterns (report.json 'packed' says why not); "
+                "`secateurs download --only dense` takes the Hugging Face checkpoint",
+            )
+        if announce is not None:
+            announce(listing)
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{output.name}-", dir=output.parent))
         path = f"{self._job_path(job_id)}/artifacts.tar"
+        params = {"part": list(parts)} if parts else None
         try:
             try:
-                with self._http.stream("GET", path, timeout=STREAM_TIMEOUT) as response:
+                with self._http.stream("GET", path, params=params, timeout=STREAM_TIMEOUT) as response:
                     self._raise_for_error(response)
                     extract_tar_stream(response.iter_bytes(), tmp)
             except httpx.TransportError as exc:

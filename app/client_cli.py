@@ -28,10 +28,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from secateurs.app.artifacts import PARTS
 from secateurs.app.cli import cli, err_console, fail, spec_from_options, spec_options, user_errors
 from secateurs.app.client import SecateursClient, idempotency_key_for
 from secateurs.app.errors import InvalidSpecError, SecateursError
-from secateurs.app.schemas import Job, JobEvent, JobSpec, JobState, describe_validation_error
+from secateurs.app.schemas import ArtifactList, Job, JobEvent, JobSpec, JobState, describe_validation_error
 from secateurs.app.settings import get_settings
 
 EXIT_JOB_FAILED = 1
@@ -389,22 +390,65 @@ def cancel(job_id: str, server: str | None, api_key: str | None) -> None:
         click.echo(f"{job.id} {job.state.value}: cancel requested, it stops at the next block")
 
 
+def human_size(size: int) -> str:
+    """Bytes as people read them (decimal units, as the README's sizes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def announce_download(job_id: str, output: str) -> Callable[[ArtifactList], None]:
+    """What `download` says on stderr before the first byte: how many files, how large, into where."""
+
+    def announce(listing: ArtifactList) -> None:
+        parts = f" ({', '.join(listing.parts)})" if listing.parts else ""
+        err_console.print(
+            f"downloading {job_id}{parts}: {len(listing.data)} files, {human_size(listing.size)}, into {output}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    return announce
+
+
 @cli.command()
 @click.argument("job_id", metavar="JOB")
 @click.option(
     "--output", "-o", type=click.Path(file_okay=False), required=True, help="Folder to write (absent or empty)."
 )
+@click.option(
+    "--only",
+    "parts",
+    type=click.Choice(PARTS),
+    multiple=True,
+    help="Take only this part (repeatable): dense (the Hugging Face checkpoint), packed (the packed N:M copy, "
+    "packed/), report (report.json). Default: everything.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it holds something (after the download).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
 @server_options
-def download(job_id: str, output: str, overwrite: bool, server: str | None, api_key: str | None) -> None:
-    """Download a succeeded job's output folder: the pruned HF model and report.json, as `prune` writes them.
+def download(
+    *,
+    job_id: str,
+    output: str,
+    parts: tuple[str, ...],
+    overwrite: bool,
+    as_json: bool,
+    server: str | None,
+    api_key: str | None,
+) -> None:
+    """Download a succeeded job's output folder, as `prune` writes it, or only some of its parts.
 
-    Streamed into a temporary folder beside OUTPUT, checked (no absolute paths, '..' or links; every listed
-    file with its size), then renamed: OUTPUT appears whole or not at all.
+    The size is printed (on stderr) before the download starts. Streamed into a temporary folder beside OUTPUT,
+    checked (no absolute paths, '..' or links; every listed file with its size), then renamed: OUTPUT appears
+    whole or not at all. The result (folder, files, bytes) goes to stdout.
 
     \b
-    Example:
-      secateurs download "$JOB" --output out/llama-2of4
+    Examples:
+      secateurs download "$JOB" --output out/llama-2of4                  # everything
+      secateurs download "$JOB" --output out/llama-2of4 --only dense --only report
+      secateurs download "$JOB" --output out/llama-packed --only packed   # then: secateurs unpack
     """
     with user_errors(), open_client(server, api_key) as client:
         job = client.job(job_id)
@@ -415,9 +459,20 @@ def download(job_id: str, output: str, overwrite: bool, server: str | None, api_
                 if not job.state.terminal
                 else f"`secateurs status {job.id}` says why",
             )
-        listing = client.download(job.id, Path(output), overwrite=overwrite)
-    size = sum(artifact.size for artifact in listing.data)
-    err_console.print(f"{len(listing.data)} files ({size / 1e6:.1f} MB) in {output}", highlight=False)
+        listing = client.download(
+            job.id, Path(output), overwrite=overwrite, parts=parts or None, announce=announce_download(job.id, output)
+        )
+    if as_json:
+        result = {
+            "job": job.id,
+            "output": os.path.abspath(output),
+            "parts": listing.parts or list(PARTS),
+            "files": [artifact.model_dump() for artifact in listing.data],
+            "size": listing.size,
+        }
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{output}: {len(listing.data)} files, {human_size(listing.size)}")
 
 
 # --- batch ----------------------------------------------------------------------------------------------

@@ -101,6 +101,20 @@ class IdempotencyConflictError(SecateursError):
     code = "idempotency_conflict"
 
 
+class InvalidRequestError(SecateursError):
+    """A request that no job spec problem explains: an unknown list cursor, a header the API cannot use."""
+
+    status_code = 422
+    code = "invalid_request"
+
+
+class UnsupportedMediaTypeError(SecateursError):
+    """A body sent with a Content-Type the route does not read (a JSON route given text/plain, a form)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class PathNotAllowedError(SecateursError):
     """A local path outside the server's allow-listed roots (or with ``..``, or escaping by a symlink)."""
 

@@ -39,7 +39,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Fail fast when Redis is down, instead of hanging an API request.
         transport |= {"socket_connect_timeout": 5, "socket_timeout": 30, "max_retries": 2}
     return {
-        "broker_url": settings.broker_url or "filesystem://",
+        # The filesystem transport ignores the host; naming one keeps Kombu from warning "No hostname was supplied".
+        "broker_url": settings.broker_url or "filesystem://localhost//",
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "result_backend": None,

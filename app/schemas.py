@@ -6,15 +6,34 @@ A :class:`JobSpec` is validated once, where it enters (CLI flags, JSON body), an
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from secateurs.app.errors import InvalidSpecError
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _json_number(value: object) -> str:
+    """A number as JSON (or Python) would have spelt it: NaN, Infinity, -Infinity, else its repr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
+
+
+def error_message(error: ErrorDetails) -> str:
+    """One validation problem in words: pydantic's message, with non-finite numbers named as such."""
+    if error["type"] == "finite_number":
+        return f"{_json_number(error.get('input'))} is not a finite number (NaN and ±Infinity are never accepted)"
+    if error["type"] == "string_unicode":
+        return "not valid Unicode text (a lone surrogate escape such as \\ud800 names no character)"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -22,9 +41,33 @@ def describe_validation_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"])
-        message = str(error["msg"]).removeprefix("Value error, ")
+        message = error_message(error)
         lines.append(message if not field or message.startswith(field) else f"{field}: {message}")
     return "; ".join(lines)
+
+
+_CONTROL_NAMES = {0: "NUL", 9: "TAB", 10: "LF, a newline", 13: "CR", 27: "ESC", 127: "DEL"}
+
+
+def plain_text(value: str) -> str:
+    """``value`` unchanged if it holds no control character (C0, DEL, C1) and no lone surrogate.
+
+    No path, name or id needs one, and each breaks something downstream: a NUL every file-system call and every
+    PostgreSQL text column, a lone surrogate every UTF-8 encoder, a newline the logs.
+    """
+    for index, char in enumerate(value):
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cs"):
+            code = ord(char)
+            name = _CONTROL_NAMES.get(code, "a lone surrogate" if category == "Cs" else "a control character")
+            raise ValueError(
+                f"contains U+{code:04X} ({name}) at character {index + 1}: paths, names and ids must be plain text"
+            )
+    return value
+
+
+PlainStr = Annotated[str, AfterValidator(plain_text)]
+"""A string with no control characters: every path, name and id of a job spec."""
 
 
 class Method(StrEnum):
@@ -58,6 +101,11 @@ def parse_pattern(text: str) -> tuple[int, int] | float:
             f"pattern {text!r} is neither N:M nor a ratio",
             hint="write N:M (e.g. 2:4) or the fraction of weights to prune (e.g. 0.5)",
         ) from None
+    if not math.isfinite(ratio):
+        raise InvalidSpecError(
+            f"pattern {text!r} is not a finite number",
+            hint="write N:M (e.g. 2:4) or the fraction of weights to prune (e.g. 0.5)",
+        )
     if not 0.0 < ratio < 1.0:
         raise InvalidSpecError(
             f"pattern {text!r}: an unstructured sparsity ratio must lie strictly between 0 and 1",
@@ -73,6 +121,7 @@ def _normalize_pattern(text: str) -> str:
 
 PatternStr = Annotated[
     str,
+    AfterValidator(plain_text),
     AfterValidator(_normalize_pattern),
     Field(description="'N:M' (keep at most N of every M consecutive weights, e.g. '2:4') or a ratio in (0, 1)."),
 ]
@@ -88,11 +137,17 @@ class TextSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    file: str | None = Field(default=None, description="Path of a UTF-8 text file, read byte-exact.")
-    dataset: str | None = Field(default=None, description="Hugging Face dataset name, e.g. 'wikitext'.")
-    dataset_config: str | None = Field(default=None, description="Dataset configuration, e.g. 'wikitext-2-raw-v1'.")
-    split: str = Field(default="test", description="Dataset split.")
-    text_field: str = Field(default="text", description="Column holding the text.")
+    file: PlainStr | None = Field(
+        default=None, min_length=1, max_length=4096, description="Path of a UTF-8 text file, read byte-exact."
+    )
+    dataset: PlainStr | None = Field(
+        default=None, min_length=1, max_length=256, description="Hugging Face dataset name, e.g. 'Salesforce/wikitext'."
+    )
+    dataset_config: PlainStr | None = Field(
+        default=None, max_length=256, description="Dataset configuration, e.g. 'wikitext-2-raw-v1'."
+    )
+    split: PlainStr = Field(default="test", min_length=1, max_length=256, description="Dataset split.")
+    text_field: PlainStr = Field(default="text", min_length=1, max_length=256, description="Column holding the text.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
@@ -109,15 +164,17 @@ class TextSource(BaseModel):
 class JobSpec(BaseModel):
     """One pruning job: which model, how to prune it, how to measure it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
-    model: str = Field(
+    model: PlainStr = Field(
         min_length=1,
         max_length=4096,
         description="Hugging Face hub id (org/name), a local folder with config.json and *.safetensors, "
         "or upload:<id> (service only).",
     )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    revision: PlainStr | None = Field(
+        default=None, min_length=1, max_length=256, description="Hub revision (branch, tag or commit)."
+    )
     method: Method = Method.SPARSEGPT
     pattern: PatternStr = "2:4"
     calibration: TextSource | None = Field(
@@ -152,7 +209,7 @@ class JobSpec(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Compute and output dtype; 'auto' is float32 on CPU, bfloat16 on CUDA."
     )
-    exclude: tuple[str, ...] = Field(
+    exclude: tuple[Annotated[PlainStr, Field(min_length=1, max_length=512)], ...] = Field(
         default=(),
         description="fnmatch patterns of linear-layer names to leave dense, e.g. '*.down_proj' or "
         "'model.layers.0.*'. Embeddings and lm_head are never pruned.",
@@ -621,7 +678,13 @@ class ArtifactList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[Artifact]
-    archive: str = Field(description="URL path of the whole folder as one streamed .tar archive.")
+    archive: str = Field(description="URL path of these files as one streamed .tar archive.")
+    size: int = Field(default=0, description="Bytes of the listed files together.")
+    parts: list[Literal["dense", "packed", "report"]] = Field(
+        default_factory=list,
+        description="The parts listed (dense: the HF checkpoint; packed: packed/; report: report.json); "
+        "empty: the whole folder.",
+    )
 
 
 class Upload(BaseModel):

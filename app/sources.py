@@ -2,27 +2,141 @@
 
 A model is a hub id (+ revision), an absolute local path under one of the allow-listed roots, or
 ``upload:<id>`` (an archive uploaded before). Texts likewise: a dataset name, an allow-listed file, or an upload.
-Local paths are refused when they contain ``..`` or resolve (symlinks followed) outside every root. A model
+Local paths are refused when they contain ``..`` or resolve (symlinks followed) outside every root. What the
+server can see is checked here, each problem with its own message: a path too long for the file system, a
+missing path, a file where a folder is expected and the reverse, an empty or whitespace-only text. A model
 folder's ``config.json`` is checked before anything loads it: safetensors only, no remote code, no
-quantization config. Nothing here imports torch; the worker repeats the checks that need transformers.
+quantization config. Nothing here imports torch; the worker repeats the checks that need transformers (and a
+tokenizer: a text too short for one window is a job failure that says how many tokens it has and needs).
 """
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
+import os
 import re
+import stat
 from pathlib import Path, PurePosixPath
 
-from secateurs.app.errors import DataSourceError, ModelSourceError, PathNotAllowedError
+from secateurs.app.errors import DataSourceError, ModelSourceError, PathNotAllowedError, SecateursError
 from secateurs.app.schemas import JobSpec, TextSource
 
 UPLOAD_PREFIX = "upload:"
 _UPLOAD_ID = re.compile(r"^upl_[0-9a-f]{20}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+NAME_MAX = 255  # bytes in one path component (Linux, macOS, Windows)
+PATH_MAX = 4095  # bytes in a whole path (Linux's 4096 with its terminating NUL)
+_WHITESPACE_SCAN = 64 << 20  # a longer text is not read to its end at the door: the worker checks it anyway
+
+
+def _error_for(what: str) -> type[SecateursError]:
+    return ModelSourceError if what == "model" else DataSourceError
+
+
+def _kind(path: Path, what: str, shown: str) -> str:
+    """'file', 'folder', 'other' or 'missing' for ``path`` (symlinks followed); unreadable is an error."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        raise _error_for(what)(
+            f"{what} path {shown} cannot be read here ({exc.strerror or exc})",
+            hint="check the path and that the server may read it",
+        ) from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def check_model_path(folder: Path, shown: str) -> None:
+    """``folder`` is an existing folder holding a usable model (:func:`check_model_folder`); else why not."""
+    kind = _kind(folder, "model", shown)
+    if kind == "missing":
+        raise ModelSourceError(
+            f"model folder {shown} does not exist", hint="pass an existing model folder, or a hub id like org/name"
+        )
+    if kind == "file":
+        raise ModelSourceError(
+            f"model path {shown} is a file, not a folder",
+            hint=f"a model is a Hugging Face folder (config.json + *.safetensors): pass the folder, e.g. "
+            f"{PurePosixPath(shown).parent}",
+        )
+    if kind != "folder":
+        raise ModelSourceError(f"model path {shown} is not a folder", hint="pass a Hugging Face model folder")
+    check_model_folder(folder)
+
+
+def check_text_file(path: Path, what: str, shown: str) -> None:
+    """``path`` is a regular file with some text in it (not only whitespace); else a message naming the problem.
+
+    The bytes are read only until the first non-whitespace character (the first few, for any real text).
+    """
+    kind = _kind(path, what, shown)
+    if kind == "missing":
+        raise DataSourceError(f"{what} file {shown} does not exist", hint="pass the path of an existing text file")
+    if kind == "folder":
+        raise DataSourceError(
+            f"{what} path {shown} is a folder, not a text file",
+            hint=f"pass the text file itself, e.g. {PurePosixPath(shown) / 'wiki.test.raw'}",
+        )
+    if kind != "file":
+        raise DataSourceError(f"{what} path {shown} is not a regular file", hint="pass the path of a UTF-8 text file")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataSourceError(f"{what} file {shown} is empty (0 bytes)", hint="give a file with real text in it")
+    if _only_whitespace(path, what, shown):
+        raise DataSourceError(
+            f"{what} file {shown} holds only whitespace ({size} bytes)", hint="give a file with real text in it"
+        )
+
+
+def _only_whitespace(path: Path, what: str, shown: str) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    seen = 0
+    try:
+        with path.open("rb") as fh:
+            while seen < _WHITESPACE_SCAN and (chunk := fh.read(1 << 16)):
+                seen += len(chunk)
+                if decoder.decode(chunk).strip():
+                    return False
+    except OSError as exc:
+        raise DataSourceError(
+            f"{what} file {shown} cannot be read here ({exc.strerror or exc})",
+            hint="check the path and that the server may read it",
+        ) from None
+    return seen < _WHITESPACE_SCAN and not decoder.decode(b"", final=True).strip()
+
+
+def _check_lengths(raw: str, what: str) -> None:
+    """Paths the file system cannot hold are named as such (ENAMETOOLONG), before any system call sees them."""
+    encoded = os.fsencode(raw)
+    if len(encoded) > PATH_MAX:
+        raise _error_for(what)(
+            f"{what} path is {len(encoded)} bytes long; a path has at most {PATH_MAX}",
+            hint="send the real path of the file or folder",
+        )
+    for part in PurePosixPath(raw).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise _error_for(what)(
+                f"{what} path has a component of {len(os.fsencode(part))} bytes ({part[:32]!r}…); a file or folder "
+                f"name has at most {NAME_MAX}",
+                hint="send the real path of the file or folder",
+            )
 
 
 def check_model_folder(folder: Path) -> None:
     """Safetensors weights, a readable config.json with a model_type, no remote code, no quantization."""
+    try:
+        _check_model_folder(folder)
+    except OSError as exc:
+        raise ModelSourceError(
+            f"model folder {folder} cannot be read here ({exc.strerror or exc})",
+            hint="check the folder and that the server may read it",
+        ) from None
+
+
+def _check_model_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder} has no config.json", hint="pass a Hugging Face model folder")
     if not any(folder.glob("*.safetensors")):
@@ -60,13 +174,21 @@ def allowed_path(raw: str, roots: list[Path], what: str) -> Path:
         )
     if ".." in PurePosixPath(raw).parts:
         raise PathNotAllowedError(f"{what} path {raw!r} contains '..'", hint="send the plain absolute path")
+    _check_lengths(raw, what)
     if not roots:
         raise PathNotAllowedError(
             f"this server reads no local paths ({what} {raw!r})",
             hint="upload the files (POST /v1/uploads), use a hub id, or ask the operator to set "
             "SECATEURS_ALLOWED_ROOTS",
         )
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a loop: RuntimeError before 3.13; NUL: ValueError
+        code = errno.errorcode.get(getattr(exc, "errno", None) or 0, "")
+        raise _error_for(what)(
+            f"{what} path {raw!r} cannot be resolved ({code or type(exc).__name__}: {exc})",
+            hint="send the real path; a symlink loop or an unreadable folder stops the lookup",
+        ) from None
     for root in roots:
         if resolved.is_relative_to(root.resolve()):
             return resolved
@@ -78,11 +200,16 @@ def allowed_path(raw: str, roots: list[Path], what: str) -> Path:
     )
 
 
+def is_upload_id(text: str) -> bool:
+    """What ``POST /v1/uploads`` hands out: ``upl_`` and 20 hex digits."""
+    return _UPLOAD_ID.fullmatch(text) is not None
+
+
 def upload_path(raw: str, uploads: Path, kind: str) -> Path:
     """The stored file or folder of ``upload:<id>``."""
     upload_id = raw.removeprefix(UPLOAD_PREFIX)
     target = uploads / upload_id / kind
-    if not _UPLOAD_ID.match(upload_id) or not target.exists():
+    if not is_upload_id(upload_id) or not target.exists():
         raise DataSourceError(
             f"no {kind} upload {upload_id!r}",
             hint=f"upload it first (POST /v1/uploads?kind={kind}) and use the id it returns",
@@ -97,8 +224,7 @@ def _text(source: TextSource | None, roots: list[Path], uploads: Path, what: str
         path = upload_path(source.file, uploads, "text")
     else:
         path = allowed_path(source.file, roots, what)
-        if not path.is_file():
-            raise DataSourceError(f"{what} file {source.file} does not exist", hint="pass an existing text file")
+    check_text_file(path, what, source.file)
     return source.model_copy(update={"file": str(path)})
 
 
@@ -111,11 +237,9 @@ def resolve_sources(spec: JobSpec, roots: list[Path], uploads: Path) -> JobSpec:
         model = str(folder)
     elif model.startswith(("/", ".", "~")) or ".." in PurePosixPath(model).parts:
         folder = allowed_path(model, roots, "model")
-        if not folder.is_dir():
-            raise ModelSourceError(f"model folder {model} does not exist", hint="pass an existing model folder")
-        check_model_folder(folder)
+        check_model_path(folder, model)
         model = str(folder)
-    elif not _HUB_ID.match(model):
+    elif not _HUB_ID.fullmatch(model):
         raise ModelSourceError(
             f"model {model!r} is neither a hub id (org/name) nor an absolute path nor upload:<id>",
             hint="e.g. HuggingFaceTB/SmolLM2-135M-Instruct, /models/my-llama, or upload:upl_…",

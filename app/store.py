@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from secateurs.app.db import EventRow, JobRow, make_engine, utcnow
 from secateurs.app.errors import IdempotencyConflictError, JobNotFoundError, JobStateError
 from secateurs.app.schemas import Job, JobError, JobEvent, JobProgress, JobResult, JobSpec, JobState
+
+JOB_ID = re.compile(r"job_[0-9a-f]{20}")
+"""What :func:`new_job_id` makes; anything else is no job, answered before the database sees it."""
 
 
 def new_job_id() -> str:
@@ -174,7 +178,8 @@ class JobStore:
 
     def get(self, job_id: str) -> Job:
         with self._session() as session:
-            row = session.get(JobRow, job_id)
+            # A malformed id (a NUL, say, which PostgreSQL refuses in text) never reaches the database.
+            row = session.get(JobRow, job_id) if JOB_ID.fullmatch(job_id) else None
             if row is None:
                 raise JobNotFoundError(f"no job {job_id!r}", hint="list jobs with GET /v1/jobs")
             return to_job(row)

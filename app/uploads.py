@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from secateurs.app.errors import DataSourceError, ModelSourceError, UploadTooLargeError
 from secateurs.app.schemas import Upload
-from secateurs.app.sources import check_model_folder
+from secateurs.app.sources import check_model_folder, is_upload_id
 
 Kind = Literal["model", "text"]
 _META = "upload.json"
@@ -163,6 +163,6 @@ async def save_upload(chunks: AsyncIterator[bytes], kind: Kind, root: Path, cap:
 
 def read_upload(root: Path, upload_id: str) -> Upload | None:
     meta = root / upload_id / _META
-    if not upload_id.startswith("upl_") or "/" in upload_id or not meta.is_file():
+    if not is_upload_id(upload_id) or not meta.is_file():  # a malformed id never reaches the file system
         return None
     return Upload.model_validate(json.loads(meta.read_text(encoding="utf-8")))

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -118,11 +118,17 @@ def fetch_assets(
     )
 
 
-def find_wikitext2(override: Path | None = None) -> Path | None:
+def search_starts() -> tuple[Path, ...]:
+    """Where :func:`find_wikitext2` starts looking: the working directory and the repository holding this file."""
+    return Path.cwd().resolve(), Path(__file__).resolve().parents[1]
+
+
+def find_wikitext2(override: Path | None = None, *, search_from: Sequence[Path] | None = None) -> Path | None:
     """The WikiText-2 raw test split: ``override`` if given, else the first ``shared/data/...`` found.
 
-    The search looks at the current working directory, the repository holding this file, and all their
-    parents. An ``override`` that does not exist is an :class:`AssetError`; a failed search returns None.
+    The search looks at ``search_from`` (default :func:`search_starts`: the current working directory and the
+    repository holding this file) and all their parents. An ``override`` that does not exist is an
+    :class:`AssetError`; a failed search returns None.
     """
     if override is not None:
         candidate = Path(override).expanduser()
@@ -134,9 +140,9 @@ def find_wikitext2(override: Path | None = None) -> Path | None:
                 f"pass the path of {WIKITEXT2_RELPATH.name} or of the folder holding it",
             )
         return candidate.resolve()
-    repo = Path(__file__).resolve().parents[1]
     seen: set[Path] = set()
-    for start in (Path.cwd().resolve(), repo):
+    starts = [Path(start).resolve() for start in (search_from if search_from is not None else search_starts())]
+    for start in starts:
         for base in (start, *start.parents):
             if base in seen:
                 continue

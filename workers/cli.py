@@ -6,6 +6,7 @@ Torch is imported only when such a command runs, so ``secateurs --help`` stays f
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 import secateurs.app.client_cli
-import secateurs.app.server_cli  # noqa: F401  (registers serve, db, api-key)
+import secateurs.app.server_cli  # registers serve, db, api-key
 from secateurs.app.cli import cli, fail, spec_from_options, spec_options, user_errors
 from secateurs.app.schemas import JobSpec, Method
 from secateurs.app.settings import get_settings
+from secateurs.app.texts import describe_text
 
 console = Console(stderr=True)
 
@@ -40,8 +43,11 @@ console = Console(stderr=True)
     help="Folder to write (must not exist).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, after success).")
-def prune(output: str, overwrite: bool, **options: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout instead of the summary table.")
+def prune(output: str, overwrite: bool, as_json: bool, **options: Any) -> None:
     """Prune MODEL (a local HF folder or a hub id) here, and write OUTPUT: an HF folder + report.json.
+
+    Progress goes to stderr, the summary (or with --json the report) to stdout.
 
     \b
     Example (protocol P-CPU of the benchmarks):
@@ -82,7 +88,15 @@ def prune(output: str, overwrite: bool, **options: Any) -> None:
                     progress.update(task, description=event.message, note="")
 
             report = run_job(spec, on_progress, output_dir=Path(output), overwrite=overwrite)
-        _print_summary(report.model_dump(mode="json"), output)
+        _print_result(report.model_dump(mode="json"), output, as_json)
+
+
+def _print_result(report: dict[str, Any], output: str, as_json: bool) -> None:
+    """A finished job's result on stdout: the summary table, or the whole report as JSON."""
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_summary(report, output)
 
 
 def _print_summary(report: dict[str, Any], output: str) -> None:
@@ -97,6 +111,8 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
             f"{p['windows']} × {p['window']} tokens ({p['predicted_tokens']} predicted), "
             f"BOS {'yes' if p['bos'] else 'no'}",
         )
+        table.add_row("evaluation text", Text(describe_text(p["text"], p["text_sha256"])))
+        table.add_row("text sha256", p["text_sha256"])
     s = report["sparsity"]
     table.add_row("pattern verified", "yes" if s["verified"] else "[red]NO[/]")
     table.add_row(
@@ -118,7 +134,7 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
     if report.get("speed"):
         table.add_row("speed", f"measured on {report['speed']['conditions']['device_name']} (report.json 'speed')")
     table.add_row("output", f"{output} (report.json inside)")
-    console.print(table)
+    secateurs.app.client_cli.out_console().print(table)  # the result: stdout (progress and logs: stderr)
 
 
 @cli.command()
@@ -132,28 +148,48 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
 )
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="sparsegpt", show_default=True)
 @click.option("--calibration-samples", type=int, default=64, show_default=True, help="Windows of 512 tokens.")
-@click.option("--eval-windows", type=int, default=64, show_default=True, help="WikiText-2 windows of 512 tokens.")
+@click.option(
+    "--eval-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Evaluate on this text file (e.g. WikiText-2's wiki.test.raw) instead of looking for WikiText-2.",
+)
+@click.option("--eval-windows", type=int, default=64, show_default=True, help="Evaluation windows of 512 tokens.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it holds something.")
-def quickstart(output: str, overwrite: bool, **options: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout instead of the summary table.")
+def quickstart(output: str, overwrite: bool, as_json: bool, **options: Any) -> None:
     """The main job on embedded defaults, through the service: nothing to install or start beforehand.
 
     \b
-    1. fetches the offline assets (SmolLM2-135M-Instruct, c4 calibration text, WikiText-2) if missing;
-    2. starts `secateurs serve` in embedded mode (API + one Celery worker, SQLite store, filesystem broker,
+    1. fetches the offline assets (SmolLM2-135M-Instruct, c4 calibration text) if missing;
+    2. chooses the evaluation text: --eval-file if given, else the WikiText-2 raw test split from
+       shared/data/wikitext-2-raw/wiki.test.raw (beside the working directory or the repository) or from the
+       Hugging Face hub (Salesforce/wikitext, needs the 'datasets' package); when none is there it says so,
+       loudly, and evaluates on the offline substitute, exllamav2's wiki.utf8 (Wikipedia text, NOT WikiText-2);
+    3. starts `secateurs serve` in embedded mode (API + one Celery worker, SQLite store, filesystem broker,
        in $SECATEURS_DATA_DIR) on a free local port;
-    3. submits SparseGPT 2:4 on SmolLM2 (protocol P-CPU: 64 × 512 calibration tokens, 64 WikiText-2 windows),
-       follows it live (block i/N, ETA), downloads the pruned model and report, prints the summary;
-    4. stops the server. The same REST + Celery path as `serve` / `submit` / `wait` / `download`.
+    4. submits SparseGPT 2:4 on SmolLM2 (protocol P-CPU: 64 × 512 calibration tokens, 64 evaluation windows
+       of 512 tokens), follows it live (block i/N, ETA), downloads the pruned model and report;
+    5. stops the server and prints the summary on stdout (with --json: report.json); it names the evaluation
+       text and its sha256. The same REST + Celery path as `serve` / `submit` / `wait` / `download`.
     """
-    from secateurs.app.client_cli import JobDisplay, open_client
+    from rich.panel import Panel
+
+    from secateurs.app.client_cli import JobDisplay, announce_download, open_client
     from secateurs.app.schemas import JobState, TextSource
     from secateurs.app.server_cli import embedded_server
     from secateurs.workers.assets import fetch_assets
+    from secateurs.workers.evaltext import quickstart_eval_text
 
     with user_errors():
         settings = get_settings()
         assets = fetch_assets(settings.cache_dir, log=lambda line: console.print(line, highlight=False))
+        evaluation = quickstart_eval_text(assets.wiki, eval_file=options["eval_file"])
+        if evaluation.notice:
+            console.print(Panel(Text(evaluation.notice), title="NOT WikiText-2", border_style="bold red"))
+        else:
+            console.print(f"evaluation text: {evaluation.label}", highlight=False, markup=False, soft_wrap=True)
         method = Method(options["method"])
         spec = JobSpec(
             model=str(assets.smollm2),
@@ -163,7 +199,7 @@ def quickstart(output: str, overwrite: bool, **options: Any) -> None:
             calibration_samples=options["calibration_samples"],
             calibration_seqlen=512,
             seed=0,
-            evaluation=TextSource(file=str(assets.wikitext2_test or assets.wiki)),
+            evaluation=evaluation.source,
             eval_seqlen=512,
             eval_windows=options["eval_windows"],
             device=options["device"],
@@ -180,9 +216,14 @@ def quickstart(output: str, overwrite: bool, **options: Any) -> None:
                     f"job {job.id} {job.state.value}: {error.message if error else 'no reason recorded'}",
                     error.hint if error else None,
                 )
-            client.download(job.id, Path(output), overwrite=overwrite)
+            client.download(job.id, Path(output), overwrite=overwrite, announce=announce_download(job.id, output))
     report = json.loads((Path(output) / "report.json").read_text(encoding="utf-8"))
-    _print_summary(report, output)
+    _print_result(report, output, as_json)
+    if evaluation.notice:
+        console.print(
+            Text("note: ", style="bold red") + Text(f"these perplexities are on {evaluation.label} (see above)"),
+            soft_wrap=True,
+        )
 
 
 @cli.command("fetch-assets")
@@ -212,6 +253,13 @@ def fetch_assets_command(cache_dir: str | None, force: bool, as_json: bool) -> N
     else:
         for name, path in paths.items():
             click.echo(f"{name:15} {path}")
+    if assets.wikitext2_test is None:
+        console.print(
+            "wikitext2_test: no shared/data/wikitext-2-raw/wiki.test.raw here. `secateurs quickstart` then takes "
+            "WikiText-2 from the Hugging Face hub, or else evaluates on 'wiki' (exllamav2's wiki.utf8: Wikipedia "
+            "text, NOT WikiText-2) and says so.",
+            highlight=False,
+        )
 
 
 @cli.command()
@@ -235,6 +283,8 @@ def worker(loglevel: str, hostname: str | None) -> None:
 
     with user_errors():
         settings = get_settings()
+        if settings.embedded:
+            quiet_embedded_root_warning()
         if settings.store_url.startswith("sqlite"):
             upgrade(settings.store_url)
         store = JobStore(settings.store_url)
@@ -259,11 +309,26 @@ def worker(loglevel: str, hostname: str | None) -> None:
     )
 
 
+def quiet_embedded_root_warning() -> None:
+    """Embedded mode only: drop Celery's SecurityWarning about a worker running as root, and nothing else.
+
+    The warning is about consuming a network broker's messages with superuser rights. An embedded worker's
+    broker is a folder of the same user's data directory, written only by that user's own API: there is nothing
+    to warn about, and a user who reads the warning takes it for a fault. With a real broker it stays.
+    """
+    from celery.exceptions import SecurityWarning
+
+    warnings.filterwarnings(
+        "ignore", message="You're running the worker with superuser privileges", category=SecurityWarning
+    )
+
+
 @cli.command()
 @click.argument("packed", type=click.Path(file_okay=False))
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, after success).")
-def unpack(packed: str, output: str, overwrite: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
+def unpack(packed: str, output: str, overwrite: bool, as_json: bool) -> None:
     """Rebuild the plain HF folder (safetensors, config, tokenizer) from a packed N:M folder (OUT_DIR/packed).
 
     Every tensor is rebuilt bit for bit and checked against the sha256 the manifest records.
@@ -272,8 +337,12 @@ def unpack(packed: str, output: str, overwrite: bool) -> None:
 
     with user_errors():
         result = unpack_checkpoint(Path(packed), Path(output), overwrite=overwrite)
+    if as_json:
+        fields = {"tensors": result.tensors, "files": list(result.files), "identical_files": result.identical_files}
+        click.echo(json.dumps({"output": str(Path(output).resolve()), **fields}, indent=2))
+        return
     same = "byte-identical files" if result.identical_files else "identical tensors (file bytes differ)"
-    console.print(f"wrote {output}: {result.tensors} tensors in {', '.join(result.files)}, sha256-checked; {same}")
+    click.echo(f"wrote {output}: {result.tensors} tensors in {', '.join(result.files)}, sha256-checked; {same}")
 
 
 def main() -> None:

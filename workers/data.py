@@ -27,9 +27,16 @@ class LoadedText:
 
 
 def read_text(source: TextSource) -> LoadedText:
-    """The text of a file (exact bytes) or of a Hugging Face dataset split (rows joined by blank lines)."""
+    """The text of a file (exact bytes) or of a Hugging Face dataset split (rows joined by blank lines).
+
+    A dataset's rows are joined as SparseGPT's and GPTQ's ``datautils.get_wikitext2`` join WikiText-2's test
+    split (``"\\n\\n".join(testdata["text"])``): every row, the empty ones included, so that the string, and the
+    perplexity on it, are the papers'.
+    """
     if source.file is not None:
         path = Path(source.file)
+        if path.is_dir():
+            raise DataSourceError(f"text path {path} is a folder, not a text file", hint="pass the text file itself")
         if not path.is_file():
             raise DataSourceError(f"text file {path} does not exist", hint="pass the path of a UTF-8 text file")
         data = path.read_bytes()
@@ -67,7 +74,7 @@ def _dataset_text(source: TextSource) -> str:
             f"dataset {source.describe()} has no column {source.text_field!r}",
             hint=f"choose one of {table.column_names}",
         )
-    return "\n\n".join(row for row in table[source.text_field] if row)
+    return "\n\n".join(row or "" for row in table[source.text_field])
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:

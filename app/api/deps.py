@@ -9,7 +9,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from secateurs.app.errors import AuthenticationError
+from secateurs.app.errors import AuthenticationError, UnsupportedMediaTypeError
 from secateurs.app.schemas import ErrorBody
 from secateurs.app.settings import Settings, hash_api_key
 from secateurs.app.store import JobStore
@@ -32,8 +32,25 @@ def get_celery(request: Request) -> Celery:
 
 # Every error a route may answer, documented once: {"error": {"type", "message", "hint"}}.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503)
 }
+
+
+async def require_json(request: Request) -> None:
+    """A JSON body must come as JSON: FastAPI reads a body of any other Content-Type as raw bytes, which then
+    fails validation as "not a valid dictionary" without naming the real mistake."""
+    if not await request.body():
+        return  # no body: validation says the fields are required
+    content_type = request.headers.get("content-type")
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    sent = f"as Content-Type: {content_type}" if content_type else "without a Content-Type header"
+    raise UnsupportedMediaTypeError(
+        f"{request.method} {request.url.path} reads a JSON body, and this one was sent {sent}",
+        hint="send it with 'Content-Type: application/json' (curl: -H 'Content-Type: application/json')",
+    )
+
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]

@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from secateurs.app.api.deps import ERRORS, CeleryDep, SettingsDep, StoreDep
-from secateurs.app.artifacts import artifact_file, list_artifacts, tar_stream
-from secateurs.app.errors import JobStateError
+from secateurs.app.api.deps import ERRORS, CeleryDep, SettingsDep, StoreDep, require_json
+from secateurs.app.artifacts import PARTS, Part, artifact_file, list_artifacts, tar_stream
+from secateurs.app.errors import InvalidRequestError, JobNotFoundError, JobStateError
 from secateurs.app.queue import send_job
 from secateurs.app.schemas import ArtifactList, Job, JobEvent, JobPage, JobSpec, JobState
 from secateurs.app.settings import Settings
 from secateurs.app.sources import resolve_sources
+from secateurs.app.store import JOB_ID, JobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, "job id"]
 _KEEPALIVE_SECONDS = 15.0
+_KEY = re.compile(r"[\x20-\x7e]{1,200}")
+MAX_EVENT_ID = 2**53  # far above any job's event count; bounds what reaches the database (SQLite: 64-bit)
 
 
 def _output(settings: Settings, job: Job) -> Path:
@@ -35,7 +39,13 @@ def _output(settings: Settings, job: Job) -> Path:
     return settings.artifacts_dir / job.id
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=Job, responses=ERRORS)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Job,
+    responses={200: {"model": Job, "description": "The job a request with the same Idempotency-Key made"}, **ERRORS},
+    dependencies=[Depends(require_json)],
+)
 def create_job(
     spec: JobSpec,
     *,
@@ -49,6 +59,11 @@ def create_job(
     ] = None,
 ) -> Job:
     """Queue a pruning job. Local paths must lie under the server's allowed roots; ``upload:<id>`` names uploads."""
+    if idempotency_key is not None and not _KEY.fullmatch(idempotency_key):
+        raise InvalidRequestError(
+            "the Idempotency-Key header holds characters other than printable ASCII",
+            hint="use letters, digits and punctuation, e.g. 'llama-2of4-v1' (at most 200 characters)",
+        )
     spec = resolve_sources(spec, settings.allowed_roots, settings.uploads_dir)
     job, created = store.create(spec, max_attempts=settings.max_attempts, idempotency_key=idempotency_key)
     if not created:
@@ -59,6 +74,17 @@ def create_job(
     return job
 
 
+def _check_cursor(store: JobStore, after: str) -> None:
+    """A cursor is the id of a job that exists: anything else would silently answer an empty page."""
+    hint = "pass the next_after of the previous page, or leave 'after' out for the first page"
+    if not JOB_ID.fullmatch(after):
+        raise InvalidRequestError(f"after={after!r} is not a job id (job_ and 20 hex digits)", hint=hint)
+    try:
+        store.get(after)
+    except JobNotFoundError:
+        raise InvalidRequestError(f"after={after!r}: there is no such job to continue after", hint=hint) from None
+
+
 @router.get("", response_model=JobPage, responses=ERRORS)
 def list_jobs(
     store: StoreDep,
@@ -66,6 +92,8 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     state: JobState | None = None,
 ) -> JobPage:
+    if after is not None:
+        _check_cursor(store, after)
     jobs, has_more = store.page(after=after, limit=limit, state=state)
     return JobPage(data=jobs, has_more=has_more, next_after=jobs[-1].id if has_more and jobs else None)
 
@@ -99,14 +127,17 @@ async def job_events(
     store: StoreDep,
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
-    after: Annotated[int, Query(ge=0, description="Same as Last-Event-ID, for clients that cannot set it.")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_EVENT_ID, description="Same as Last-Event-ID, for clients that cannot set it.")
+    ] = 0,
 ) -> StreamingResponse:
     """Server-Sent Events: one per state change and per pruned block; ends after the terminal state."""
     await run_in_threadpool(store.get, job_id)  # 404 before the stream starts
-    start = max(after, int(last_event_id) if last_event_id and last_event_id.isdigit() else 0)
+    resume = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
+    start = min(max(after, resume), MAX_EVENT_ID)  # ids beyond any real one mean "nothing older": no SQL overflow
 
     async def stream() -> AsyncIterator[str]:
-        last, idle = start, 0.0
+        last, idle, first = start, 0.0, True
         while True:
             events = await run_in_threadpool(store.events, job_id, last)
             for event in events:
@@ -116,9 +147,14 @@ async def job_events(
                     return
             if events:
                 idle = 0.0
-            elif idle >= _KEEPALIVE_SECONDS:
-                yield ": keep-alive\n\n"
+            elif first or idle >= _KEEPALIVE_SECONDS:
+                # Resumed after the job's last event (or past it): a job that is over has nothing more to say.
+                if (await run_in_threadpool(store.get, job_id)).state.terminal:
+                    return
+                if not first:
+                    yield ": keep-alive\n\n"
                 idle = 0.0
+            first = False
             if await request.is_disconnected():
                 return
             await asyncio.sleep(settings.event_poll_interval)
@@ -136,10 +172,30 @@ def job_report(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Any:
     return json.loads(artifact_file(folder, "report.json").read_text(encoding="utf-8"))
 
 
+PartQuery = Annotated[
+    list[Part] | None,
+    Query(
+        description="Only these parts of the output folder (repeatable): dense (the Hugging Face checkpoint), "
+        "packed (the packed N:M copy in packed/), report (report.json). Default: all of it."
+    ),
+]
+
+
+def _parts_query(part: list[Part] | None) -> str:
+    return "?" + "&".join(f"part={p}" for p in sorted(set(part), key=PARTS.index)) if part else ""
+
+
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
-def job_artifacts(job_id: JobId, store: StoreDep, settings: SettingsDep) -> ArtifactList:
+def job_artifacts(job_id: JobId, store: StoreDep, settings: SettingsDep, part: PartQuery = None) -> ArtifactList:
+    """The files of a succeeded job's output folder (or of some of its parts), with their sizes."""
     folder = _output(settings, store.get(job_id))
-    return ArtifactList(data=list_artifacts(folder), archive=f"/v1/jobs/{job_id}/artifacts.tar")
+    files = list_artifacts(folder, part)
+    return ArtifactList(
+        data=files,
+        archive=f"/v1/jobs/{job_id}/artifacts.tar{_parts_query(part)}",
+        size=sum(artifact.size for artifact in files),
+        parts=sorted(set(part or ()), key=PARTS.index),
+    )
 
 
 @router.get(
@@ -147,11 +203,11 @@ def job_artifacts(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Arti
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}, **ERRORS},
 )
-def job_archive(job_id: JobId, store: StoreDep, settings: SettingsDep) -> StreamingResponse:
-    """The whole output folder (HF checkpoint + report.json) as one tar, streamed."""
+def job_archive(job_id: JobId, store: StoreDep, settings: SettingsDep, part: PartQuery = None) -> StreamingResponse:
+    """The whole output folder (HF checkpoint, packed copy, report.json), or some of its parts, as one tar, streamed."""
     folder = _output(settings, store.get(job_id))
     return StreamingResponse(
-        tar_stream(folder),
+        tar_stream(folder, part),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{job_id}.tar"'},
     )
