@@ -119,6 +119,24 @@ def test_packed_linear_runs_the_forced_kernel(isa: str) -> None:
     assert described.available and f"instruction set {isa} (forced" in described.detail
 
 
+def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for seed, shape in enumerate([(67, 100), (13, 4100), (1, 36)]):  # blocks of 16 rows: a short last one
+            weight = weight_24(shape, torch.float32, seed)
+            packed = pack_nm(weight)
+            for tokens in (1, 17):
+                x = torch.randn(tokens, shape[1])
+                y = cpu.packed_product(x, packed.values, packed.indices, serial_work=0)  # always through the pool
+                assert mismatch(y, F.linear(x, weight)) is None, (shape, tokens)
+        big = pack_nm(weight_24((512, 1024), torch.float32, 9))  # 1.1 MB: above the one-thread size
+        found = cpu.measure_crossover(big.values, big.indices, torch.float32)
+        assert found.serial_work in {kernel.SERIAL_WORK, kernel.ONE_THREAD} and "1 token: 2 threads" in found.how
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_takes_the_best_instruction_set_this_cpu_runs(built: cpu_build.Built) -> None:
     assert cpu.ensure() and cpu.isa_in_use() == built.module.isas_runnable()[-1]
     assert "chosen from the CPU's flags" in cpu.describe().detail
@@ -198,8 +216,8 @@ def test_above_the_crossover_the_dense_tiles_run_and_agree(built: cpu_build.Buil
     weight, bias = weight_24((67, 100), torch.float32, 2), torch.randn(67)
     layer = PackedLinear.from_dense(weight, bias)
     x = torch.randn(5, 100)
-    key = kernel._key(x, layer)
-    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0)
+    key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
+    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
     try:
         assert mismatch(layer(x[:3]), F.linear(x[:3], weight, bias)) is None
         assert layer.last_path == cpu.KERNEL_NAME

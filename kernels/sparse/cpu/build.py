@@ -189,6 +189,7 @@ def build(build_root: Path) -> Built:
     be built or loaded.
     """
     started = time.perf_counter()
+    build_root = build_root.absolute()  # ninja runs inside the build folder: every path it is given must be absolute
     compiler, version = _compiler()
     name = f"{PREFIX}_{cache_key(version)}"
     final = build_root / name

@@ -25,16 +25,19 @@ given to :func:`configure` (the workers pass the setting), else in torch's exten
 :mod:`secateurs.kernels.sparse.cpu.build`. The crossover T is measured at the first call for each (shape, dtypes,
 threads, instruction set): :func:`describe` reports each one and how it was obtained.
 
-Threads: the C++ side runs a product on the calling thread when it streams less than :data:`SERIAL_WORK` bytes,
-else over torch's threads (``at::parallel_for``, so ``torch.set_num_threads`` governs it) taking row blocks from a
-shared counter. A decode-sized call never waits for a pool thread to wake (GUIDE §6: on 2-vCPU VMs such a wait
-turned 0.1–0.4 ms products into 8–16 ms).
+Threads: the C++ side runs a product on the calling thread when it streams less than a work size, else over
+torch's threads (``at::parallel_for``, so ``torch.set_num_threads`` governs it), each taking row blocks from a
+shared counter, so a thread that starts late finds the work done rather than holding a share. Below
+:data:`SERIAL_WORK` it never asks for a thread. Above, whether threads pay is measured with the crossover (one token,
+one thread against all, interleaved, median): on a shared 2-vCPU VM a pool thread's wake-up can cost more than the
+whole product (GUIDE §6: 0.1–0.4 ms products took 8–16 ms), and then the shape runs on the calling thread.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -65,7 +68,8 @@ _ISA_NEEDS = {
 }
 DTYPES = (torch.float32, torch.bfloat16)
 
-SERIAL_WORK = 1 << 20  # bytes streamed (weights + the tokens' share) below which one thread runs the product
+SERIAL_WORK = 256 << 10  # bytes streamed (weights + the tokens' share) below which one thread runs the product
+ONE_THREAD = 1 << 62  # a work size no product reaches: the calling thread runs everything
 BLOCK_ROWS = 16  # output rows a thread takes at a time
 TILE_BYTES = 1 << 20  # dense tile of the hand-over: about half an L2 cache
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -84,6 +88,7 @@ class Crossover:
     dense: str  # the dense product the tiles use: "F.linear" or "oneDNN"
     how: str  # what was measured
     seconds: float  # the probe's cost
+    serial_work: int  # the kernel's work size below which it runs on the calling thread (ONE_THREAD: always)
 
 
 @dataclass
@@ -177,15 +182,17 @@ def _module() -> Any:
     return _STATE.built.module
 
 
-def _supported(x: torch.Tensor, layer: PackedLinear) -> bool:
+def _supported(x: torch.Tensor, values: torch.Tensor, layer: PackedLinear) -> bool:
+    """Whether the kernels compute this call (cheap checks first: this runs on every call of every layer)."""
     return (
-        x.device.type == "cpu"
-        and layer.values.device.type == "cpu"
-        and (layer.n, layer.m) == (2, 4)
+        x.is_cpu
+        and values.is_cpu
         and x.dtype in DTYPES
-        and layer.values.dtype in DTYPES
+        and values.dtype in DTYPES
+        and layer.n == 2
+        and layer.m == 4
         and x.shape[-1] == layer.in_features
-        and not (torch.is_grad_enabled() and (x.requires_grad or layer.values.requires_grad))
+        and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
         and not torch.is_autocast_enabled("cpu")
     )
 
@@ -194,12 +201,18 @@ def _supported(x: torch.Tensor, layer: PackedLinear) -> bool:
 
 
 def packed_product(
-    x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    serial_work: int = SERIAL_WORK,
 ) -> torch.Tensor:
     """The kernel itself: x [tokens, in] (fp32/bf16, any row stride) · W [out, in]ᵀ (+ bias) -> [tokens, out] in
     x's dtype, for any token count (no hand-over). ``values`` [out, in/2] and ``codes`` [out, ceil(in/8)] are a
-    2:4 :class:`PackedWeight`'s tensors. Call :func:`ensure` first."""
-    return _module().linear(x, values, codes, bias, _STATE.isa_index, SERIAL_WORK, BLOCK_ROWS)
+    2:4 :class:`PackedWeight`'s tensors. ``serial_work``: below this many bytes streamed, one thread. Call
+    :func:`ensure` first."""
+    return _module().linear(x, values, codes, bias, _STATE.isa_index, serial_work, BLOCK_ROWS)
 
 
 def _dense_fn(name: str) -> Callable[..., torch.Tensor]:
@@ -295,6 +308,7 @@ def measure_crossover(
     warm: set[str] = set()
     dense: str | None = None
     notes: list[str] = []
+    serial_work = _measure_threads(values, codes, x_dtype, notes)
 
     def timed(name: str, run: Callable[[], object]) -> float:
         if name not in warm:
@@ -305,7 +319,7 @@ def measure_crossover(
     def kernel_wins(count: int) -> bool:
         nonlocal dense
         x = torch.randn(count, in_features, generator=generator).to(x_dtype)  # [count, in]
-        kernel = timed("kernel", lambda: packed_product(x, values, codes))
+        kernel = timed("kernel", lambda: packed_product(x, values, codes, serial_work=serial_work))
         if kernel < floor:
             notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms < decompression alone {floor * 1e3:.3g} ms")
             return True
@@ -329,26 +343,46 @@ def measure_crossover(
     if dense is None:
         dense = choices[0]
         notes.append(f"tiles' dense product not timed: {dense}, the project's default")
-    return Crossover(tokens[won] if won >= 0 else 0, dense, "; ".join(notes), time.perf_counter() - started)
+    won_tokens = tokens[won] if won >= 0 else 0
+    return Crossover(won_tokens, dense, "; ".join(notes), time.perf_counter() - started, serial_work)
 
 
-def _key(x: torch.Tensor, layer: PackedLinear) -> tuple[Any, ...]:
-    return (layer.out_features, layer.in_features, layer.values.dtype, x.dtype, torch.get_num_threads(), _STATE.isa)
+def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, notes: list[str]) -> int:
+    """The work size to pass the kernel for this weight: :data:`SERIAL_WORK` when torch's threads made a one-token
+    product faster (median of 5 interleaved calls each way), :data:`ONE_THREAD` when they did not."""
+    threads = torch.get_num_threads()
+    weight_bytes = values.numel() * values.element_size() + codes.numel()
+    if threads == 1 or weight_bytes < SERIAL_WORK:
+        return SERIAL_WORK
+    x = torch.randn(1, values.shape[1] * 2).to(x_dtype)  # [1, in]
+    samples: dict[int, list[float]] = {SERIAL_WORK: [], ONE_THREAD: []}
+    for work in samples:  # warm-up: the pool's threads exist after this
+        packed_product(x, values, codes, serial_work=work)
+    for _ in range(5):
+        for work, times in samples.items():
+            started = time.perf_counter()
+            packed_product(x, values, codes, serial_work=work)
+            times.append(time.perf_counter() - started)
+    pooled, alone = (statistics.median(samples[work]) for work in (SERIAL_WORK, ONE_THREAD))
+    notes.append(f"1 token: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 5)")
+    return SERIAL_WORK if pooled < alone else ONE_THREAD
 
 
-def crossover_for(x: torch.Tensor, layer: PackedLinear) -> Crossover:
-    """The crossover of ``layer`` for inputs like ``x`` on this machine: measured at the first call per key."""
-    key = _key(x, layer)
+def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | None = None) -> Crossover:
+    """The crossover of ``layer`` for inputs like ``x`` on this machine: measured at the first call per (shape,
+    dtypes, threads, instruction set), then looked up."""
+    values = layer.values if values is None else values
+    key = (layer.out_features, layer.in_features, values.dtype, x.dtype, torch.get_num_threads(), _STATE.isa)
     found = _STATE.crossovers.get(key)
     if found is None:
-        found = measure_crossover(layer.values, layer.indices, x.dtype)
+        found = measure_crossover(values, layer.indices, x.dtype)
         _STATE.crossovers[key] = found
         log.info(
             "packed 2:4 CPU kernel, %dx%d %s weights x %s inputs, %d threads, %s: kernel up to %d tokens, dense "
             "tiles (%s) above [%s; %.2f s]",
             layer.out_features,
             layer.in_features,
-            str(layer.values.dtype).removeprefix("torch."),
+            str(values.dtype).removeprefix("torch."),
             str(x.dtype).removeprefix("torch."),
             key[4],
             _STATE.isa,
@@ -360,34 +394,29 @@ def crossover_for(x: torch.Tensor, layer: PackedLinear) -> Crossover:
     return found
 
 
-def _ready(x: torch.Tensor, layer: PackedLinear) -> bool:
-    return _supported(x, layer) and ensure()
-
-
-def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.reshape(-1, in_features)  # [tokens, in]; a view when the leading dimensions allow it
-
-
 def cpu_packed_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
     """The registered kernel: the C++ product for up to the crossover's token count, else None."""
-    if not _ready(x, layer):
+    values = layer.values  # each module attribute once: nn.Module's lookups cost microseconds on a decode call
+    if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
         return None
-    x2 = _rows(x, layer.in_features)  # [tokens, in]
-    if x2.shape[0] > crossover_for(x, layer).tokens:
+    x2 = x if x.dim() == 2 else x.reshape(-1, layer.in_features)  # [tokens, in]; a view when the layout allows
+    found = crossover_for(x, layer, values)
+    if x2.shape[0] > found.tokens:
         return None
-    y = packed_product(x2, layer.values, layer.indices, layer.bias)  # [tokens, out]
-    return y.reshape(*x.shape[:-1], layer.out_features)
+    y = _module().linear(x2, values, layer.indices, layer.bias, _STATE.isa_index, found.serial_work, BLOCK_ROWS)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.out_features)  # [..., out]
 
 
 def cpu_dense_tiles_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
     """The registered hand-over: dense tiles above the crossover's token count, else None."""
-    if not _ready(x, layer):
+    values = layer.values
+    if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
         return None
-    x2 = _rows(x, layer.in_features)  # [tokens, in]
-    crossover = crossover_for(x, layer)
+    x2 = x.reshape(-1, layer.in_features)  # [tokens, in]
+    crossover = crossover_for(x, layer, values)
     if x2.shape[0] <= crossover.tokens:
         return None
-    y = dense_tiles_product(x2, layer.values, layer.indices, layer.bias, dense=crossover.dense)  # [tokens, out]
+    y = dense_tiles_product(x2, values, layer.indices, layer.bias, dense=crossover.dense)  # [tokens, out]
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -404,8 +433,10 @@ def _crossovers_text() -> str:
         dtypes = str(w_dtype).removeprefix("torch.") + (
             "" if w_dtype == x_dtype else f" x {str(x_dtype).removeprefix('torch.')}"
         )
+        pool = "on 1 thread (measured faster)" if found.serial_work == ONE_THREAD and threads > 1 else ""
         parts.append(
-            f"{out}x{inp} {dtypes} {threads} threads: kernel <= {found.tokens} tokens, tiles ({found.dense}) above"
+            f"{out}x{inp} {dtypes} {threads} threads: kernel <= {found.tokens} tokens{' ' + pool if pool else ''}, "
+            f"tiles ({found.dense}) above"
         )
     return "crossover measured at first use per shape (kernel vs dense tiles timed, binary search): " + "; ".join(parts)
 
@@ -424,7 +455,8 @@ def describe() -> KernelDescription:
     how = "forced" if _STATE.requested != "auto" else "chosen from the CPU's flags"
     detail = (
         f"instruction set {_STATE.isa} ({how}; CPU flags: {flags}; compiled: {', '.join(_STATE.built.isas)}); "
-        f"threads {torch.get_num_threads()} (one thread below {SERIAL_WORK >> 10} KiB streamed); "
+        f"threads {torch.get_num_threads()} (one thread below {SERIAL_WORK >> 10} KiB streamed, and for shapes where "
+        "the threads measured slower at one token); "
         f"{_crossovers_text()}"
     )
     return KernelDescription(KERNEL_NAME, True, detail)

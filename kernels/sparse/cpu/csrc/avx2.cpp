@@ -67,10 +67,15 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
     }
     // Cascade summation: each block of kBlock inputs sums into fresh accumulators that are then added to the
     // totals, so no lane adds more than kBlock/8 products in a row (fp32 rounding stays near the dense product's).
+    // The next R rows follow these in memory: stream them in while these compute.
+    sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept * vsize, R * kept * vsize, in / 16);
+    sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, R * a->code_bytes, in / 16);
     int64_t k = 0;
     while (k + 8 <= in) {
         const int64_t end = sec24_min(in & ~(int64_t)7, k + kBlock);
         for (; k + 16 <= end; k += 16) {
+            sec24_prefetch_step(&next_values);
+            sec24_prefetch_step(&next_codes);
             for (int r = 0; r < R; ++r) {
                 const __m256 w0 = expand8<BF16>(v[r] + k / 2 * vsize, c[r][k / 8]);
                 const __m256 w1 = expand8<BF16>(v[r] + (k / 2 + 4) * vsize, c[r][k / 8 + 1]);

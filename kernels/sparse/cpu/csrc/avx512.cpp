@@ -57,10 +57,15 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
     __m512 total[R][TT];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < TT; ++t) total[r][t] = _mm512_setzero_ps();
+    // The next R rows follow these in memory: stream them in while these compute.
+    sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept * vsize, R * kept * vsize, in / 32);
+    sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, R * a->code_bytes, in / 32);
     int64_t k = 0;
     while (k + 32 <= in) {
         const int64_t end = sec24_min(in & ~(int64_t)31, k + kBlock);
         for (; k < end; k += 32) {
+            sec24_prefetch_step(&next_values);
+            sec24_prefetch_step(&next_codes);
             __m512 xa[TT], xb[TT];
             for (int t = 0; t < TT; ++t) {
                 xa[t] = _mm512_loadu_ps(x[t] + k);

@@ -53,10 +53,15 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
         for (int t = 0; t < TT; ++t) acc[r][t] = total[r][t] = _mm512_setzero_ps();
     }
     // Cascade summation: each block of kBlock inputs sums into fresh accumulators that are then added to the totals.
+    // The next R rows follow these in memory: stream them in while these compute.
+    sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept, R * kept * 2, in / 64);
+    sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, R * a->code_bytes, in / 64);
     int64_t k = 0;
     while (k + 64 <= in) {
         const int64_t end = sec24_min(in & ~(int64_t)63, k + kBlock);
         for (; k < end; k += 64) {
+            sec24_prefetch_step(&next_values);
+            sec24_prefetch_step(&next_codes);
             __m512i xa[TT], xb[TT];
             for (int t = 0; t < TT; ++t) {
                 xa[t] = _mm512_loadu_si512((const void*)(x[t] + k));

@@ -37,3 +37,25 @@ static inline int64_t sec24_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline uint32_t sec24_byte_mask(uint32_t b) {
     return (1u << (b & 3u)) | (1u << ((b >> 2) & 3u)) | (16u << ((b >> 4) & 3u)) | (16u << ((b >> 6) & 3u));
 }
+
+// Pulls the next tile's packed bytes into the cache while this tile computes. A tile reads R rows side by side, and
+// for small layers each row is short (576 inputs: 1.2 KB of fp32 values, 18 cache lines): too short for the
+// hardware prefetcher to ramp up on every stream, while the R rows of the next tile are one contiguous range it
+// can be told about. Prefetches never fault, so running past the end of the tensor is harmless.
+typedef struct {
+    const char* next;
+    const char* end;
+    int64_t per_step;  // cache lines per step of the main loop
+} sec24_prefetch;
+
+static inline sec24_prefetch sec24_prefetch_range(const void* begin, int64_t bytes, int64_t steps) {
+    sec24_prefetch p;
+    p.next = (const char*)begin;
+    p.end = p.next + bytes;
+    p.per_step = steps > 0 ? (bytes / 64 + steps - 1) / steps : 0;
+    return p;
+}
+
+static inline void sec24_prefetch_step(sec24_prefetch* p) {
+    for (int64_t i = 0; i < p->per_step && p->next < p->end; ++i, p->next += 64) __builtin_prefetch(p->next, 0, 2);
+}
