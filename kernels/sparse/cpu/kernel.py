@@ -71,7 +71,10 @@ DTYPES = (torch.float32, torch.bfloat16)
 SERIAL_WORK = 256 << 10  # bytes streamed (weights + the tokens' share) below which one thread runs the product
 ONE_THREAD = 1 << 62  # a work size no product reaches: the calling thread runs everything
 BLOCK_ROWS = 16  # output rows a thread takes at a time
-TILE_BYTES = 1 << 20  # dense tile of the hand-over: about half an L2 cache
+# Dense tile of the hand-over. Measured (Xeon, 1 thread, shared machine, best of 8): tiles of 256 KiB and 1 MiB lose
+# 20-50% to dense at 128-512 tokens (per-tile overheads, skinny products); 4 MiB and above are within noise of
+# decompressing the whole weight on SmolLM2's shapes and better than it on 4096x4096 (the tile stays in cache).
+TILE_BYTES = 4 << 20
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_BUDGET_S = 0.4  # per distinct shape; the probe stops early and says so
 
@@ -219,6 +222,14 @@ def _dense_fn(name: str) -> Callable[..., torch.Tensor]:
     return matmul.linear if name == "oneDNN" else F.linear
 
 
+def tile_rows(out: int, row_bytes: int, tile_bytes: int) -> int:
+    """Rows per tile: tiles of at most ``tile_bytes`` (at least one row), equal in size, a multiple of 16 rows
+    when they are that large (the kernel's row blocks)."""
+    tiles = max(1, -(-out * row_bytes // max(tile_bytes, 1)))
+    rows = -(-out // tiles)  # equal tiles: never one full tile and a sliver
+    return min(out, -(-rows // 16) * 16) if rows >= 16 and tiles > 1 else max(1, rows)
+
+
 def dense_tiles_product(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -235,7 +246,7 @@ def dense_tiles_product(
     compute = x.dtype if x.dtype == values.dtype else torch.float32
     xc = x.to(compute).contiguous()  # [tokens, in]; oneDNN copies strided inputs on every call
     b = bias.to(compute) if bias is not None else None
-    rows = max(1, min(out, tile_bytes // (in_features * values.element_size())))
+    rows = tile_rows(out, in_features * values.element_size(), tile_bytes)
     buffer = torch.empty(rows, in_features, dtype=values.dtype)  # [rows, in], reused by every tile
     product = _dense_fn(dense)
     module, isa = _module(), _STATE.isa_index
@@ -295,7 +306,7 @@ def measure_crossover(
     generator = torch.Generator().manual_seed(0)
     in_features = values.shape[1] * 2
     choices = _dense_choices(x_dtype, values.dtype)
-    rows = max(1, min(values.shape[0], TILE_BYTES // (in_features * values.element_size())))
+    rows = tile_rows(values.shape[0], in_features * values.element_size(), TILE_BYTES)
     buffer = torch.empty(rows, in_features, dtype=values.dtype)  # [rows, in]
     module, isa = _module(), _STATE.isa_index
 
