@@ -260,7 +260,12 @@ def main() -> None:
             for shape in shapes:
                 result["points"] += shape_points(shape, dtype, threads, args, span=span, generator=generator)
     kernel = cpu.describe()
-    result["kernel"] = {"name": kernel.name, "available": kernel.available, "detail": kernel.detail}
+    result["kernel"] = {
+        "name": kernel.name,
+        "available": kernel.available,
+        "detail": kernel.detail,
+        "crossovers": cpu.measured_crossovers(),  # measured at each shape's first call, with their cost
+    }
     result["environment"]["load_average_after"] = load_average()
     result["seconds"] = round(time.perf_counter() - started, 1)
     output.parent.mkdir(parents=True, exist_ok=True)

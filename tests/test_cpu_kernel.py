@@ -137,6 +137,21 @@ def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
         torch.set_num_threads(threads)
 
 
+def test_the_environment_variable_forces_the_scalar_kernel(
+    monkeypatch: pytest.MonkeyPatch, built: cpu_build.Built
+) -> None:
+    monkeypatch.setenv("SECATEURS_CPU_ISA", "scalar")
+    worker_side.configure_cpu_kernel(Settings())
+    try:
+        layer = PackedLinear.from_dense(weight_24((13, 36), torch.float32, 5))
+        x = torch.randn(2, 36)
+        assert mismatch(layer(x), F.linear(x, layer.dense_weight())) is None
+        assert layer.last_path == cpu.KERNEL_NAME and cpu.isa_in_use() == "scalar"
+        assert "instruction set scalar (forced" in cpu.describe().detail
+    finally:
+        cpu.configure(build_dir=KERNEL_DIR, isa="auto")
+
+
 def test_auto_takes_the_best_instruction_set_this_cpu_runs(built: cpu_build.Built) -> None:
     assert cpu.ensure() and cpu.isa_in_use() == built.module.isas_runnable()[-1]
     assert "chosen from the CPU's flags" in cpu.describe().detail
@@ -216,6 +231,7 @@ def test_above_the_crossover_the_dense_tiles_run_and_agree(built: cpu_build.Buil
     weight, bias = weight_24((67, 100), torch.float32, 2), torch.randn(67)
     layer = PackedLinear.from_dense(weight, bias)
     x = torch.randn(5, 100)
+    assert cpu.ensure()
     key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
     kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
     try:
@@ -249,6 +265,8 @@ def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) 
     layer = PackedLinear(packed)
     layer(torch.randn(2, 576))
     assert "192x576 float32" in cpu.describe().detail  # the first call measured this shape's crossover
+    (entry,) = [c for c in cpu.measured_crossovers() if c["shape"] == [192, 576] and c["inputs"] == "float32"]
+    assert entry["isa"] == cpu.isa_in_use() and entry["seconds"] < 1.0 and entry["how"]
 
 
 # --- The build: cache, and the fallback when it fails -------------------------------------------------------------

@@ -16,6 +16,7 @@ from secateurs.kernels.sparse.cpu.kernel import (
     ensure,
     isa_in_use,
     measure_crossover,
+    measured_crossovers,
     packed_product,
 )
 from secateurs.kernels.sparse.cpu.path import CpuPackedPath
@@ -35,5 +36,6 @@ __all__ = [
     "ensure",
     "isa_in_use",
     "measure_crossover",
+    "measured_crossovers",
     "packed_product",
 ]

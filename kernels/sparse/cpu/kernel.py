@@ -486,6 +486,25 @@ def describe_tiles() -> KernelDescription:
     )
 
 
+def measured_crossovers() -> list[dict[str, Any]]:
+    """Every crossover measured in this process, with its conditions and what was timed (for reports)."""
+    return [
+        {
+            "shape": [out, inp],
+            "weights": str(w_dtype).removeprefix("torch."),
+            "inputs": str(x_dtype).removeprefix("torch."),
+            "threads": threads,
+            "isa": isa,
+            "tokens": found.tokens,
+            "dense": found.dense,
+            "kernel_threads": 1 if found.serial_work == ONE_THREAD else threads,
+            "how": found.how,
+            "seconds": round(found.seconds, 3),
+        }
+        for (out, inp, w_dtype, x_dtype, threads, isa), found in _STATE.crossovers.items()
+    ]
+
+
 def isa_in_use() -> str | None:
     """The instruction set the kernel runs (None before the first call, or when unavailable)."""
     return _STATE.isa
