@@ -111,10 +111,13 @@ _STATE = _State()
 
 def configure(*, build_dir: Path | None = None, isa: IsaChoice = "auto") -> None:
     """Where the extension is built and cached (None: torch's extension folder) and which instruction set runs
-    (``auto``: the best this CPU has). Takes effect at the next call; a build already loaded stays loaded."""
+    (``auto``: the best this CPU has). Takes effect at the next call; a build already loaded stays loaded, and a
+    build that failed is tried again only in another folder."""
     if isa not in ISA_CHOICES:
         raise CpuKernelError(f"unknown CPU instruction set {isa!r}: choose one of {', '.join(ISA_CHOICES)}")
     with _STATE.lock:
+        if build_dir != _STATE.build_root and _STATE.built is None:
+            _STATE.failure = None
         _STATE.build_root = build_dir
         if isa != _STATE.requested:
             _STATE.requested = isa

@@ -55,15 +55,19 @@ inline __m256 expand8(const void* v, uint8_t code) {
 template <int R, int TT, bool BF16>
 void tile(const sec24_args* a, int64_t r0, int64_t t0) {
     const int64_t in = a->in, kept = in / 2, vsize = BF16 ? 2 : 4;
-    __m256 acc[R][TT], total[R][TT];
+    __m256 acc[R][TT];
+    alignas(32) float total[R][TT][8] = {};  // in memory: touched once per block
     const float* x[TT];
     const char* v[R];
     const uint8_t* c[R];
+    SEC24_UNROLL
     for (int t = 0; t < TT; ++t) x[t] = a->x + (t0 + t) * a->x_stride;
+    SEC24_UNROLL
     for (int r = 0; r < R; ++r) {
         v[r] = (const char*)a->values + (r0 + r) * kept * vsize;
         c[r] = a->codes + (r0 + r) * a->code_bytes;
-        for (int t = 0; t < TT; ++t) acc[r][t] = total[r][t] = _mm256_setzero_ps();
+        SEC24_UNROLL
+        for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps();
     }
     // Cascade summation: each block of kBlock inputs sums into fresh accumulators that are then added to the
     // totals, so no lane adds more than kBlock/8 products in a row (fp32 rounding stays near the dense product's).
@@ -76,9 +80,11 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
         for (; k + 16 <= end; k += 16) {
             sec24_prefetch_step(&next_values);
             sec24_prefetch_step(&next_codes);
+            SEC24_UNROLL
             for (int r = 0; r < R; ++r) {
                 const __m256 w0 = expand8<BF16>(v[r] + k / 2 * vsize, c[r][k / 8]);
                 const __m256 w1 = expand8<BF16>(v[r] + (k / 2 + 4) * vsize, c[r][k / 8 + 1]);
+                SEC24_UNROLL
                 for (int t = 0; t < TT; ++t) {
                     acc[r][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + k), acc[r][t]);
                     acc[r][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + k + 8), acc[r][t]);
@@ -86,21 +92,28 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
             }
         }
         if (k < end) {  // 8 inputs left in the block
+            SEC24_UNROLL
             for (int r = 0; r < R; ++r) {
                 const __m256 w0 = expand8<BF16>(v[r] + k / 2 * vsize, c[r][k / 8]);
+                SEC24_UNROLL
                 for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + k), acc[r][t]);
             }
             k += 8;
         }
+        SEC24_UNROLL
         for (int r = 0; r < R; ++r)
+            SEC24_UNROLL
             for (int t = 0; t < TT; ++t) {
-                total[r][t] = _mm256_add_ps(total[r][t], acc[r][t]);
+                _mm256_store_ps(total[r][t], _mm256_add_ps(_mm256_load_ps(total[r][t]), acc[r][t]));
                 acc[r][t] = _mm256_setzero_ps();
             }
     }
+    SEC24_UNROLL
     for (int r = 0; r < R; ++r)
+        SEC24_UNROLL
         for (int t = 0; t < TT; ++t) {
-            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(total[r][t]), _mm256_extractf128_ps(total[r][t], 1));
+            const __m256 sum8 = _mm256_load_ps(total[r][t]);
+            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
             const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
             float sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
             if (k < in) {  // the last 4 inputs (one group: 2 kept values)

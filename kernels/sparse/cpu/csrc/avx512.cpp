@@ -46,17 +46,19 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
     const float* x[TT];
     const char* v[R];
     const uint8_t* c[R];
+    SEC24_UNROLL
     for (int t = 0; t < TT; ++t) x[t] = a->x + (t0 + t) * a->x_stride;
+    SEC24_UNROLL
     for (int r = 0; r < R; ++r) {
         v[r] = (const char*)a->values + (r0 + r) * kept * vsize;
         c[r] = a->codes + (r0 + r) * a->code_bytes;
+        SEC24_UNROLL
         for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
     }
     // Cascade summation: each block of kBlock inputs sums into fresh accumulators that are then added to the
     // totals, so no lane adds more than kBlock/32 products in a row (fp32 rounding stays near the dense product's).
-    __m512 total[R][TT];
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < TT; ++t) total[r][t] = _mm512_setzero_ps();
+    // (In memory, not registers: they are touched once per block, and the accumulators need the registers.)
+    alignas(64) float total[R][TT][16] = {};
     // The next R rows follow these in memory: stream them in while these compute.
     sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept * vsize, R * kept * vsize, in / 32);
     sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, R * a->code_bytes, in / 32);
@@ -67,22 +69,27 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
             sec24_prefetch_step(&next_values);
             sec24_prefetch_step(&next_codes);
             __m512 xa[TT], xb[TT];
+            SEC24_UNROLL
             for (int t = 0; t < TT; ++t) {
                 xa[t] = _mm512_loadu_ps(x[t] + k);
                 xb[t] = _mm512_loadu_ps(x[t] + k + 16);
             }
+            SEC24_UNROLL
             for (int r = 0; r < R; ++r) {
                 uint32_t codes;
                 memcpy(&codes, c[r] + k / 8, 4);
                 const __m512i index = gather_index(codes);
                 const __m512 w = load_values<BF16>(v[r], k / 2);
+                SEC24_UNROLL
                 for (int t = 0; t < TT; ++t)
                     acc[r][t] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xa[t], index, xb[t]), acc[r][t]);
             }
         }
+        SEC24_UNROLL
         for (int r = 0; r < R; ++r)
+            SEC24_UNROLL
             for (int t = 0; t < TT; ++t) {
-                total[r][t] = _mm512_add_ps(total[r][t], acc[r][t]);
+                _mm512_store_ps(total[r][t], _mm512_add_ps(_mm512_load_ps(total[r][t]), acc[r][t]));
                 acc[r][t] = _mm512_setzero_ps();
             }
     }
@@ -92,22 +99,27 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
         const __mmask16 mask_b = (__mmask16)(rest > 16 ? (1u << (rest - 16)) - 1 : 0);
         const __mmask16 mask_v = (__mmask16)((1u << (rest / 2)) - 1);
         __m512 xa[TT], xb[TT];
+        SEC24_UNROLL
         for (int t = 0; t < TT; ++t) {
             xa[t] = _mm512_maskz_loadu_ps(mask_a, x[t] + k);
             xb[t] = _mm512_maskz_loadu_ps(mask_b, x[t] + k + 16);
         }
+        SEC24_UNROLL
         for (int r = 0; r < R; ++r) {
             uint32_t codes = 0;
             memcpy(&codes, c[r] + k / 8, (size_t)((rest + 7) / 8));
             const __m512i index = gather_index(codes);
             const __m512 w = load_values_masked<BF16>(v[r], k / 2, mask_v);
+            SEC24_UNROLL
             for (int t = 0; t < TT; ++t)
                 acc[r][t] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xa[t], index, xb[t]), acc[r][t]);
         }
     }
+    SEC24_UNROLL
     for (int r = 0; r < R; ++r)
+        SEC24_UNROLL
         for (int t = 0; t < TT; ++t)
-            sec24_store(a, t0 + t, r0 + r, _mm512_reduce_add_ps(_mm512_add_ps(total[r][t], acc[r][t])));
+            sec24_store(a, t0 + t, r0 + r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(total[r][t]), acc[r][t])));
 }
 
 template <int TT, bool BF16>

@@ -42,15 +42,19 @@ inline __m512 dot_pairs(__m512 acc, __m512i w, __m512i x) {
 template <int R, int TT>
 void tile(const sec24_args* a, int64_t r0, int64_t t0) {
     const int64_t in = a->in, kept = in / 2;
-    __m512 acc[R][TT], total[R][TT];
+    __m512 acc[R][TT];
+    alignas(64) float total[R][TT][16] = {};  // in memory: touched once per block
     const uint16_t* x[TT];
     const uint16_t* v[R];
     const uint8_t* c[R];
+    SEC24_UNROLL
     for (int t = 0; t < TT; ++t) x[t] = a->x_bf16 + (t0 + t) * a->x_bf16_stride;
+    SEC24_UNROLL
     for (int r = 0; r < R; ++r) {
         v[r] = (const uint16_t*)a->values + (r0 + r) * kept;
         c[r] = a->codes + (r0 + r) * a->code_bytes;
-        for (int t = 0; t < TT; ++t) acc[r][t] = total[r][t] = _mm512_setzero_ps();
+        SEC24_UNROLL
+        for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
     }
     // Cascade summation: each block of kBlock inputs sums into fresh accumulators that are then added to the totals.
     // The next R rows follow these in memory: stream them in while these compute.
@@ -63,22 +67,27 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
             sec24_prefetch_step(&next_values);
             sec24_prefetch_step(&next_codes);
             __m512i xa[TT], xb[TT];
+            SEC24_UNROLL
             for (int t = 0; t < TT; ++t) {
                 xa[t] = _mm512_loadu_si512((const void*)(x[t] + k));
                 xb[t] = _mm512_loadu_si512((const void*)(x[t] + k + 32));
             }
+            SEC24_UNROLL
             for (int r = 0; r < R; ++r) {
                 uint64_t codes;
                 memcpy(&codes, c[r] + k / 8, 8);
                 const __m512i index = gather_index(codes);
                 const __m512i w = _mm512_loadu_si512((const void*)(v[r] + k / 2));
+                SEC24_UNROLL
                 for (int t = 0; t < TT; ++t)
                     acc[r][t] = dot_pairs(acc[r][t], w, _mm512_permutex2var_epi16(xa[t], index, xb[t]));
             }
         }
+        SEC24_UNROLL
         for (int r = 0; r < R; ++r)
+            SEC24_UNROLL
             for (int t = 0; t < TT; ++t) {
-                total[r][t] = _mm512_add_ps(total[r][t], acc[r][t]);
+                _mm512_store_ps(total[r][t], _mm512_add_ps(_mm512_load_ps(total[r][t]), acc[r][t]));
                 acc[r][t] = _mm512_setzero_ps();
             }
     }
@@ -88,22 +97,27 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
         const __mmask32 mask_b = (__mmask32)(rest > 32 ? (1u << (rest - 32)) - 1 : 0);
         const __mmask32 mask_v = (__mmask32)((1u << (rest / 2)) - 1);
         __m512i xa[TT], xb[TT];
+        SEC24_UNROLL
         for (int t = 0; t < TT; ++t) {
             xa[t] = _mm512_maskz_loadu_epi16(mask_a, x[t] + k);
             xb[t] = _mm512_maskz_loadu_epi16(mask_b, x[t] + k + 32);
         }
+        SEC24_UNROLL
         for (int r = 0; r < R; ++r) {
             uint64_t codes = 0;
             memcpy(&codes, c[r] + k / 8, (size_t)((rest + 7) / 8));
             const __m512i index = gather_index(codes);
             const __m512i w = _mm512_maskz_loadu_epi16(mask_v, v[r] + k / 2);
+            SEC24_UNROLL
             for (int t = 0; t < TT; ++t)
                 acc[r][t] = dot_pairs(acc[r][t], w, _mm512_permutex2var_epi16(xa[t], index, xb[t]));
         }
     }
+    SEC24_UNROLL
     for (int r = 0; r < R; ++r)
+        SEC24_UNROLL
         for (int t = 0; t < TT; ++t)
-            sec24_store(a, t0 + t, r0 + r, _mm512_reduce_add_ps(_mm512_add_ps(total[r][t], acc[r][t])));
+            sec24_store(a, t0 + t, r0 + r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(total[r][t]), acc[r][t])));
 }
 
 template <int TT>

@@ -7,6 +7,9 @@
 
 #include "packed24.h"
 
+// Fully unroll the small loops over a tile's rows and tokens, so that its accumulator arrays live in registers.
+#define SEC24_UNROLL _Pragma("GCC unroll 16")
+
 static inline float sec24_bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
