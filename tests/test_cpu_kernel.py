@@ -251,7 +251,7 @@ def test_dense_tiles_equal_the_dense_product(
     weight, bias = weight_24((67, 100), w_dtype, 3), torch.randn(67).to(w_dtype)
     packed = pack_nm(weight)
     x = torch.randn(9, 200).to(x_dtype)[:, ::2]
-    for tile_bytes in (1, 10 * 100 * 4, 1 << 20):  # a row per tile, several tiles with a short last one, one tile
+    for tile_bytes in (1, 10 * 100 * 4, 1 << 20):  # the most tiles (9 rows), 7 tiles of 10 rows, one tile
         y = cpu.dense_tiles_product(x, packed.values, packed.indices, bias, dense=dense, tile_bytes=tile_bytes)
         assert y.dtype == x_dtype and mismatch(y, reference(x, weight, bias)) is None, tile_bytes
 
@@ -261,7 +261,8 @@ def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) 
     found = cpu.measure_crossover(packed.values, packed.indices, torch.float32)
     assert found.tokens in {0, *kernel.PROBE_TOKENS} and found.dense in {"F.linear", "oneDNN"}
     assert found.seconds < 1.0 and "ms" in found.how  # what was timed, with the times
-    assert cpu.measure_crossover(packed.values, packed.indices, torch.float32, budget_s=0.0).tokens == 0
+    no_time = cpu.measure_crossover(packed.values, packed.indices, torch.float32, budget_s=0.0)
+    assert no_time.tokens in {0, 1} and "probe budget 0 s spent" in no_time.how  # one token is always measured
     layer = PackedLinear(packed)
     layer(torch.randn(2, 576))
     assert "192x576 float32" in cpu.describe().detail  # the first call measured this shape's crossover

@@ -75,8 +75,15 @@ BLOCK_ROWS = 16  # output rows a thread takes at a time
 # 20-50% to dense at 128-512 tokens (per-tile overheads, skinny products); 4 MiB and above are within noise of
 # decompressing the whole weight on SmolLM2's shapes and better than it on 4096x4096 (the tile stays in cache).
 TILE_BYTES = 4 << 20
+# Each tile's dense product is one parallel region of the dense library when threads > 1, and on a shared 2-vCPU VM
+# any region can stall for milliseconds waiting for a descheduled thread (GUIDE §6). Measured: 11008x4096 fp32,
+# 4 tokens, 2 threads, load average 7: 22 tiles of 4 MiB took 340-580 ms against 77-95 ms on one thread. So a
+# weight is cut into at most this many tiles (LLaMA-7B's 11008x4096 in fp32: 8 tiles of 22.5 MiB, in L3).
+MAX_TILES = 8
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-PROBE_BUDGET_S = 0.4  # per distinct shape; the probe stops early and says so
+PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
+TILES_MARGIN = 0.1  # the tiles take a token count from the kernel only when at least this much faster
+_LAYER_CACHE = "_cpu24_crossover"  # a layer's last crossover lookup, kept in its __dict__ (not in its state_dict)
 
 
 class CpuKernelError(KernelError, ValueError):
@@ -226,9 +233,9 @@ def _dense_fn(name: str) -> Callable[..., torch.Tensor]:
 
 
 def tile_rows(out: int, row_bytes: int, tile_bytes: int) -> int:
-    """Rows per tile: tiles of at most ``tile_bytes`` (at least one row), equal in size, a multiple of 16 rows
-    when they are that large (the kernel's row blocks)."""
-    tiles = max(1, -(-out * row_bytes // max(tile_bytes, 1)))
+    """Rows per tile: tiles of about ``tile_bytes`` (at least one row), at most :data:`MAX_TILES` of them, equal in
+    size, a multiple of 16 rows when they are that large (the kernel's row blocks)."""
+    tiles = min(MAX_TILES, max(1, -(-out * row_bytes // max(tile_bytes, 1))))
     rows = -(-out // tiles)  # equal tiles: never one full tile and a sliver
     return min(out, -(-rows // 16) * 16) if rows >= 16 and tiles > 1 else max(1, rows)
 
@@ -241,6 +248,7 @@ def dense_tiles_product(
     *,
     dense: str = "F.linear",
     tile_bytes: int = TILE_BYTES,
+    serial_work: int = SERIAL_WORK,
 ) -> torch.Tensor:
     """The hand-over: W decompressed a tile of rows at a time into one reused cache-sized buffer, each tile
     multiplied by the dense product ``dense`` ("F.linear" or "oneDNN"). x [tokens, in] -> [tokens, out] in x's
@@ -254,12 +262,12 @@ def dense_tiles_product(
     product = _dense_fn(dense)
     module, isa = _module(), _STATE.isa_index
     if rows == out:  # one tile: no copy into the output
-        module.decompress(values, codes, 0, out, buffer, isa, SERIAL_WORK)
+        module.decompress(values, codes, 0, out, buffer, isa, serial_work)
         return product(xc, buffer.to(compute), b).to(x.dtype)  # [tokens, out]
     y = torch.empty(x.shape[0], out, dtype=compute)  # [tokens, out]
     for start in range(0, out, rows):
         stop = min(out, start + rows)
-        module.decompress(values, codes, start, stop, buffer, isa, SERIAL_WORK)
+        module.decompress(values, codes, start, stop, buffer, isa, serial_work)
         tile = buffer[: stop - start]  # [stop-start, in]
         if tile.dtype != compute:
             tile = tile.to(compute)
@@ -294,16 +302,17 @@ def measure_crossover(
     *,
     tokens: tuple[int, ...] = PROBE_TOKENS,
     budget_s: float = PROBE_BUDGET_S,
-    repeats: int = 2,
 ) -> Crossover:
     """The largest token count in ``tokens`` at which the kernel beats the dense tiles on this layer's packed
-    weight, found by timing both (best of ``repeats`` after one warm-up per path; binary search over ``tokens``,
-    assuming the kernel that wins at T also wins below T).
+    weight, found by timing both: galloping over ``tokens`` (1, 4, 16, 64, ...: the cheap decode sizes first), then
+    bisecting between the last win and the first loss (assuming the kernel that wins at T also wins below T). Each
+    point is the best of 3 calls after one warm-up per path (1 call for paths slower than 20 ms).
 
     The dense tiles cost at least their decompression, timed once: where the kernel is faster than that alone, it
     wins without the tiles being timed. Where the tiles are timed, each dense product they may use is, and the
-    faster is kept. The search stops when ``budget_s`` is spent; the crossover is then the largest count measured
-    as a kernel win (0: none, the tiles always run).
+    faster is kept; the kernel keeps a count unless the tiles are :data:`TILES_MARGIN` faster (near the crossover
+    both take about as long, and on a shared machine timing noise would otherwise decide). The search stops when
+    ``budget_s`` is spent; the crossover is then the largest count measured as a kernel win (0: none).
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
@@ -312,23 +321,22 @@ def measure_crossover(
     rows = tile_rows(values.shape[0], in_features * values.element_size(), TILE_BYTES)
     buffer = torch.empty(rows, in_features, dtype=values.dtype)  # [rows, in]
     module, isa = _module(), _STATE.isa_index
-
-    def decompress_all() -> None:
-        for start in range(0, values.shape[0], rows):
-            module.decompress(values, codes, start, min(values.shape[0], start + rows), buffer, isa, SERIAL_WORK)
-
-    decompress_all()  # warm-up
-    floor = _best_of(decompress_all, repeats)
-    warm: set[str] = set()
-    dense: str | None = None
     notes: list[str] = []
     serial_work = _measure_threads(values, codes, x_dtype, notes)
 
+    def decompress_all() -> None:
+        for start in range(0, values.shape[0], rows):
+            module.decompress(values, codes, start, min(values.shape[0], start + rows), buffer, isa, serial_work)
+
+    repeats: dict[str, int] = {}
+
     def timed(name: str, run: Callable[[], object]) -> float:
-        if name not in warm:
-            run()
-            warm.add(name)
-        return _best_of(run, repeats)
+        if name not in repeats:  # warm-up, which also sets how many calls are affordable
+            repeats[name] = 3 if _best_of(run, 1) < 0.02 else 1
+        return _best_of(run, repeats[name])
+
+    floor = timed("decompression", decompress_all)
+    dense: str | None = None
 
     def kernel_wins(count: int) -> bool:
         nonlocal dense
@@ -338,22 +346,34 @@ def measure_crossover(
             notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms < decompression alone {floor * 1e3:.3g} ms")
             return True
         tiles = {
-            name: timed(name, functools.partial(dense_tiles_product, x, values, codes, dense=name)) for name in choices
+            name: timed(
+                name, functools.partial(dense_tiles_product, x, values, codes, dense=name, serial_work=serial_work)
+            )
+            for name in choices
         }
         dense = min(tiles, key=lambda name: tiles[name])
         notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms, tiles ({dense}) {tiles[dense] * 1e3:.3g} ms")
-        return kernel < tiles[dense]
+        return tiles[dense] > kernel * (1.0 - TILES_MARGIN)
 
+    # Gallop (1, 4, 16, 64, ... tokens: the cheap decode sizes first), then bisect between the last win and the
+    # first loss, until the budget is spent.
     won, lost = -1, len(tokens)  # indices: tokens[won] a measured kernel win, tokens[lost] a measured loss
+    step = 0
     while lost - won > 1:
-        if time.perf_counter() - started > budget_s:
+        if step > 0 and time.perf_counter() - started > budget_s:
             notes.append(f"probe budget {budget_s:g} s spent")
             break
-        middle = (won + lost) // 2
-        if kernel_wins(tokens[middle]):
-            won = middle
+        if won < 0:
+            index = 0  # one token
+        elif lost == len(tokens):
+            index = min(won + 2, lost - 1)  # gallop: 4x the tokens
         else:
-            lost = middle
+            index = (won + lost) // 2  # bisect
+        if kernel_wins(tokens[index]):
+            won = index
+        else:
+            lost = index
+        step += 1
     if dense is None:
         dense = choices[0]
         notes.append(f"tiles' dense product not timed: {dense}, the project's default")
@@ -385,11 +405,15 @@ def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.d
 def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | None = None) -> Crossover:
     """The crossover of ``layer`` for inputs like ``x`` on this machine: measured at the first call per (shape,
     dtypes, threads, instruction set), then looked up."""
-    values = layer.values if values is None else values
-    key = (layer.out_features, layer.in_features, values.dtype, x.dtype, torch.get_num_threads(), _STATE.isa)
+    values = _tensors(layer)[0] if values is None else values
+    threads = torch.get_num_threads()
+    cached = layer.__dict__.get(_LAYER_CACHE)  # the last answer for this layer, if the conditions still hold
+    if cached is not None and cached[:4] == (x.dtype, values.dtype, threads, _STATE.isa):
+        return cached[4]
+    key = (layer.out_features, layer.in_features, values.dtype, x.dtype, threads, _STATE.isa)
     found = _STATE.crossovers.get(key)
     if found is None:
-        found = measure_crossover(values, layer.indices, x.dtype)
+        found = measure_crossover(values, _tensors(layer)[1], x.dtype)
         _STATE.crossovers[key] = found
         log.info(
             "packed 2:4 CPU kernel, %dx%d %s weights x %s inputs, %d threads, %s: kernel up to %d tokens, dense "
@@ -405,32 +429,43 @@ def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | N
             found.how,
             found.seconds,
         )
+    layer.__dict__[_LAYER_CACHE] = (x.dtype, values.dtype, threads, _STATE.isa, found)
     return found
+
+
+def _tensors(layer: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """values, indices, bias of ``layer``, read from the module's own dictionaries: ``layer.values`` goes through
+    ``nn.Module.__getattr__``, measured at 1-4 µs a lookup, which a decode call of a small layer cannot afford."""
+    buffers = layer._buffers
+    values, indices = buffers["values"], buffers["indices"]
+    assert values is not None and indices is not None
+    bias = layer._parameters.get("bias")
+    return values, indices, bias
 
 
 def cpu_packed_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
     """The registered kernel: the C++ product for up to the crossover's token count, else None."""
-    values = layer.values  # each module attribute once: nn.Module's lookups cost microseconds on a decode call
+    values, indices, bias = _tensors(layer)
     if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
         return None
     x2 = x if x.dim() == 2 else x.reshape(-1, layer.in_features)  # [tokens, in]; a view when the layout allows
     found = crossover_for(x, layer, values)
     if x2.shape[0] > found.tokens:
         return None
-    y = _module().linear(x2, values, layer.indices, layer.bias, _STATE.isa_index, found.serial_work, BLOCK_ROWS)
+    y = _module().linear(x2, values, indices, bias, _STATE.isa_index, found.serial_work, BLOCK_ROWS)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.out_features)  # [..., out]
 
 
 def cpu_dense_tiles_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
     """The registered hand-over: dense tiles above the crossover's token count, else None."""
-    values = layer.values
+    values, indices, bias = _tensors(layer)
     if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
         return None
     x2 = x.reshape(-1, layer.in_features)  # [tokens, in]
     crossover = crossover_for(x, layer, values)
     if x2.shape[0] <= crossover.tokens:
         return None
-    y = dense_tiles_product(x2, values, layer.indices, layer.bias, dense=crossover.dense)  # [tokens, out]
+    y = dense_tiles_product(x2, values, indices, bias, dense=crossover.dense, serial_work=crossover.serial_work)
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -452,7 +487,8 @@ def _crossovers_text() -> str:
             f"{out}x{inp} {dtypes} {threads} threads: kernel <= {found.tokens} tokens{' ' + pool if pool else ''}, "
             f"tiles ({found.dense}) above"
         )
-    return "crossover measured at first use per shape (kernel vs dense tiles timed, binary search): " + "; ".join(parts)
+    how = "crossover measured at first use per shape (kernel vs dense tiles timed, galloping then bisecting): "
+    return how + "; ".join(parts)
 
 
 def describe() -> KernelDescription:
