@@ -262,7 +262,8 @@ def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) 
     assert found.tokens in {0, *kernel.PROBE_TOKENS} and found.dense in {"F.linear", "oneDNN"}
     assert found.seconds < 1.0 and "ms" in found.how  # what was timed, with the times
     no_time = cpu.measure_crossover(packed.values, packed.indices, torch.float32, budget_s=0.0)
-    assert no_time.tokens in {0, 1} and "probe budget 0 s spent" in no_time.how  # one token is always measured
+    assert no_time.tokens <= 16  # decode sizes are measured whatever the budget, nothing beyond
+    assert no_time.tokens < 16 or "probe budget 0 s: 64 tokens not measured" in no_time.how
     layer = PackedLinear(packed)
     layer(torch.randn(2, 576))
     assert "192x576 float32" in cpu.describe().detail  # the first call measured this shape's crossover

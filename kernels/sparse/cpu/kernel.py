@@ -83,6 +83,7 @@ MAX_TILES = 8
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
 TILES_MARGIN = 0.1  # the tiles take a token count from the kernel only when at least this much faster
+ALWAYS_PROBED = 16  # token counts up to this are measured whatever the budget: decode, where the kernel matters
 _LAYER_CACHE = "_cpu24_crossover"  # a layer's last crossover lookup, kept in its __dict__ (not in its state_dict)
 
 
@@ -310,9 +311,11 @@ def measure_crossover(
 
     The dense tiles cost at least their decompression, timed once: where the kernel is faster than that alone, it
     wins without the tiles being timed. Where the tiles are timed, each dense product they may use is, and the
-    faster is kept; the kernel keeps a count unless the tiles are :data:`TILES_MARGIN` faster (near the crossover
-    both take about as long, and on a shared machine timing noise would otherwise decide). The search stops when
-    ``budget_s`` is spent; the crossover is then the largest count measured as a kernel win (0: none).
+    faster is kept (the second is not timed when the first takes over 1.5× the kernel's time); the kernel keeps a
+    count unless the tiles are :data:`TILES_MARGIN` faster (near the crossover both take about as long, and on a
+    shared machine timing noise would otherwise decide). Points up to :data:`ALWAYS_PROBED` tokens are always
+    measured; a larger one is not started when, at the previous point's cost per token, it would end past
+    ``budget_s``. The crossover is the largest count measured as a kernel win (0: none).
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
@@ -345,35 +348,40 @@ def measure_crossover(
         if kernel < floor:
             notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms < decompression alone {floor * 1e3:.3g} ms")
             return True
-        tiles = {
-            name: timed(
+        tiles: dict[str, float] = {}
+        for name in choices:  # the project's default first; another only while the tiles are in the running
+            if tiles and min(tiles.values()) > 1.5 * kernel:
+                break
+            tiles[name] = timed(
                 name, functools.partial(dense_tiles_product, x, values, codes, dense=name, serial_work=serial_work)
             )
-            for name in choices
-        }
         dense = min(tiles, key=lambda name: tiles[name])
         notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms, tiles ({dense}) {tiles[dense] * 1e3:.3g} ms")
         return tiles[dense] > kernel * (1.0 - TILES_MARGIN)
 
     # Gallop (1, 4, 16, 64, ... tokens: the cheap decode sizes first), then bisect between the last win and the
     # first loss, until the budget is spent.
+    # Decode sizes (up to ALWAYS_PROBED tokens) are always measured; a larger point is not started when, at the last
+    # point's cost per token, it would end past the budget.
     won, lost = -1, len(tokens)  # indices: tokens[won] a measured kernel win, tokens[lost] a measured loss
-    step = 0
+    per_token = 0.0  # seconds the last point cost, per token
     while lost - won > 1:
-        if step > 0 and time.perf_counter() - started > budget_s:
-            notes.append(f"probe budget {budget_s:g} s spent")
-            break
         if won < 0:
             index = 0  # one token
         elif lost == len(tokens):
             index = min(won + 2, lost - 1)  # gallop: 4x the tokens
         else:
             index = (won + lost) // 2  # bisect
+        elapsed = time.perf_counter() - started
+        if tokens[index] > ALWAYS_PROBED and elapsed + per_token * tokens[index] > budget_s:
+            notes.append(f"probe budget {budget_s:g} s: {tokens[index]} tokens not measured")
+            break
+        point_started = time.perf_counter()
         if kernel_wins(tokens[index]):
             won = index
         else:
             lost = index
-        step += 1
+        per_token = (time.perf_counter() - point_started) / tokens[index]
     if dense is None:
         dense = choices[0]
         notes.append(f"tiles' dense product not timed: {dense}, the project's default")
