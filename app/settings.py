@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -86,6 +86,17 @@ class Settings(BaseSettings):
     )
     event_poll_interval: float = Field(default=0.5, gt=0, description="How often an event stream polls (s).")
 
+    # --- the packed 2:4 CPU kernel (secateurs.kernels.sparse.cpu) ------------------------------------------
+    kernel_dir: Path | None = Field(
+        default=None,
+        description="Where the packed 2:4 CPU kernel is compiled on first use and cached; default <cache_dir>/kernels.",
+    )
+    cpu_isa: Literal["auto", "scalar", "avx2", "avx512", "avx512bf16"] = Field(
+        default="auto",
+        description="Instruction set of the packed 2:4 CPU kernel: auto (the best this CPU has), or one forced "
+        "(refused when the CPU lacks it).",
+    )
+
     # --- the batch CLI (a client of the REST API) --------------------------------------------------------
     server_url: str = Field(
         default="http://127.0.0.1:8000",
@@ -124,6 +135,10 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    @property
+    def kernel_build_dir(self) -> Path:
+        return self.kernel_dir or self.cache_dir / "kernels"
 
     @property
     def visibility_timeout(self) -> int:

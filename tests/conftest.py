@@ -14,6 +14,11 @@ from tests.models import tiny_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The packed 2:4 CPU kernel is compiled on first use (about a minute) and cached: every test, and the worker
+# processes the service tests start, use one git-ignored folder of this checkout, so a session builds it at most once.
+KERNEL_DIR = Path(os.environ.get("SECATEURS_KERNEL_DIR") or REPO_ROOT / ".cache" / "kernels")
+os.environ["SECATEURS_KERNEL_DIR"] = str(KERNEL_DIR)
+
 TinyDir = Callable[..., Path]
 
 
@@ -25,6 +30,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyDir:
         return tiny_model_dir(arch, tmp_path_factory.mktemp(f"tiny-{arch}-{seed}"), seed=seed)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernel_dir() -> None:
+    """Code that builds PackedLinear modules without the workers' settings builds the kernel there too."""
+    from secateurs.kernels.sparse import cpu
+
+    cpu.configure(build_dir=KERNEL_DIR)
 
 
 def cache_dir() -> Path:

@@ -14,13 +14,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from secateurs.app.schemas import JobSpec, Report
+from secateurs.kernels.measure.speed import mismatch
 from secateurs.kernels.patterns import nm_prune_mask
+from secateurs.kernels.sparse import packing
 from secateurs.kernels.sparse.packing import (
     KernelDescription,
     PackedLinear,
     PackedWeight,
     PackingError,
     describe_packed_kernels,
+    iter_packed_linears,
     pack_bits,
     pack_nm,
     packed_nbytes,
@@ -144,11 +147,14 @@ def test_packed_linear_computes_what_the_dense_layer_computes(dtype: torch.dtype
     weight, bias = nm_weight((32, 64), 2, 4, dtype), torch.randn(32).to(dtype)
     layer = PackedLinear.from_dense(weight, bias)
     x = torch.randn(3, 5, 64).to(dtype)
+    assert mismatch(layer(x), F.linear(x, weight, bias)) is None  # a CPU kernel: the same sums, in its order
+    layer.use_kernels = False  # the reference forward: decompress, then the same F.linear, so bit for bit
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=0, atol=0)
     assert layer.values.numel() + layer.indices.numel() < weight.numel()  # it holds the packed form, not W
 
 
-def test_packed_linear_offers_inputs_to_registered_kernels_first() -> None:
+def test_packed_linear_offers_inputs_to_registered_kernels_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packing, "_KERNELS", {})  # only this test's kernels (the CPU kernel registers on import)
     layer = PackedLinear.from_dense(nm_weight((8, 16), 2, 4, torch.float32))
     x = torch.randn(2, 16)
     seen: list[tuple[int, ...]] = []
@@ -239,6 +245,9 @@ def test_both_loaders_give_the_pruned_model(tiny_dir: TinyDir, tmp_path: Path) -
     with torch.no_grad():
         expected = reference(ids).logits
         torch.testing.assert_close(dense(ids).logits, expected, rtol=0, atol=0)
+        assert mismatch(sparse(ids).logits, expected) is None  # the packed kernels: the same sums, in their order
+        for _, module in iter_packed_linears(sparse):
+            module.use_kernels = False  # the reference forward decompresses: bit for bit
         torch.testing.assert_close(sparse(ids).logits, expected, rtol=0, atol=0)
 
 

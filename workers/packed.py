@@ -40,6 +40,7 @@ from secateurs.kernels.sparse.packing import (
     replace_with_packed_,
     unpack_nm,
 )
+from secateurs.workers.cpu_kernel import configure_cpu_kernel  # registers the CPU kernel with PackedLinear
 from secateurs.workers.storage import atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -368,6 +369,7 @@ def load_dense_model(folder: Path) -> nn.Module:
 def load_sparse_model(folder: Path) -> nn.Module:
     """The model with every packed weight held by a :class:`~secateurs.kernels.sparse.packing.PackedLinear`
     (never densified)."""
+    configure_cpu_kernel()
     manifest = read_manifest(folder)
     records: Mapping[str, Mapping[str, Any]] = manifest["tensors"]
     model = _empty_model(folder, _main_dtype(manifest))

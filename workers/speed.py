@@ -22,6 +22,7 @@ from torch import nn
 from secateurs.app.schemas import JobSpec, SpeedReport
 from secateurs.kernels.measure.speed import LinearResult, SparsePath, SpeedResult, SpeedSettings, measure_speed
 from secateurs.kernels.patterns import SparsityPattern
+from secateurs.workers.cpu_kernel import configure_cpu_kernel  # registers the CPU kernel's sweep path
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def run_speed_step(
     """Measure ``model`` (pruned; its ``names`` linears sparse) on ``device``; it goes back to CPU afterwards."""
     started = time.perf_counter()
     settings = settings or SpeedSettings.for_device(device)
+    configure_cpu_kernel()
     model.to(device)
     try:
         result = measure_speed(

@@ -307,13 +307,15 @@ class PackedLinear(nn.Module):
         return unpack_nm(self.packed, check=False)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        # last_path is a plain attribute: set through __dict__, since nn.Module.__setattr__ costs microseconds, too
+        # much on every call of a decode step
         if self.use_kernels:
             for name, entry in _KERNELS.items():
                 y = entry.kernel(x, self)
                 if y is not None:
-                    self.last_path = name
+                    self.__dict__["last_path"] = name
                     return y
-        self.last_path = REFERENCE_PATH
+        self.__dict__["last_path"] = REFERENCE_PATH
         return F.linear(x, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,205 @@
+// AVX2 + FMA kernel. Compiled with -mavx2 -mfma and called only on CPUs that have both.
+//
+// Per 8 inputs of a row (one code byte, 4 kept values): one byte shuffle from a 256-entry table places the 4 values
+// at their positions and zeros elsewhere, giving 8 dense fp32 weights in a register (bf16 values land in the high
+// half of each 32-bit lane, which is their fp32 value: widening is free). The weights are expanded once per row and
+// used by every token of the tile; each token then costs 2 FMAs per 16 inputs, like a dense product, while only
+// the packed bytes are read from memory. (Permuting x by the codes instead costs 2 permutes on the one shuffle port
+// per 16 inputs and token: twice the dense cost as soon as the product is compute-bound.)
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace {
+
+constexpr int64_t kBlock = 256;  // inputs per cascade block
+
+// For a code byte (8 inputs, 4 kept values): byte-shuffle controls that place the 4 values at their positions and
+// zeros elsewhere. f32: fp32 values -> 8 fp32 (both 128-bit lanes hold the same 4 values); b16f32: bf16 values ->
+// 8 fp32 (the bf16 bits in the upper half of each lane); b16: bf16 values -> 8 bf16.
+struct ShuffleTables {
+    alignas(32) uint8_t f32[256][32];
+    alignas(32) uint8_t b16f32[256][32];
+    alignas(16) uint8_t b16[256][16];
+    constexpr ShuffleTables() : f32(), b16f32(), b16() {
+        for (int b = 0; b < 256; ++b) {
+            for (int i = 0; i < 8; ++i) {
+                const int g = i / 4, p = i % 4;
+                const int c0 = (b >> (4 * g)) & 3, c1 = (b >> (4 * g + 2)) & 3;
+                const int s = p == c0 ? 2 * g : p == c1 ? 2 * g + 1 : -1;
+                for (int q = 0; q < 4; ++q) {
+                    f32[b][4 * i + q] = (uint8_t)(s < 0 ? 0x80 : 4 * s + q);
+                    b16f32[b][4 * i + q] = (uint8_t)(s < 0 || q < 2 ? 0x80 : 2 * s + q - 2);
+                }
+                for (int q = 0; q < 2; ++q) b16[b][2 * i + q] = (uint8_t)(s < 0 ? 0x80 : 2 * s + q);
+            }
+        }
+    }
+};
+constexpr ShuffleTables kShuffles;
+
+// 8 dense fp32 weights for inputs 8·byte .. 8·byte + 7 of a row: `v` points at the byte's 4 kept values.
+template <bool BF16>
+inline __m256 expand8(const void* v, uint8_t code) {
+    if (BF16) {
+        long long four;
+        memcpy(&four, v, 8);
+        const __m256i w = _mm256_set1_epi64x(four);  // 4 bf16, in both lanes
+        return _mm256_castsi256_ps(_mm256_shuffle_epi8(w, _mm256_load_si256((const __m256i*)kShuffles.b16f32[code])));
+    }
+    const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)v));  // 4 fp32, in both lanes
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(w, _mm256_load_si256((const __m256i*)kShuffles.f32[code])));
+}
+
+// Rows [r0, r0 + R) × tokens [t0, t0 + TT).
+template <int R, int TT, bool BF16>
+void tile(const sec24_args* a, int64_t r0, int64_t t0) {
+    const int64_t in = a->in, kept = in / 2, vsize = BF16 ? 2 : 4;
+    __m256 acc[R][TT];
+    alignas(32) float total[R][TT][8] = {};  // in memory: touched once per block
+    const float* x[TT];
+    const char* v[R];
+    const uint8_t* c[R];
+    SEC24_UNROLL
+    for (int t = 0; t < TT; ++t) x[t] = a->x + (t0 + t) * a->x_stride;
+    SEC24_UNROLL
+    for (int r = 0; r < R; ++r) {
+        v[r] = (const char*)a->values + (r0 + r) * kept * vsize;
+        c[r] = a->codes + (r0 + r) * a->code_bytes;
+        SEC24_UNROLL
+        for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps();
+    }
+    // Cascade summation: each block of kBlock inputs sums into fresh accumulators that are then added to the
+    // totals, so no lane adds more than kBlock/8 products in a row (fp32 rounding stays near the dense product's).
+    // The next R rows follow these in memory: stream them in while these compute.
+    sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept * vsize, R * kept * vsize, in / 16);
+    sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, R * a->code_bytes, in / 16);
+    int64_t k = 0;
+    while (k + 8 <= in) {
+        const int64_t end = sec24_min(in & ~(int64_t)7, k + kBlock);
+        for (; k + 16 <= end; k += 16) {
+            sec24_prefetch_step(&next_values);
+            sec24_prefetch_step(&next_codes);
+            SEC24_UNROLL
+            for (int r = 0; r < R; ++r) {
+                const __m256 w0 = expand8<BF16>(v[r] + k / 2 * vsize, c[r][k / 8]);
+                const __m256 w1 = expand8<BF16>(v[r] + (k / 2 + 4) * vsize, c[r][k / 8 + 1]);
+                SEC24_UNROLL
+                for (int t = 0; t < TT; ++t) {
+                    acc[r][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + k), acc[r][t]);
+                    acc[r][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + k + 8), acc[r][t]);
+                }
+            }
+        }
+        if (k < end) {  // 8 inputs left in the block
+            SEC24_UNROLL
+            for (int r = 0; r < R; ++r) {
+                const __m256 w0 = expand8<BF16>(v[r] + k / 2 * vsize, c[r][k / 8]);
+                SEC24_UNROLL
+                for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + k), acc[r][t]);
+            }
+            k += 8;
+        }
+        SEC24_UNROLL
+        for (int r = 0; r < R; ++r)
+            SEC24_UNROLL
+            for (int t = 0; t < TT; ++t) {
+                _mm256_store_ps(total[r][t], _mm256_add_ps(_mm256_load_ps(total[r][t]), acc[r][t]));
+                acc[r][t] = _mm256_setzero_ps();
+            }
+    }
+    SEC24_UNROLL
+    for (int r = 0; r < R; ++r)
+        SEC24_UNROLL
+        for (int t = 0; t < TT; ++t) {
+            const __m256 sum8 = _mm256_load_ps(total[r][t]);
+            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+            const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            float sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+            if (k < in) {  // the last 4 inputs (one group: 2 kept values)
+                const uint32_t b = c[r][k / 8] & 15u;
+                const float* xt = x[t] + k;
+                if (BF16) {
+                    const uint16_t* vh = (const uint16_t*)(v[r]) + k / 2;
+                    sum += sec24_bf16_to_f32(vh[0]) * xt[b & 3] + sec24_bf16_to_f32(vh[1]) * xt[b >> 2];
+                } else {
+                    const float* vf = (const float*)(v[r]) + k / 2;
+                    sum += vf[0] * xt[b & 3] + vf[1] * xt[b >> 2];
+                }
+            }
+            sec24_store(a, t0 + t, r0 + r, sum);
+        }
+}
+
+template <int TT, bool BF16>
+void rows_tokens(const sec24_args* a, int64_t r0, int64_t r1, int64_t t0) {
+    constexpr int R = TT == 1 ? 4 : 2;
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) tile<R, TT, BF16>(a, r, t0);
+    for (; r < r1; ++r) tile<1, TT, BF16>(a, r, t0);
+}
+
+template <bool BF16>
+void rows(const sec24_args* a, int64_t r0, int64_t r1) {
+    // Blocks of rows small enough that their packed weights stay in L1/L2 while every token tile reads them.
+    const int64_t block = a->tokens <= 4 ? r1 - r0 : 8;
+    for (int64_t b = r0; b < r1; b += block) {
+        const int64_t e = sec24_min(b + block, r1);
+        int64_t t = 0;
+        for (; t + 4 <= a->tokens; t += 4) rows_tokens<4, BF16>(a, b, e, t);
+        switch (a->tokens - t) {
+            case 3: rows_tokens<3, BF16>(a, b, e, t); break;
+            case 2: rows_tokens<2, BF16>(a, b, e, t); break;
+            case 1: rows_tokens<1, BF16>(a, b, e, t); break;
+            default: break;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" void sec24_rows_avx2(const sec24_args* a, int64_t row_begin, int64_t row_end) {
+    if (a->values_bf16)
+        rows<true>(a, row_begin, row_end);
+    else
+        rows<false>(a, row_begin, row_end);
+}
+
+// 8 inputs (one code byte, 4 kept values) at a time: one byte shuffle from a table.
+extern "C" void sec24_decompress_avx2(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                                      int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense) {
+    const int64_t kept = in / 2;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const uint8_t* c = codes + r * code_bytes;
+        int64_t k = 0;
+        if (values_bf16) {
+            const uint16_t* v = (const uint16_t*)values + r * kept;
+            uint16_t* d = (uint16_t*)dense + (r - row_begin) * in;
+            for (; k + 8 <= in; k += 8) {
+                const __m128i w = _mm_loadl_epi64((const __m128i*)(v + k / 2));
+                const __m128i s = _mm_loadu_si128((const __m128i*)kShuffles.b16[c[k / 8]]);
+                _mm_storeu_si128((__m128i*)(d + k), _mm_shuffle_epi8(w, s));
+            }
+            if (k < in) {  // the last 4 inputs
+                const uint32_t b = c[k / 8] & 15u;
+                for (int p = 0; p < 4; ++p) d[k + p] = 0;
+                d[k + (b & 3)] = v[k / 2];
+                d[k + (b >> 2)] = v[k / 2 + 1];
+            }
+        } else {
+            const float* v = (const float*)values + r * kept;
+            float* d = (float*)dense + (r - row_begin) * in;
+            for (; k + 8 <= in; k += 8) {
+                const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(v + k / 2)));
+                const __m256i s = _mm256_loadu_si256((const __m256i*)kShuffles.f32[c[k / 8]]);
+                _mm256_storeu_si256((__m256i*)(d + k), _mm256_shuffle_epi8(w, s));
+            }
+            if (k < in) {
+                const uint32_t b = c[k / 8] & 15u;
+                for (int p = 0; p < 4; ++p) d[k + p] = 0.0f;
+                d[k + (b & 3)] = v[k / 2];
+                d[k + (b >> 2)] = v[k / 2 + 1];
+            }
+        }
+    }
+}

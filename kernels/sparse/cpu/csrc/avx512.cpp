@@ -1,0 +1,206 @@
+// AVX-512 (F, BW, VL) kernel. Compiled with -mavx512f -mavx512bw -mavx512vl and called only on CPUs that have them.
+//
+// Per 32 inputs of a row: 16 kept values (one register: fp32 loaded, or bf16 widened by a 16-bit shift) and their
+// 32 bits of codes. The codes become 16 lane indices 4·(j/2) + code_j (broadcast, per-lane shift, mask and add in
+// one ternary-logic op), and one two-source permute gathers the matching 16 of the 32 inputs held in two registers.
+// One FMA per 32 inputs and token: the product never touches a pruned weight. R rows share each token's x
+// registers; TT tokens share each row's index and value registers.
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace {
+
+constexpr int64_t kBlock = 512;  // inputs per cascade block
+
+inline __m512i gather_index(uint32_t codes) {
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    const __m512i shifted = _mm512_srlv_epi32(_mm512_set1_epi32((int)codes), shifts);
+    return _mm512_ternarylogic_epi32(shifted, _mm512_set1_epi32(3), base, 0xEA);  // (shifted & 3) | base
+}
+
+template <bool BF16>
+inline __m512 load_values(const void* v, int64_t j) {
+    if (BF16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)v + j));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float*)v + j);
+}
+
+template <bool BF16>
+inline __m512 load_values_masked(const void* v, int64_t j, __mmask16 mask) {
+    if (BF16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)v + j);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float*)v + j);
+}
+
+// Rows [r0, r0 + R) × tokens [t0, t0 + TT).
+template <int R, int TT, bool BF16>
+void tile(const sec24_args* a, int64_t r0, int64_t t0) {
+    const int64_t in = a->in, kept = in / 2, vsize = BF16 ? 2 : 4;
+    __m512 acc[R][TT];
+    const float* x[TT];
+    const char* v[R];
+    const uint8_t* c[R];
+    SEC24_UNROLL
+    for (int t = 0; t < TT; ++t) x[t] = a->x + (t0 + t) * a->x_stride;
+    SEC24_UNROLL
+    for (int r = 0; r < R; ++r) {
+        v[r] = (const char*)a->values + (r0 + r) * kept * vsize;
+        c[r] = a->codes + (r0 + r) * a->code_bytes;
+        SEC24_UNROLL
+        for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+    }
+    // Cascade summation: each block of kBlock inputs sums into fresh accumulators that are then added to the
+    // totals, so no lane adds more than kBlock/32 products in a row (fp32 rounding stays near the dense product's).
+    // (In memory, not registers: they are touched once per block, and the accumulators need the registers.)
+    alignas(64) float total[R][TT][16] = {};
+    // The next R rows follow these in memory: stream them in while these compute.
+    sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept * vsize, R * kept * vsize, in / 32);
+    sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, R * a->code_bytes, in / 32);
+    int64_t k = 0;
+    while (k + 32 <= in) {
+        const int64_t end = sec24_min(in & ~(int64_t)31, k + kBlock);
+        for (; k < end; k += 32) {
+            sec24_prefetch_step(&next_values);
+            sec24_prefetch_step(&next_codes);
+            __m512 xa[TT], xb[TT];
+            SEC24_UNROLL
+            for (int t = 0; t < TT; ++t) {
+                xa[t] = _mm512_loadu_ps(x[t] + k);
+                xb[t] = _mm512_loadu_ps(x[t] + k + 16);
+            }
+            SEC24_UNROLL
+            for (int r = 0; r < R; ++r) {
+                uint32_t codes;
+                memcpy(&codes, c[r] + k / 8, 4);
+                const __m512i index = gather_index(codes);
+                const __m512 w = load_values<BF16>(v[r], k / 2);
+                SEC24_UNROLL
+                for (int t = 0; t < TT; ++t)
+                    acc[r][t] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xa[t], index, xb[t]), acc[r][t]);
+            }
+        }
+        SEC24_UNROLL
+        for (int r = 0; r < R; ++r)
+            SEC24_UNROLL
+            for (int t = 0; t < TT; ++t) {
+                _mm512_store_ps(total[r][t], _mm512_add_ps(_mm512_load_ps(total[r][t]), acc[r][t]));
+                acc[r][t] = _mm512_setzero_ps();
+            }
+    }
+    if (k < in) {  // the last 4..28 inputs: masked loads; lanes past the end hold zero weights and zero inputs
+        const int64_t rest = in - k;
+        const __mmask16 mask_a = (__mmask16)((1u << sec24_min(rest, 16)) - 1);
+        const __mmask16 mask_b = (__mmask16)(rest > 16 ? (1u << (rest - 16)) - 1 : 0);
+        const __mmask16 mask_v = (__mmask16)((1u << (rest / 2)) - 1);
+        __m512 xa[TT], xb[TT];
+        SEC24_UNROLL
+        for (int t = 0; t < TT; ++t) {
+            xa[t] = _mm512_maskz_loadu_ps(mask_a, x[t] + k);
+            xb[t] = _mm512_maskz_loadu_ps(mask_b, x[t] + k + 16);
+        }
+        SEC24_UNROLL
+        for (int r = 0; r < R; ++r) {
+            uint32_t codes = 0;
+            memcpy(&codes, c[r] + k / 8, (size_t)((rest + 7) / 8));
+            const __m512i index = gather_index(codes);
+            const __m512 w = load_values_masked<BF16>(v[r], k / 2, mask_v);
+            SEC24_UNROLL
+            for (int t = 0; t < TT; ++t)
+                acc[r][t] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xa[t], index, xb[t]), acc[r][t]);
+        }
+    }
+    SEC24_UNROLL
+    for (int r = 0; r < R; ++r)
+        SEC24_UNROLL
+        for (int t = 0; t < TT; ++t)
+            sec24_store(a, t0 + t, r0 + r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(total[r][t]), acc[r][t])));
+}
+
+template <int TT, bool BF16>
+void rows_tokens(const sec24_args* a, int64_t r0, int64_t r1, int64_t t0) {
+    constexpr int R = TT == 1 ? 8 : 4;
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) tile<R, TT, BF16>(a, r, t0);
+    for (; r < r1; ++r) tile<1, TT, BF16>(a, r, t0);
+}
+
+template <bool BF16>
+void rows(const sec24_args* a, int64_t r0, int64_t r1) {
+    // Blocks of rows small enough that their packed weights stay in L1/L2 while every token tile reads them.
+    const int64_t block = a->tokens <= 4 ? r1 - r0 : 8;
+    for (int64_t b = r0; b < r1; b += block) {
+        const int64_t e = sec24_min(b + block, r1);
+        int64_t t = 0;
+        for (; t + 4 <= a->tokens; t += 4) rows_tokens<4, BF16>(a, b, e, t);
+        switch (a->tokens - t) {
+            case 3: rows_tokens<3, BF16>(a, b, e, t); break;
+            case 2: rows_tokens<2, BF16>(a, b, e, t); break;
+            case 1: rows_tokens<1, BF16>(a, b, e, t); break;
+            default: break;
+        }
+    }
+}
+
+struct MaskTable {
+    uint8_t mask[256];
+    constexpr MaskTable() : mask() {
+        for (int b = 0; b < 256; ++b)
+            mask[b] = (uint8_t)((1 << (b & 3)) | (1 << ((b >> 2) & 3)) | (16 << ((b >> 4) & 3)) | (16 << ((b >> 6) & 3)));
+    }
+};
+constexpr MaskTable kMasks;
+
+}  // namespace
+
+extern "C" void sec24_rows_avx512(const sec24_args* a, int64_t row_begin, int64_t row_end) {
+    if (a->values_bf16)
+        rows<true>(a, row_begin, row_end);
+    else
+        rows<false>(a, row_begin, row_end);
+}
+
+// 16 inputs at a time: the 16-bit mask of kept positions (two table lookups) expands the 8 kept values in place.
+extern "C" void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                                        int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense) {
+    const int64_t kept = in / 2;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const uint8_t* c = codes + r * code_bytes;
+        int64_t k = 0;
+        if (values_bf16) {
+            const uint16_t* v = (const uint16_t*)values + r * kept;
+            uint16_t* d = (uint16_t*)dense + (r - row_begin) * in;
+            for (; k + 16 <= in; k += 16) {
+                const __mmask16 m = (__mmask16)(kMasks.mask[c[k / 8]] | (kMasks.mask[c[k / 8 + 1]] << 8));
+                const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(v + k / 2)));
+                const __m512i e = _mm512_maskz_expand_epi32(m, _mm512_castsi256_si512(w));
+                _mm256_storeu_si256((__m256i*)(d + k), _mm512_cvtepi32_epi16(e));
+            }
+            for (; k < in; k += 4) {  // the last 4, 8 or 12 inputs
+                const uint32_t b = (uint32_t)(c[k / 8] >> (k % 8 == 0 ? 0 : 4)) & 15u;
+                for (int p = 0; p < 4; ++p) d[k + p] = 0;
+                d[k + (b & 3)] = v[k / 2];
+                d[k + (b >> 2)] = v[k / 2 + 1];
+            }
+        } else {
+            const float* v = (const float*)values + r * kept;
+            float* d = (float*)dense + (r - row_begin) * in;
+            for (; k + 16 <= in; k += 16) {
+                const __mmask16 m = (__mmask16)(kMasks.mask[c[k / 8]] | (kMasks.mask[c[k / 8 + 1]] << 8));
+                const __m512 w = _mm512_castps256_ps512(_mm256_loadu_ps(v + k / 2));
+                _mm512_storeu_ps(d + k, _mm512_maskz_expand_ps(m, w));
+            }
+            for (; k < in; k += 4) {
+                const uint32_t b = (uint32_t)(c[k / 8] >> (k % 8 == 0 ? 0 : 4)) & 15u;
+                for (int p = 0; p < 4; ++p) d[k + p] = 0.0f;
+                d[k + (b & 3)] = v[k / 2];
+                d[k + (b >> 2)] = v[k / 2 + 1];
+            }
+        }
+    }
+}

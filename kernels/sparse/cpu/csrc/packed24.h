@@ -1,0 +1,63 @@
+// The packed 2:4 product y = x·Wᵀ (+ b) read straight from secateurs' packed form, shared by every instruction set.
+//
+// Layout (kernels/sparse/packing.py): for a dense W [out, in] (in a multiple of 4), every group of 4 consecutive
+// inputs keeps exactly 2 values, in ascending position order:
+//   values [out, in/2]          fp32 or bf16, contiguous rows;
+//   codes  [out, ceil(in/8)]    uint8, the 2-bit position of each kept value inside its group, 4 per byte, the
+//                               first in the low bits: 8 kept values = 4 groups = 16 inputs = 16 bits.
+// Kept value j of a row (j = 0 .. in/2-1) multiplies input 4·(j/2) + code_j.
+//
+// This header is plain C: each instruction set's translation unit includes only it and <immintrin.h>, and exports
+// `extern "C"` functions with nothing else visible, so no inline function compiled for one instruction set can be
+// linked into code that runs on a CPU without it.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    const float* x;          // [tokens, in] fp32 activations; row stride x_stride elements, unit stride in a row
+    int64_t x_stride;
+    const uint16_t* x_bf16;  // the same activations as bf16 when they came as bf16, else NULL (stride x_bf16_stride)
+    int64_t x_bf16_stride;
+    const void* values;      // [out, in/2] fp32 (values_bf16 = 0) or bf16 (1), contiguous
+    const uint8_t* codes;    // [out, code_bytes] uint8, contiguous
+    const float* bias;       // [out] fp32, or NULL
+    void* y;                 // [tokens, out] fp32 (y_bf16 = 0) or bf16 (1); row stride y_stride elements
+    int64_t y_stride;
+    int64_t tokens, out, in, code_bytes;
+    int32_t values_bf16, y_bf16;
+} sec24_args;
+
+// y rows [0, tokens) × output columns [row_begin, row_end).
+typedef void (*sec24_rows_fn)(const sec24_args* args, int64_t row_begin, int64_t row_end);
+
+// Dense rows [row_begin, row_end) of W into dense[(r - row_begin)·in + k] (the weight's dtype).
+typedef void (*sec24_decompress_fn)(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                                    int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
+
+void sec24_rows_scalar(const sec24_args* args, int64_t row_begin, int64_t row_end);
+void sec24_decompress_scalar(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                             int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
+#if defined(SEC24_HAVE_AVX2)
+void sec24_rows_avx2(const sec24_args* args, int64_t row_begin, int64_t row_end);
+void sec24_decompress_avx2(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                           int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
+#endif
+#if defined(SEC24_HAVE_AVX512)
+void sec24_rows_avx512(const sec24_args* args, int64_t row_begin, int64_t row_end);
+void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                             int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
+#endif
+#if defined(SEC24_HAVE_AVX512BF16)
+// bf16 weights × bf16 activations only (args->x_bf16 set); everything else goes to sec24_rows_avx512.
+void sec24_rows_avx512bf16(const sec24_args* args, int64_t row_begin, int64_t row_end);
+#endif
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,561 @@
+"""The packed 2:4 CPU kernel: y = x·Wᵀ (+ b) computed straight from a :class:`PackedWeight`, no dense copy.
+
+Why it wins (GUIDE §6): at decode sizes (1 to a few tokens) a linear layer is memory-bound, and the packed form
+moves 17/32 of the dense bytes in fp32 and 9/16 in bf16 (half the values, 2 bits of position per kept value:
+NVIDIA's 2:4 pattern, Mishra et al. 2021, arXiv 2104.08378, §3), so a kernel that streams only the packed bytes
+can be up to 1.88× / 1.78× faster than the dense product on any CPU. Compute-bound products (prefill, large
+batches) cannot gain on a CPU without sparse hardware, so above a token count measured on the machine the layer
+hands over to dense: its weight is decompressed tile by tile into a cache-sized buffer and multiplied by the
+fastest dense product (``F.linear`` or the project's oneDNN path, whichever the measurement picked).
+
+Two kernels are registered with :func:`~secateurs.kernels.sparse.packing.register_packed_kernel`, so every
+:class:`~secateurs.kernels.sparse.packing.PackedLinear` on the CPU uses them and its ``last_path`` names the one
+that ran:
+
+* ``cpu_packed`` (:data:`KERNEL_NAME`): the C++ kernel (``csrc/``), for 1..T tokens, T the crossover;
+* ``cpu_dense_tiles`` (:data:`TILES_NAME`): the hand-over above T.
+
+Both take fp32 or bf16 weights and activations (output in the activation dtype, fp32 accumulation; mixed dtypes
+compute as if both were fp32). They decline (return None, so the reference forward runs) off the CPU, for other
+dtypes or patterns, under autograd or CPU autocast, and when the extension could not be built.
+
+The instruction set is chosen at run time from the CPU's flags (AVX-512 with BF16, AVX-512, AVX2 + FMA, scalar),
+or forced with :func:`configure` (``isa=``). The extension is built on first use, not at import, in the folder
+given to :func:`configure` (the workers pass the setting), else in torch's extension folder; see
+:mod:`secateurs.kernels.sparse.cpu.build`. The crossover T is measured at the first call for each (shape, dtypes,
+threads, instruction set): :func:`describe` reports each one and how it was obtained.
+
+Threads: the C++ side runs a product on the calling thread when it streams less than a work size, else over
+torch's threads (``at::parallel_for``, so ``torch.set_num_threads`` governs it), each taking row blocks from a
+shared counter, so a thread that starts late finds the work done rather than holding a share. Below
+:data:`SERIAL_WORK` it never asks for a thread. Above, whether threads pay is measured with the crossover (one token,
+one thread against all, interleaved, median): on a shared 2-vCPU VM a pool thread's wake-up can cost more than the
+whole product (GUIDE §6: 0.1–0.4 ms products took 8–16 ms), and then the shape runs on the calling thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from secateurs.kernels import matmul
+from secateurs.kernels.errors import KernelError
+from secateurs.kernels.sparse.cpu.build import BuildError, Built, build
+from secateurs.kernels.sparse.packing import KernelDescription, PackedLinear, register_packed_kernel
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAME = "cpu_packed"
+TILES_NAME = "cpu_dense_tiles"
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # in order of preference, last best
+IsaChoice = Literal["auto", "scalar", "avx2", "avx512", "avx512bf16"]
+ISA_CHOICES: tuple[IsaChoice, ...] = ("auto", "scalar", "avx2", "avx512", "avx512bf16")
+_ISA_NEEDS = {
+    "scalar": (),
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl"),
+    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi"),
+}
+DTYPES = (torch.float32, torch.bfloat16)
+
+SERIAL_WORK = 256 << 10  # bytes streamed (weights + the tokens' share) below which one thread runs the product
+ONE_THREAD = 1 << 62  # a work size no product reaches: the calling thread runs everything
+BLOCK_ROWS = 16  # output rows a thread takes at a time
+# Dense tile of the hand-over. Measured (Xeon, 1 thread, shared machine, best of 8): tiles of 256 KiB and 1 MiB lose
+# 20-50% to dense at 128-512 tokens (per-tile overheads, skinny products); 4 MiB and above are within noise of
+# decompressing the whole weight on SmolLM2's shapes and better than it on 4096x4096 (the tile stays in cache).
+TILE_BYTES = 4 << 20
+# Each tile's dense product is one parallel region of the dense library when threads > 1, and on a shared 2-vCPU VM
+# any region can stall for milliseconds waiting for a descheduled thread (GUIDE §6). Measured: 11008x4096 fp32,
+# 4 tokens, 2 threads, load average 7: 22 tiles of 4 MiB took 340-580 ms against 77-95 ms on one thread. So a
+# weight is cut into at most this many tiles (LLaMA-7B's 11008x4096 in fp32: 8 tiles of 22.5 MiB, in L3).
+MAX_TILES = 8
+PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
+TILES_MARGIN = 0.1  # the tiles take a token count from the kernel only when at least this much faster
+ALWAYS_PROBED = 16  # token counts up to this are measured whatever the budget: decode, where the kernel matters
+_LAYER_CACHE = "_cpu24_crossover"  # a layer's last crossover lookup, kept in its __dict__ (not in its state_dict)
+
+
+class CpuKernelError(KernelError, ValueError):
+    """The CPU kernel was asked for something this machine or build cannot do (an instruction set it lacks)."""
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """Where, for one (shape, dtypes, threads, ISA), the kernel hands over to dense tiles, and how it was found."""
+
+    tokens: int  # the kernel runs for 1..tokens; the dense tiles above
+    dense: str  # the dense product the tiles use: "F.linear" or "oneDNN"
+    how: str  # what was measured
+    seconds: float  # the probe's cost
+    serial_work: int  # the kernel's work size below which it runs on the calling thread (ONE_THREAD: always)
+
+
+@dataclass
+class _State:
+    build_root: Path | None = None
+    requested: IsaChoice = "auto"
+    built: Built | None = None
+    failure: str | None = None  # why the extension is unavailable
+    isa: str | None = None  # the instruction set in use
+    isa_index: int = 0
+    crossovers: dict[tuple[Any, ...], Crossover] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STATE = _State()
+
+
+def configure(*, build_dir: Path | None = None, isa: IsaChoice = "auto") -> None:
+    """Where the extension is built and cached (None: torch's extension folder) and which instruction set runs
+    (``auto``: the best this CPU has). Takes effect at the next call; a build already loaded stays loaded, and a
+    build that failed is tried again only in another folder."""
+    if isa not in ISA_CHOICES:
+        raise CpuKernelError(f"unknown CPU instruction set {isa!r}: choose one of {', '.join(ISA_CHOICES)}")
+    with _STATE.lock:
+        if build_dir != _STATE.build_root and _STATE.built is None:
+            _STATE.failure = None
+        _STATE.build_root = build_dir
+        if isa != _STATE.requested:
+            _STATE.requested = isa
+            _STATE.isa = None
+            _STATE.crossovers.clear()
+
+
+def _default_root() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+def _choose_isa(built: Built, requested: IsaChoice) -> str:
+    runnable = list(built.module.isas_runnable())
+    if requested == "auto":
+        return runnable[-1]
+    if requested in runnable:
+        return requested
+    flags = list(built.module.cpu_flags())
+    if requested not in built.isas:
+        why = f"this build has no {requested} kernel (the compiler could not build it; it has {', '.join(built.isas)})"
+    else:
+        missing = [flag for flag in _ISA_NEEDS[requested] if flag not in flags]
+        why = f"this CPU lacks {', '.join(missing)} (it has {', '.join(flags) or 'no SIMD flag the kernels use'})"
+    raise CpuKernelError(
+        f"the {requested} CPU kernel was requested, but {why}; request one of: auto, {', '.join(runnable)}"
+    )
+
+
+def ensure() -> bool:
+    """Build or load the extension (once per process) and choose the instruction set; True when the kernel can
+    run. Raises :class:`CpuKernelError` when a forced instruction set cannot run here."""
+    if _STATE.isa is not None:
+        return True
+    with _STATE.lock:
+        if _STATE.failure is None and _STATE.built is None:
+            root = _STATE.build_root or _default_root()
+            try:
+                _STATE.built = build(root)
+            except BuildError as exc:
+                where = f" (compiler output: {exc.log_path})" if exc.log_path else ""
+                _STATE.failure = f"the C++ extension could not be built: {exc}{where}"
+                log.warning(
+                    "packed 2:4 CPU kernel unavailable: %s; PackedLinear runs the reference path (decompress, then "
+                    "the dense product)",
+                    _STATE.failure,
+                )
+                return False
+            built = _STATE.built
+            log.info(
+                "packed 2:4 CPU kernel %s in %.1f s (%s; kernels: %s)",
+                "loaded from cache" if built.cached else "built",
+                built.seconds,
+                built.folder,
+                ", ".join(built.isas),
+            )
+        if _STATE.built is None:
+            return False
+        if _STATE.isa is None:
+            isa = _choose_isa(_STATE.built, _STATE.requested)
+            _STATE.isa_index, _STATE.isa = ISAS.index(isa), isa
+        return True
+
+
+def _module() -> Any:
+    assert _STATE.built is not None
+    return _STATE.built.module
+
+
+def _supported(x: torch.Tensor, values: torch.Tensor, layer: PackedLinear) -> bool:
+    """Whether the kernels compute this call (cheap checks first: this runs on every call of every layer)."""
+    return (
+        x.is_cpu
+        and values.is_cpu
+        and x.dtype in DTYPES
+        and values.dtype in DTYPES
+        and layer.n == 2
+        and layer.m == 4
+        and x.shape[-1] == layer.in_features
+        and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+# --- The two paths -------------------------------------------------------------------------------------------
+
+
+def packed_product(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    serial_work: int = SERIAL_WORK,
+) -> torch.Tensor:
+    """The kernel itself: x [tokens, in] (fp32/bf16, any row stride) · W [out, in]ᵀ (+ bias) -> [tokens, out] in
+    x's dtype, for any token count (no hand-over). ``values`` [out, in/2] and ``codes`` [out, ceil(in/8)] are a
+    2:4 :class:`PackedWeight`'s tensors. ``serial_work``: below this many bytes streamed, one thread. Call
+    :func:`ensure` first."""
+    return _module().linear(x, values, codes, bias, _STATE.isa_index, serial_work, BLOCK_ROWS)
+
+
+def _dense_fn(name: str) -> Callable[..., torch.Tensor]:
+    return matmul.linear if name == "oneDNN" else F.linear
+
+
+def tile_rows(out: int, row_bytes: int, tile_bytes: int) -> int:
+    """Rows per tile: tiles of about ``tile_bytes`` (at least one row), at most :data:`MAX_TILES` of them, equal in
+    size, a multiple of 16 rows when they are that large (the kernel's row blocks)."""
+    tiles = min(MAX_TILES, max(1, -(-out * row_bytes // max(tile_bytes, 1))))
+    rows = -(-out // tiles)  # equal tiles: never one full tile and a sliver
+    return min(out, -(-rows // 16) * 16) if rows >= 16 and tiles > 1 else max(1, rows)
+
+
+def dense_tiles_product(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    dense: str = "F.linear",
+    tile_bytes: int = TILE_BYTES,
+    serial_work: int = SERIAL_WORK,
+) -> torch.Tensor:
+    """The hand-over: W decompressed a tile of rows at a time into one reused cache-sized buffer, each tile
+    multiplied by the dense product ``dense`` ("F.linear" or "oneDNN"). x [tokens, in] -> [tokens, out] in x's
+    dtype (mixed dtypes compute in fp32). Call :func:`ensure` first."""
+    out, in_features = values.shape[0], values.shape[1] * 2
+    compute = x.dtype if x.dtype == values.dtype else torch.float32
+    xc = x.to(compute).contiguous()  # [tokens, in]; oneDNN copies strided inputs on every call
+    b = bias.to(compute) if bias is not None else None
+    rows = tile_rows(out, in_features * values.element_size(), tile_bytes)
+    buffer = torch.empty(rows, in_features, dtype=values.dtype)  # [rows, in], reused by every tile
+    product = _dense_fn(dense)
+    module, isa = _module(), _STATE.isa_index
+    if rows == out:  # one tile: no copy into the output
+        module.decompress(values, codes, 0, out, buffer, isa, serial_work)
+        return product(xc, buffer.to(compute), b).to(x.dtype)  # [tokens, out]
+    y = torch.empty(x.shape[0], out, dtype=compute)  # [tokens, out]
+    for start in range(0, out, rows):
+        stop = min(out, start + rows)
+        module.decompress(values, codes, start, stop, buffer, isa, serial_work)
+        tile = buffer[: stop - start]  # [stop-start, in]
+        if tile.dtype != compute:
+            tile = tile.to(compute)
+        y[:, start:stop] = product(xc, tile, None if b is None else b[start:stop])  # [tokens, stop-start]
+    return y.to(x.dtype)
+
+
+# --- The crossover, measured ---------------------------------------------------------------------------------
+
+
+def _best_of(run: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _dense_choices(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[str, ...]:
+    """The dense products the tiles may use, the project's default first: oneDNN for fp32 where this torch has
+    it (``kernels/matmul.py``), F.linear otherwise."""
+    fp32 = x_dtype == torch.float32 or x_dtype != w_dtype
+    return ("oneDNN", "F.linear") if fp32 and matmul._onednn_linear_op() is not None else ("F.linear",)
+
+
+@torch.no_grad()
+def measure_crossover(
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    x_dtype: torch.dtype,
+    *,
+    tokens: tuple[int, ...] = PROBE_TOKENS,
+    budget_s: float = PROBE_BUDGET_S,
+) -> Crossover:
+    """The largest token count in ``tokens`` at which the kernel beats the dense tiles on this layer's packed
+    weight, found by timing both: galloping over ``tokens`` (1, 4, 16, 64, ...: the cheap decode sizes first), then
+    bisecting between the last win and the first loss (assuming the kernel that wins at T also wins below T). Each
+    point is the best of 3 calls after one warm-up per path (1 call for paths slower than 20 ms).
+
+    The dense tiles cost at least their decompression, timed once: where the kernel is faster than that alone, it
+    wins without the tiles being timed. Where the tiles are timed, each dense product they may use is, and the
+    faster is kept (the second is not timed when the first takes over 1.5× the kernel's time); the kernel keeps a
+    count unless the tiles are :data:`TILES_MARGIN` faster (near the crossover both take about as long, and on a
+    shared machine timing noise would otherwise decide). Points up to :data:`ALWAYS_PROBED` tokens are always
+    measured; a larger one is not started when, at the previous point's cost per token, it would end past
+    ``budget_s``. The crossover is the largest count measured as a kernel win (0: none).
+    """
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    in_features = values.shape[1] * 2
+    choices = _dense_choices(x_dtype, values.dtype)
+    rows = tile_rows(values.shape[0], in_features * values.element_size(), TILE_BYTES)
+    buffer = torch.empty(rows, in_features, dtype=values.dtype)  # [rows, in]
+    module, isa = _module(), _STATE.isa_index
+    notes: list[str] = []
+    serial_work = _measure_threads(values, codes, x_dtype, notes)
+
+    def decompress_all() -> None:
+        for start in range(0, values.shape[0], rows):
+            module.decompress(values, codes, start, min(values.shape[0], start + rows), buffer, isa, serial_work)
+
+    repeats: dict[str, int] = {}
+
+    def timed(name: str, run: Callable[[], object]) -> float:
+        if name not in repeats:  # warm-up, which also sets how many calls are affordable
+            repeats[name] = 3 if _best_of(run, 1) < 0.02 else 1
+        return _best_of(run, repeats[name])
+
+    floor = timed("decompression", decompress_all)
+    dense: str | None = None
+
+    def kernel_wins(count: int) -> bool:
+        nonlocal dense
+        x = torch.randn(count, in_features, generator=generator).to(x_dtype)  # [count, in]
+        kernel = timed("kernel", lambda: packed_product(x, values, codes, serial_work=serial_work))
+        if kernel < floor:
+            notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms < decompression alone {floor * 1e3:.3g} ms")
+            return True
+        tiles: dict[str, float] = {}
+        for name in choices:  # the project's default first; another only while the tiles are in the running
+            if tiles and min(tiles.values()) > 1.5 * kernel:
+                break
+            tiles[name] = timed(
+                name, functools.partial(dense_tiles_product, x, values, codes, dense=name, serial_work=serial_work)
+            )
+        dense = min(tiles, key=lambda name: tiles[name])
+        notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms, tiles ({dense}) {tiles[dense] * 1e3:.3g} ms")
+        return tiles[dense] > kernel * (1.0 - TILES_MARGIN)
+
+    # Gallop (1, 4, 16, 64, ... tokens: the cheap decode sizes first), then bisect between the last win and the
+    # first loss, until the budget is spent.
+    # Decode sizes (up to ALWAYS_PROBED tokens) are always measured; a larger point is not started when, at the last
+    # point's cost per token, it would end past the budget.
+    won, lost = -1, len(tokens)  # indices: tokens[won] a measured kernel win, tokens[lost] a measured loss
+    per_token = 0.0  # seconds the last point cost, per token
+    while lost - won > 1:
+        if won < 0:
+            index = 0  # one token
+        elif lost == len(tokens):
+            index = min(won + 2, lost - 1)  # gallop: 4x the tokens
+        else:
+            index = (won + lost) // 2  # bisect
+        elapsed = time.perf_counter() - started
+        if tokens[index] > ALWAYS_PROBED and elapsed + per_token * tokens[index] > budget_s:
+            notes.append(f"probe budget {budget_s:g} s: {tokens[index]} tokens not measured")
+            break
+        point_started = time.perf_counter()
+        if kernel_wins(tokens[index]):
+            won = index
+        else:
+            lost = index
+        per_token = (time.perf_counter() - point_started) / tokens[index]
+    if dense is None:
+        dense = choices[0]
+        notes.append(f"tiles' dense product not timed: {dense}, the project's default")
+    won_tokens = tokens[won] if won >= 0 else 0
+    return Crossover(won_tokens, dense, "; ".join(notes), time.perf_counter() - started, serial_work)
+
+
+def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, notes: list[str]) -> int:
+    """The work size to pass the kernel for this weight: :data:`SERIAL_WORK` when torch's threads made a one-token
+    product faster (median of 5 interleaved calls each way), :data:`ONE_THREAD` when they did not."""
+    threads = torch.get_num_threads()
+    weight_bytes = values.numel() * values.element_size() + codes.numel()
+    if threads == 1 or weight_bytes < SERIAL_WORK:
+        return SERIAL_WORK
+    x = torch.randn(1, values.shape[1] * 2).to(x_dtype)  # [1, in]
+    samples: dict[int, list[float]] = {SERIAL_WORK: [], ONE_THREAD: []}
+    for work in samples:  # warm-up: the pool's threads exist after this
+        packed_product(x, values, codes, serial_work=work)
+    for _ in range(5):
+        for work, times in samples.items():
+            started = time.perf_counter()
+            packed_product(x, values, codes, serial_work=work)
+            times.append(time.perf_counter() - started)
+    pooled, alone = (statistics.median(samples[work]) for work in (SERIAL_WORK, ONE_THREAD))
+    notes.append(f"1 token: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 5)")
+    return SERIAL_WORK if pooled < alone else ONE_THREAD
+
+
+def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | None = None) -> Crossover:
+    """The crossover of ``layer`` for inputs like ``x`` on this machine: measured at the first call per (shape,
+    dtypes, threads, instruction set), then looked up."""
+    values = _tensors(layer)[0] if values is None else values
+    threads = torch.get_num_threads()
+    cached = layer.__dict__.get(_LAYER_CACHE)  # the last answer for this layer, if the conditions still hold
+    if cached is not None and cached[:4] == (x.dtype, values.dtype, threads, _STATE.isa):
+        return cached[4]
+    key = (layer.out_features, layer.in_features, values.dtype, x.dtype, threads, _STATE.isa)
+    found = _STATE.crossovers.get(key)
+    if found is None:
+        found = measure_crossover(values, _tensors(layer)[1], x.dtype)
+        _STATE.crossovers[key] = found
+        log.info(
+            "packed 2:4 CPU kernel, %dx%d %s weights x %s inputs, %d threads, %s: kernel up to %d tokens, dense "
+            "tiles (%s) above [%s; %.2f s]",
+            layer.out_features,
+            layer.in_features,
+            str(values.dtype).removeprefix("torch."),
+            str(x.dtype).removeprefix("torch."),
+            key[4],
+            _STATE.isa,
+            found.tokens,
+            found.dense,
+            found.how,
+            found.seconds,
+        )
+    layer.__dict__[_LAYER_CACHE] = (x.dtype, values.dtype, threads, _STATE.isa, found)
+    return found
+
+
+def _tensors(layer: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """values, indices, bias of ``layer``, read from the module's own dictionaries: ``layer.values`` goes through
+    ``nn.Module.__getattr__``, measured at 1-4 µs a lookup, which a decode call of a small layer cannot afford."""
+    buffers = layer._buffers
+    values, indices = buffers["values"], buffers["indices"]
+    assert values is not None and indices is not None
+    bias = layer._parameters.get("bias")
+    return values, indices, bias
+
+
+def cpu_packed_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
+    """The registered kernel: the C++ product for up to the crossover's token count, else None."""
+    values, indices, bias = _tensors(layer)
+    if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
+        return None
+    x2 = x if x.dim() == 2 else x.reshape(-1, layer.in_features)  # [tokens, in]; a view when the layout allows
+    found = crossover_for(x, layer, values)
+    if x2.shape[0] > found.tokens:
+        return None
+    y = _module().linear(x2, values, indices, bias, _STATE.isa_index, found.serial_work, BLOCK_ROWS)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.out_features)  # [..., out]
+
+
+def cpu_dense_tiles_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
+    """The registered hand-over: dense tiles above the crossover's token count, else None."""
+    values, indices, bias = _tensors(layer)
+    if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
+        return None
+    x2 = x.reshape(-1, layer.in_features)  # [tokens, in]
+    crossover = crossover_for(x, layer, values)
+    if x2.shape[0] <= crossover.tokens:
+        return None
+    y = dense_tiles_product(x2, values, indices, bias, dense=crossover.dense, serial_work=crossover.serial_work)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+# --- Descriptions --------------------------------------------------------------------------------------------
+
+
+def _crossovers_text() -> str:
+    if not _STATE.crossovers:
+        return "crossover: measured at the first call per (shape, dtypes, threads); none measured yet"
+    parts = []
+    for (out, inp, w_dtype, x_dtype, threads, isa), found in _STATE.crossovers.items():
+        if isa != _STATE.isa:
+            continue
+        dtypes = str(w_dtype).removeprefix("torch.") + (
+            "" if w_dtype == x_dtype else f" x {str(x_dtype).removeprefix('torch.')}"
+        )
+        pool = "on 1 thread (measured faster)" if found.serial_work == ONE_THREAD and threads > 1 else ""
+        parts.append(
+            f"{out}x{inp} {dtypes} {threads} threads: kernel <= {found.tokens} tokens{' ' + pool if pool else ''}, "
+            f"tiles ({found.dense}) above"
+        )
+    how = "crossover measured at first use per shape (kernel vs dense tiles timed, galloping then bisecting): "
+    return how + "; ".join(parts)
+
+
+def describe() -> KernelDescription:
+    """What ``cpu_packed`` runs on: instruction set, threads, crossovers; or why it is unavailable (this builds the
+    extension when it is not built yet)."""
+    try:
+        available = ensure()
+    except CpuKernelError as exc:
+        return KernelDescription(KERNEL_NAME, False, str(exc))
+    if not available:
+        return KernelDescription(KERNEL_NAME, False, _STATE.failure or "unavailable")
+    assert _STATE.built is not None
+    flags = ", ".join(_module().cpu_flags()) or "none"
+    how = "forced" if _STATE.requested != "auto" else "chosen from the CPU's flags"
+    detail = (
+        f"instruction set {_STATE.isa} ({how}; CPU flags: {flags}; compiled: {', '.join(_STATE.built.isas)}); "
+        f"threads {torch.get_num_threads()} (one thread below {SERIAL_WORK >> 10} KiB streamed, and for shapes where "
+        "the threads measured slower at one token); "
+        f"{_crossovers_text()}"
+    )
+    return KernelDescription(KERNEL_NAME, True, detail)
+
+
+def describe_tiles() -> KernelDescription:
+    """What ``cpu_dense_tiles`` does, or why it cannot run."""
+    kernel = describe()
+    if not kernel.available:
+        return KernelDescription(TILES_NAME, False, kernel.detail)
+    return KernelDescription(
+        TILES_NAME,
+        True,
+        f"above each layer's measured crossover: the weight decompressed {TILE_BYTES >> 10} KiB of rows at a time "
+        f"({_STATE.isa}), each tile multiplied by the faster dense product measured (F.linear or oneDNN)",
+    )
+
+
+def measured_crossovers() -> list[dict[str, Any]]:
+    """Every crossover measured in this process, with its conditions and what was timed (for reports)."""
+    return [
+        {
+            "shape": [out, inp],
+            "weights": str(w_dtype).removeprefix("torch."),
+            "inputs": str(x_dtype).removeprefix("torch."),
+            "threads": threads,
+            "isa": isa,
+            "tokens": found.tokens,
+            "dense": found.dense,
+            "kernel_threads": 1 if found.serial_work == ONE_THREAD else threads,
+            "how": found.how,
+            "seconds": round(found.seconds, 3),
+        }
+        for (out, inp, w_dtype, x_dtype, threads, isa), found in _STATE.crossovers.items()
+    ]
+
+
+def isa_in_use() -> str | None:
+    """The instruction set the kernel runs (None before the first call, or when unavailable)."""
+    return _STATE.isa
+
+
+register_packed_kernel(KERNEL_NAME, cpu_packed_kernel, describe)
+register_packed_kernel(TILES_NAME, cpu_dense_tiles_kernel, describe_tiles)

@@ -1,0 +1,367 @@
+"""The packed 2:4 CPU kernel (secateurs.kernels.sparse.cpu): every instruction set this CPU runs equals the dense
+product with zeros, the dispatch runs what was asked, the hand-over above the measured crossover, the build's
+cache and its failure fallback, and the speed sweep's path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from secateurs.app.errors import DeviceError
+from secateurs.app.settings import Settings
+from secateurs.kernels.measure.speed import SpeedSettings, mismatch, sparse_paths, sweep_linear
+from secateurs.kernels.patterns import SparsityPattern, nm_prune_mask
+from secateurs.kernels.sparse import cpu
+from secateurs.kernels.sparse.cpu import build as cpu_build
+from secateurs.kernels.sparse.cpu import kernel
+from secateurs.kernels.sparse.packing import REFERENCE_PATH, PackedLinear, describe_packed_kernels, pack_nm
+from secateurs.workers import cpu_kernel as worker_side
+from tests.conftest import KERNEL_DIR
+
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(1, 20), (13, 36), (67, 100), (13, 4100)]  # (out, in): in not a multiple of any SIMD width; odd rows
+TOKENS = [1, 3, 16, 17]
+
+
+def weight_24(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A random 2:4 weight [out, in] (dense with zeros), with one group holding a single non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=g)
+    weight = weight.masked_fill(nm_prune_mask(weight.abs(), 2, 4), 0.0)
+    weight[0, :4] = torch.tensor([0.0, 0.0, 0.0, 2.5])
+    return weight.to(dtype)
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dense with zeros; mixed dtypes compute in fp32 (what the kernel promises), output in x's dtype."""
+    if x.dtype == weight.dtype:
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+@pytest.fixture(scope="session")
+def built() -> cpu_build.Built:
+    """The extension, built once per session into the checkout's kernel folder (a cache hit after the first)."""
+    cpu.configure(build_dir=KERNEL_DIR)
+    assert cpu.ensure(), cpu.describe().detail
+    assert kernel._STATE.built is not None
+    return kernel._STATE.built
+
+
+@pytest.fixture
+def isa(request: pytest.FixtureRequest, built: cpu_build.Built) -> Iterator[str]:
+    """Force the instruction set named by the test's parameter; skip it when this CPU does not run it."""
+    name: str = request.param
+    if name not in built.module.isas_runnable():
+        pytest.skip(f"this CPU does not run the {name} kernel (flags: {', '.join(built.module.cpu_flags())})")
+    cpu.configure(build_dir=KERNEL_DIR, isa=name)  # type: ignore[arg-type]
+    assert cpu.ensure() and cpu.isa_in_use() == name
+    yield name
+    cpu.configure(build_dir=KERNEL_DIR, isa="auto")
+
+
+# --- Every kernel equals dense-with-zeros ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: f"x-{str(d)[6:]}")
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
+@pytest.mark.parametrize("isa", list(kernel.ISAS), indirect=True)
+def test_each_kernel_equals_the_dense_product(isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype) -> None:
+    failures = []
+    for seed, shape in enumerate(SHAPES):
+        weight = weight_24(shape, w_dtype, seed)
+        packed = pack_nm(weight)
+        bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed)).to(w_dtype)
+        for tokens in TOKENS:
+            for with_bias in (False, True):
+                b = bias if with_bias else None
+                wide = torch.randn(tokens, 2 * shape[1], generator=torch.Generator().manual_seed(tokens)).to(x_dtype)
+                x = wide[:, ::2]  # [tokens, in], every other column: not contiguous
+                y = cpu.packed_product(x, packed.values, packed.indices, b)
+                assert y.dtype == x_dtype and y.shape == (tokens, shape[0])
+                problem = mismatch(y, reference(x, weight, b))
+                if problem is not None:
+                    failures.append(f"{shape} x {tokens} tokens, bias {with_bias}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("isa", list(kernel.ISAS), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decompression_is_bit_exact(isa: str, dtype: torch.dtype) -> None:
+    for seed, shape in enumerate([*SHAPES, (5, 4)]):
+        weight = weight_24(shape, dtype, seed)
+        weight[-1, int(weight[-1].nonzero()[0])] = -0.0  # a kept -0.0 must stay -0.0
+        packed = pack_nm(weight)
+        dense = torch.full((shape[0] + 2, shape[1]), 9.0, dtype=dtype)  # larger than needed: rows beyond untouched
+        kernel._module().decompress(packed.values, packed.indices, 1, shape[0], dense, kernel._STATE.isa_index, 0)
+        view = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(dense[: shape[0] - 1].view(view), weight[1:].contiguous().view(view)), shape
+        assert bool((dense[shape[0] - 1 :] == 9.0).all())
+
+
+@pytest.mark.parametrize("isa", list(kernel.ISAS), indirect=True)
+def test_packed_linear_runs_the_forced_kernel(isa: str) -> None:
+    weight = weight_24((67, 100), torch.float32, 0)
+    layer = PackedLinear.from_dense(weight)
+    x = torch.randn(2, 1, 100)  # decode: [batch, 1 token, in]
+    assert mismatch(layer(x), F.linear(x, weight)) is None
+    assert layer.last_path == cpu.KERNEL_NAME and cpu.isa_in_use() == isa
+    described = {d.name: d for d in describe_packed_kernels()}[cpu.KERNEL_NAME]
+    assert described.available and f"instruction set {isa} (forced" in described.detail
+
+
+def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for seed, shape in enumerate([(67, 100), (13, 4100), (1, 36)]):  # blocks of 16 rows: a short last one
+            weight = weight_24(shape, torch.float32, seed)
+            packed = pack_nm(weight)
+            for tokens in (1, 17):
+                x = torch.randn(tokens, shape[1])
+                y = cpu.packed_product(x, packed.values, packed.indices, serial_work=0)  # always through the pool
+                assert mismatch(y, F.linear(x, weight)) is None, (shape, tokens)
+        big = pack_nm(weight_24((512, 1024), torch.float32, 9))  # 1.1 MB: above the one-thread size
+        found = cpu.measure_crossover(big.values, big.indices, torch.float32)
+        assert found.serial_work in {kernel.SERIAL_WORK, kernel.ONE_THREAD} and "1 token: 2 threads" in found.how
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_environment_variable_forces_the_scalar_kernel(
+    monkeypatch: pytest.MonkeyPatch, built: cpu_build.Built
+) -> None:
+    monkeypatch.setenv("SECATEURS_CPU_ISA", "scalar")
+    worker_side.configure_cpu_kernel(Settings())
+    try:
+        layer = PackedLinear.from_dense(weight_24((13, 36), torch.float32, 5))
+        x = torch.randn(2, 36)
+        assert mismatch(layer(x), F.linear(x, layer.dense_weight())) is None
+        assert layer.last_path == cpu.KERNEL_NAME and cpu.isa_in_use() == "scalar"
+        assert "instruction set scalar (forced" in cpu.describe().detail
+    finally:
+        cpu.configure(build_dir=KERNEL_DIR, isa="auto")
+
+
+def test_auto_takes_the_best_instruction_set_this_cpu_runs(built: cpu_build.Built) -> None:
+    assert cpu.ensure() and cpu.isa_in_use() == built.module.isas_runnable()[-1]
+    assert "chosen from the CPU's flags" in cpu.describe().detail
+
+
+def test_a_forced_instruction_set_the_cpu_lacks_is_refused_with_what_it_has() -> None:
+    fake = SimpleNamespace(
+        module=SimpleNamespace(isas_runnable=lambda: ["scalar", "avx2"], cpu_flags=lambda: ["avx2", "fma"]),
+        isas=("scalar", "avx2", "avx512", "avx512bf16"),
+    )
+    with pytest.raises(cpu.CpuKernelError, match=r"avx512 CPU kernel was requested.*lacks avx512f, avx512bw"):
+        kernel._choose_isa(fake, "avx512")  # type: ignore[arg-type]
+    with pytest.raises(cpu.CpuKernelError, match="request one of: auto, scalar, avx2"):
+        kernel._choose_isa(fake, "avx512bf16")  # type: ignore[arg-type]
+    with pytest.raises(cpu.CpuKernelError, match="unknown CPU instruction set"):
+        cpu.configure(isa="neon")  # type: ignore[arg-type]
+
+
+def test_the_worker_side_passes_the_settings_down_and_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, built: cpu_build.Built, tmp_path: Path
+) -> None:
+    assert Settings(cache_dir=tmp_path, kernel_dir=None).kernel_build_dir == tmp_path / "kernels"
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cpu, "configure", lambda **kwargs: seen.update(kwargs))
+    worker_side.configure_cpu_kernel(Settings(kernel_dir=tmp_path / "k", cpu_isa="auto"))
+    assert seen == {"build_dir": tmp_path / "k", "isa": "auto"}
+
+    def refuse() -> bool:
+        raise cpu.CpuKernelError("the avx512 CPU kernel was requested, but this CPU lacks avx512f")
+
+    monkeypatch.setattr(cpu, "ensure", refuse)
+    with pytest.raises(DeviceError, match="lacks avx512f") as caught:
+        worker_side.configure_cpu_kernel(Settings(cpu_isa="avx512"))
+    assert "SECATEURS_CPU_ISA" in (caught.value.hint or "")
+
+
+# --- What the kernel takes and declines -------------------------------------------------------------------------
+
+
+def test_inputs_of_any_leading_shape_and_layout(built: cpu_build.Built) -> None:
+    weight, bias = weight_24((13, 36), torch.float32, 1), torch.randn(13)
+    layer = PackedLinear.from_dense(weight, bias)
+    for x in (torch.randn(36), torch.randn(3, 4, 36), torch.randn(4, 3, 36).transpose(0, 1), torch.randn(0, 36)):
+        y = layer(x)
+        assert y.shape == (*x.shape[:-1], 13) and layer.last_path == cpu.KERNEL_NAME
+        assert mismatch(y, F.linear(x, weight, bias)) is None
+
+
+def test_the_kernel_declines_what_it_does_not_compute(built: cpu_build.Built) -> None:
+    weight = weight_24((8, 16), torch.float16, 0)
+    layer = PackedLinear.from_dense(weight)
+    layer(torch.randn(2, 16).half())
+    assert layer.last_path == REFERENCE_PATH  # fp16: not a dtype of this kernel
+    layer = PackedLinear.from_dense(weight_24((8, 16), torch.float32, 0))
+    x = torch.randn(2, 16, requires_grad=True)
+    layer(x).sum().backward()  # autograd: the reference forward has a backward, the kernel none
+    assert layer.last_path == REFERENCE_PATH and x.grad is not None
+    one_of_eight = PackedLinear.from_dense(torch.eye(8, 16), n=1, m=8)
+    one_of_eight(torch.randn(2, 16))
+    assert one_of_eight.last_path == REFERENCE_PATH  # 1:8 is packed, but the kernel computes 2:4
+
+
+def test_bad_arguments_raise_instead_of_crashing(built: cpu_build.Built) -> None:
+    packed = pack_nm(weight_24((8, 16), torch.float32, 0))
+    with pytest.raises(RuntimeError, match="do not hold 2 of every 4"):
+        cpu.packed_product(torch.randn(2, 20), packed.values, packed.indices)
+    with pytest.raises(RuntimeError, match="codes must be"):
+        cpu.packed_product(torch.randn(2, 16), packed.values, packed.indices[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="bias must be"):
+        cpu.packed_product(torch.randn(2, 16), packed.values, packed.indices, torch.randn(3))
+
+
+# --- The hand-over above the measured crossover ------------------------------------------------------------------
+
+
+def test_above_the_crossover_the_dense_tiles_run_and_agree(built: cpu_build.Built) -> None:
+    weight, bias = weight_24((67, 100), torch.float32, 2), torch.randn(67)
+    layer = PackedLinear.from_dense(weight, bias)
+    x = torch.randn(5, 100)
+    assert cpu.ensure()
+    key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
+    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
+    try:
+        assert mismatch(layer(x[:3]), F.linear(x[:3], weight, bias)) is None
+        assert layer.last_path == cpu.KERNEL_NAME
+        assert mismatch(layer(x), F.linear(x, weight, bias)) is None
+        assert layer.last_path == cpu.TILES_NAME
+    finally:
+        del kernel._STATE.crossovers[key]
+
+
+@pytest.mark.parametrize(("w_dtype", "x_dtype"), [(w, x) for w in DTYPES for x in DTYPES])
+@pytest.mark.parametrize("dense", ["F.linear", "oneDNN"])
+def test_dense_tiles_equal_the_dense_product(
+    built: cpu_build.Built, w_dtype: torch.dtype, x_dtype: torch.dtype, dense: str
+) -> None:
+    weight, bias = weight_24((67, 100), w_dtype, 3), torch.randn(67).to(w_dtype)
+    packed = pack_nm(weight)
+    x = torch.randn(9, 200).to(x_dtype)[:, ::2]
+    for tile_bytes in (1, 10 * 100 * 4, 1 << 20):  # the most tiles (9 rows), 7 tiles of 10 rows, one tile
+        y = cpu.dense_tiles_product(x, packed.values, packed.indices, bias, dense=dense, tile_bytes=tile_bytes)
+        assert y.dtype == x_dtype and mismatch(y, reference(x, weight, bias)) is None, tile_bytes
+
+
+def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) -> None:
+    packed = pack_nm(weight_24((192, 576), torch.float32, 4))
+    found = cpu.measure_crossover(packed.values, packed.indices, torch.float32)
+    assert found.tokens in {0, *kernel.PROBE_TOKENS} and found.dense in {"F.linear", "oneDNN"}
+    assert found.seconds < 1.0 and "ms" in found.how  # what was timed, with the times
+    no_time = cpu.measure_crossover(packed.values, packed.indices, torch.float32, budget_s=0.0)
+    assert no_time.tokens <= 16  # decode sizes are measured whatever the budget, nothing beyond
+    assert no_time.tokens < 16 or "probe budget 0 s: 64 tokens not measured" in no_time.how
+    layer = PackedLinear(packed)
+    layer(torch.randn(2, 576))
+    assert "192x576 float32" in cpu.describe().detail  # the first call measured this shape's crossover
+    (entry,) = [c for c in cpu.measured_crossovers() if c["shape"] == [192, 576] and c["inputs"] == "float32"]
+    assert entry["isa"] == cpu.isa_in_use() and entry["seconds"] < 1.0 and entry["how"]
+
+
+# --- The build: cache, and the fallback when it fails -------------------------------------------------------------
+
+
+def test_the_cache_key_names_what_went_into_the_build(built: cpu_build.Built) -> None:
+    assert built.folder.parent == KERNEL_DIR and (built.folder / "build.json").is_file()
+    assert {"scalar"} <= set(built.isas) <= set(kernel.ISAS)
+    key = cpu_build.cache_key(built.compiler)
+    assert built.folder.name.endswith(key) and cpu_build.cache_key("g++ (another) 99.1") != key
+    again = cpu_build.build(KERNEL_DIR)  # a second process finds it: no compiler run
+    assert again.cached and again.folder == built.folder
+
+
+def _fresh_state(monkeypatch: pytest.MonkeyPatch, build_dir: Path) -> None:
+    monkeypatch.setattr(kernel, "_STATE", kernel._State(build_root=build_dir))
+
+
+def test_no_compiler_one_log_line_and_the_reference_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fresh_state(monkeypatch, tmp_path / "kernels")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    layer = PackedLinear.from_dense(weight_24((13, 36), torch.float32, 0))
+    x = torch.randn(3, 36)
+    with caplog.at_level(logging.INFO, logger="secateurs.kernels.sparse.cpu"):
+        for _ in range(3):
+            assert mismatch(layer(x), F.linear(x, layer.dense_weight())) is None
+            assert layer.last_path == REFERENCE_PATH
+    lines = [r for r in caplog.records if r.name.startswith("secateurs.kernels.sparse.cpu")]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "no working C++ compiler" in lines[0].getMessage() and "reference path" in lines[0].getMessage()
+    described = cpu.describe()
+    assert not described.available and "no working C++ compiler" in described.detail
+
+
+def test_a_failing_compile_leaves_its_output_in_a_log(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "broken-c++"
+    broken.write_text(
+        '#!/bin/sh\nif [ "$1" = --version ]; then echo "broken c++ 1.0"; exit 0; fi\necho nope >&2\nexit 1\n'
+    )
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    _fresh_state(monkeypatch, tmp_path / "kernels")
+    monkeypatch.setenv("CXX", str(broken))
+    with caplog.at_level(logging.WARNING, logger="secateurs.kernels.sparse.cpu"):
+        assert not cpu.ensure()
+    (line,) = [r.getMessage() for r in caplog.records if r.name.startswith("secateurs.kernels.sparse.cpu")]
+    assert "compiling scalar.cpp failed" in line and "reference path" in line
+    (log_file,) = (tmp_path / "kernels").glob("*.log")
+    assert str(log_file) in line and "nope" in log_file.read_text()
+    assert not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no half-built folder left behind
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file locks and the build as on the CI machine")
+def test_a_concurrent_build_waits_for_the_lock_and_finds_the_build(built: cpu_build.Built, tmp_path: Path) -> None:
+    # A second process asking for the same build while the first holds the lock: it waits, then loads the result.
+    name = built.folder.name
+    import fcntl
+    import subprocess
+
+    lock = (KERNEL_DIR / f"{name}.lock").open("a+")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    code = (
+        "import sys; from pathlib import Path; from secateurs.kernels.sparse.cpu import build; "
+        f"b = build.build(Path({str(KERNEL_DIR)!r})); print(b.cached, b.folder.name)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ""}
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=3)  # blocked on the lock
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    output, _ = process.communicate(timeout=120)
+    assert output.split() == ["True", name]
+
+
+# --- The speed sweep's path ----------------------------------------------------------------------------------------
+
+
+def test_the_sweep_gates_and_times_the_cpu_path(built: cpu_build.Built) -> None:
+    (path,) = [p for p in sparse_paths() if p.name == cpu.KERNEL_NAME]
+    assert path.unavailable(torch.device("cpu"), torch.float32) is None
+    assert "needs" not in path.description and "instruction set" in path.description
+    assert path.unavailable(torch.device("cpu"), torch.float16) is not None
+    assert path.unsupported((8, 16), torch.float32, SparsityPattern.nm(1, 4)) is not None
+    quick = SpeedSettings(token_counts=(1, 16), warmup=1, repetitions=3, end_to_end=False)
+    for dtype in DTYPES:
+        for point in sweep_linear({(67, 100): 1}, SparsityPattern.nm(2, 4), dtype, torch.device("cpu"), quick,
+                                  paths=[path]):  # fmt: skip
+            (result,) = point.paths
+            assert result.status == "measured" and result.timing is not None, result.reason
