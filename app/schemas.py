@@ -472,6 +472,9 @@ class SpeedConditions(BaseModel):
     sparse_hardware: bool = Field(description="The device has 2:4 sparse tensor cores.")
     sparse_hardware_note: str
     isa: str | None = Field(default=None, description="The CPU's vector instruction sets (CPU only).")
+    load_average: list[float] | None = Field(
+        default=None, description="1, 5 and 15-minute load average when the step began (others' work skews timings)."
+    )
 
 
 class SpeedReport(BaseModel):
@@ -521,6 +524,22 @@ class DecodeSpeedup(BaseModel):
     threads: int | None = None
     dtype: str | None = None
     torch: str | None = None
+    load_average: list[float] | None = Field(default=None, description="1, 5, 15-minute load average at the start.")
+
+    def summary(self) -> str:
+        """One line: the speedup with its conditions, or why there is none."""
+        if not self.measured or self.speedup is None:
+            return f"not measured: {self.reason or 'no reason recorded'}"
+        ran = f" -> {', '.join(self.kernels)}" if self.kernels else ""
+        where = (self.device_name or self.device or "?") + (f" ({self.isa})" if self.isa else "")
+        return (
+            f"{self.speedup:.2f}x dense (sparse {self.sparse_tokens_per_second or 0:.1f} vs dense "
+            f"{self.dense_tokens_per_second or 0:.1f} tokens/s; greedy decode, batch {self.batch}, "
+            f"{self.prompt_tokens} + {self.new_tokens} tokens, median of {self.repetitions}; path {self.path}{ran}; "
+            f"{where}, {self.threads} threads, {self.dtype}"
+            + (f", load average {self.load_average[0]:.1f}" if self.load_average else "")
+            + ")"
+        )
 
 
 class Report(BaseModel):
@@ -661,6 +680,9 @@ class JobResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    decode: DecodeSpeedup | None = Field(
+        default=None, description="The measured greedy-decode speedup and its conditions, or why there is none."
+    )
     perplexity_dense: float | None
     perplexity_pruned: float | None
     sparsity_verified: bool

@@ -54,14 +54,15 @@ def test_bench_prints_the_speedup_and_its_conditions_first(out: Path) -> None:
 
 
 def test_bench_json_is_one_object_on_stdout(out: Path) -> None:
-    code, stdout, stderr = _bench(str(out), *QUICK, "--batch", "2", "--prompt", "random", "--json")
+    threads = torch.get_num_threads()
+    code, stdout, stderr = _bench(str(out), *QUICK, "--batch", "2", "--prompt", "random", "--threads", "1", "--json")
     assert code == 0, stderr
     report = BenchReport.model_validate_json(stdout)
     assert json.loads(stdout)["format"] == "secateurs.bench/1"
     c = report.conditions
     assert (c.batch, c.prompt_tokens, c.new_tokens, c.repetitions, c.warmup) == (2, 8, 5, 2, 0)
     assert c.prompt.startswith("random ids") and c.device == "cpu" and c.dtype == "float32"
-    assert c.threads == torch.get_num_threads() and c.torch == torch.__version__
+    assert c.threads == 1 and torch.get_num_threads() == threads and c.torch == torch.__version__
     assert report.tokens_agree and report.matching_tokens == report.total_tokens == 10
     assert report.first_difference is None and report.packed.paths == {"reference": 14} and not report.dense.paths
     for side in (report.dense, report.packed):

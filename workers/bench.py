@@ -106,13 +106,50 @@ def run_bench(
     warmup: int = 1,
     repetitions: int = 5,
     prompt: str = "text",
+    threads: int | None = None,
     say: Callable[[str], None] = log.info,
 ) -> BenchReport:
     """Load ``path``'s dense and packed models and time the same greedy generation through both (module docstring).
 
     ``path`` is a pruned output folder with its ``packed/`` copy (or a packed folder: the dense model is then
-    rebuilt from it, bit for bit). Errors a user can act on are :class:`SecateursError` subclasses naming the option.
+    rebuilt from it, bit for bit). ``threads`` sets torch's thread count for the run (restored afterwards).
+    Errors a user can act on are :class:`SecateursError` subclasses naming the option.
     """
+    if threads is not None and threads < 1:
+        raise InvalidSpecError(f"--threads must be at least 1, got {threads}", hint="pass --threads 1 or more")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_bench(
+            path,
+            device=device,
+            dtype=dtype,
+            batch=batch,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            warmup=warmup,
+            repetitions=repetitions,
+            prompt=prompt,
+            say=say,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_bench(
+    path: Path,
+    *,
+    device: str,
+    dtype: str | None,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    warmup: int,
+    repetitions: int,
+    prompt: str,
+    say: Callable[[str], None],
+) -> BenchReport:
     for name, value, low in (
         ("--batch", batch, 1),
         ("--prompt-tokens", prompt_tokens, 1),

@@ -24,7 +24,7 @@ from rich.table import Table
 import secateurs.app.client_cli
 import secateurs.app.server_cli  # noqa: F401  (registers serve, db, api-key)
 from secateurs.app.cli import cli, fail, spec_from_options, spec_options, user_errors
-from secateurs.app.schemas import JobSpec, Method
+from secateurs.app.schemas import DecodeSpeedup, JobSpec, Method
 from secateurs.app.settings import get_settings
 
 console = Console(stderr=True)
@@ -90,18 +90,7 @@ def decode_text(report: dict[str, Any]) -> str:
     decode = report.get("decode")
     if decode is None:  # a report from before the field existed
         return "not summarized in this report (see report.json 'speed')" if report.get("speed") else "not measured"
-    if not decode["measured"]:
-        return f"not measured: {decode['reason']}"
-    where = decode["device_name"] or decode["device"]
-    ran = f" -> {', '.join(decode['kernels'])}" if decode["kernels"] else ""
-    return (
-        f"{decode['speedup']:.2f}x dense (packed {decode['sparse_tokens_per_second']:.1f} vs dense "
-        f"{decode['dense_tokens_per_second']:.1f} tokens/s; greedy decode, batch {decode['batch']}, "
-        f"{decode['prompt_tokens']} + {decode['new_tokens']} tokens, median of {decode['repetitions']}; "
-        f"path {decode['path']}{ran}; {where}"
-        + (f" ({decode['isa']})" if decode["isa"] else "")
-        + f", {decode['threads']} threads, {decode['dtype']})"
-    )
+    return DecodeSpeedup.model_validate(decode).summary()
 
 
 def _print_summary(report: dict[str, Any], output: str) -> None:
@@ -311,6 +300,7 @@ def unpack(packed: str, output: str, overwrite: bool) -> None:
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens generated per prompt and run.")
 @click.option("--repetitions", type=int, default=5, show_default=True, help="Timed runs of each model.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs of each model first.")
+@click.option("--threads", type=int, default=None, help="torch threads for both models (default: torch's own).")
 @click.option(
     "--prompt",
     type=click.Choice(["text", "random"]),
@@ -344,6 +334,7 @@ def bench(output_dir: str, as_json: bool, **options: Any) -> None:
             warmup=options["warmup"],
             repetitions=options["repetitions"],
             prompt=options["prompt"],
+            threads=options["threads"],
             say=lambda line: console.print(line, highlight=False),
         )
     if as_json:

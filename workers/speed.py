@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -60,6 +61,10 @@ def cpu_isa() -> str | None:
     flags = set(line.split(":", 1)[1].split())
     present = [flag for flag in _ISA_FLAGS if flag in flags]
     return " ".join(present) if present else "none of " + "/".join(_ISA_FLAGS)
+
+
+def _load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def cpu_cache_bytes() -> int:
@@ -118,14 +123,17 @@ def driver_release() -> str | None:
     return lines[0].strip() if lines else None
 
 
-def to_report(result: SpeedResult, seconds: float | None = None) -> SpeedReport:
+def to_report(
+    result: SpeedResult, seconds: float | None = None, load_average: list[float] | None = None
+) -> SpeedReport:
     """A :class:`secateurs.kernels.measure.speed.SpeedResult` as the report's section (same fields), plus the
-    driver release."""
+    driver release or the CPU's instruction sets, and the load average the step began with."""
     data = dataclasses.asdict(result)
     if data["conditions"]["device"].startswith("cuda"):
         data["conditions"]["driver"] = driver_release()
     else:
         data["conditions"]["isa"] = cpu_isa()
+    data["conditions"]["load_average"] = load_average
     data["settings"] = json.loads(json.dumps(data["settings"]))  # tuples as JSON lists, as report.json has them
     return SpeedReport.model_validate({**data, "seconds": seconds})
 
@@ -153,6 +161,7 @@ def run_speed_step(
 ) -> SpeedReport:
     """Measure ``model`` (pruned; its ``names`` linears sparse) on ``device``; it goes back to CPU afterwards."""
     started = time.perf_counter()
+    load = _load_average()
     paths = sparse_paths() if paths is None else list(paths)
     dtype = next(model.parameters()).dtype
     settings = settings or _fit_positions(default_settings(device, dtype, paths), model)
@@ -171,7 +180,7 @@ def run_speed_step(
         model.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return to_report(result, time.perf_counter() - started)
+    return to_report(result, time.perf_counter() - started, load)
 
 
 def _lead(report: SpeedReport, **fields: Any) -> DecodeSpeedup:
@@ -184,6 +193,7 @@ def _lead(report: SpeedReport, **fields: Any) -> DecodeSpeedup:
         threads=c.threads,
         dtype=report.dtype,
         torch=c.torch,
+        load_average=c.load_average,
         **fields,
     )
 
@@ -237,4 +247,5 @@ def not_measured(reason: str, device: torch.device, dtype: torch.dtype) -> Decod
         threads=torch.get_num_threads(),
         dtype=str(dtype).removeprefix("torch."),
         torch=torch.__version__,
+        load_average=_load_average(),
     )

@@ -321,7 +321,8 @@ function decodeSummary(report) {
     return { measured: false, reason };
   }
   const run = speed.end_to_end.filter((r) => r.kind === "decode").sort((a, b) => a.batch - b.batch)[0];
-  const base = { device: speed.conditions.device, device_name: speed.conditions.device_name, isa: speed.conditions.isa ?? null, threads: speed.conditions.threads, dtype: speed.dtype, kernels: [] };
+  const c = speed.conditions;
+  const base = { device: c.device, device_name: c.device_name, isa: c.isa ?? null, threads: c.threads, dtype: speed.dtype, load_average: c.load_average ?? null, kernels: [] };
   if (!run || run.status !== "measured") return { ...base, measured: false, reason: run ? `decode was ${run.status}: ${run.reason ?? ""}` : "the sweep timed no decoding" };
   const measured = run.paths.filter((r) => r.status === "measured" && r.speedup !== null);
   if (!measured.length) return { ...base, measured: false, reason: "no sparse path ran end to end here" };
@@ -340,6 +341,7 @@ function decodeConditions(d) {
     d.measured ? `${fmtRate(d.sparse_tokens_per_second)} vs ${fmtRate(d.dense_tokens_per_second)} tokens/s, greedy decode, batch ${d.batch}, ${d.prompt_tokens} + ${d.new_tokens} tokens, median of ${d.repetitions ?? "?"}` : null,
     d.path ? `path ${d.path}${ran}` : null,
     where ? `${where}${d.threads ? `, ${d.threads} threads` : ""}${d.dtype ? `, ${d.dtype}` : ""}` : null,
+    d.load_average?.length ? `load average ${d.load_average[0].toFixed(1)}` : null,
   ]
     .filter((part) => part)
     .join("; ");
@@ -517,6 +519,7 @@ function speedSection(report) {
       ["cuSPARSELt", c.cusparselt],
       ["torch", c.torch],
       ["Instruction sets", c.isa ?? null],
+      ["Load average (1, 5, 15 min)", c.load_average?.length ? c.load_average.map((x) => x.toFixed(2)).join(", ") : null],
       ["Threads", String(c.threads)],
       ["dtype · pattern · mode", `${speed.dtype} · ${speed.pattern} · ${speed.runtime_mode}`],
     ]),
