@@ -331,6 +331,21 @@ def test_another_format_version_is_refused(pruned: Pruned, tmp_path: Path) -> No
         secateurs.load(folder, device="cpu")
 
 
+def test_positions_out_of_range_name_the_tensor() -> None:
+    """With M = 3 a 2-bit position can be 3, past the group: refused, naming the tensor (2:4 cannot show this)."""
+    from secateurs.kernels.sparse.packing import pack_nm
+    from secateurs.workers.packed_model import _check_packed
+
+    weight = torch.tensor([[1.0, 0.0, 2.0, 0.0, 3.0, 4.0]])  # [1, 6]: 2:3 sparse
+    packed = pack_nm(weight, 2, 3)
+    record = {"shape": [1, 6], "dtype": "float32", "transposed": False}
+    _check_packed("w.weight", record, packed, verify=False)
+    packed.indices[0, 0] |= 0b11 << 2  # the second kept position of the first group: 3 >= M
+    for verify in (False, True):
+        with pytest.raises(ModelSourceError, match=r"packed tensor w\.weight: packed indices are corrupt: .* below M"):
+            _check_packed("w.weight", {**record, "sha256": "0" * 64}, packed, verify=verify)
+
+
 def test_a_device_that_is_not_there_and_a_dtype_the_runtime_does_not_take(pruned: Pruned) -> None:
     out = pruned("llama")
     if not torch.cuda.is_available():

@@ -41,6 +41,8 @@ from secateurs.kernels.sparse.packing import (
     register_packed_kernel,
     unregister_packed_kernel,
 )
+from secateurs.workers.cli import decode_text
+from secateurs.workers.jobs import summary
 from secateurs.workers.pipeline import run_job
 from secateurs.workers.speed import (
     cpu_cache_bytes,
@@ -302,10 +304,14 @@ def test_run_job_measures_speed_by_default_and_leads_with_the_decode_speedup(tin
     saved = (tmp_path / "on" / "report.json").read_text()
     assert Report.model_validate_json(saved) == report
     assert next(iter(json.loads(saved))) == "format" and list(json.loads(saved))[1] == "decode"  # it leads
+    line = decode_text(json.loads(saved))  # the CLI summary's first row
+    assert line.startswith(f"{decode.speedup:.2f}x dense (sparse ") and "path packed_reference -> reference" in line
+    assert summary(report).decode == decode  # the job's REST result leads with it too
 
     off = run_job(JobSpec(**base, measure_speed=False), output_dir=tmp_path / "off")  # type: ignore[arg-type]
     assert off.speed is None and off.decode is not None and not off.decode.measured
     assert "turned off" in (off.decode.reason or "") and off.decode.speedup is None and off.decode.device == "cpu"
+    assert decode_text(off.model_dump(mode="json")).startswith("not measured: turned off for this job")
     unstructured = run_job(JobSpec(**base, pattern="0.5"), output_dir=tmp_path / "unstructured")  # type: ignore[arg-type]
     assert unstructured.speed is None and "unstructured" in (unstructured.decode.reason or "")  # type: ignore[union-attr]
 
