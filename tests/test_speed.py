@@ -52,8 +52,7 @@ from secateurs.workers.speed import (
     run_speed_step,
     speed_enabled,
 )
-from tests.conftest import TinyDir
-from tests.models import tiny_model
+from tests.models import tiny_model, tiny_model_dir
 
 PATTERN = SparsityPattern.nm(2, 4)
 CPU = torch.device("cpu")
@@ -288,9 +287,22 @@ def test_the_measure_speed_flag(flag: list[str], value: bool | None) -> None:
     assert seen[0].measure_speed is value
 
 
-def test_run_job_measures_speed_by_default_and_leads_with_the_decode_speedup(tiny_dir: TinyDir, tmp_path: Path) -> None:
-    base = {"model": str(tiny_dir("llama")), "method": "magnitude", "device": "cpu"}
-    report = run_job(JobSpec(**base), output_dir=tmp_path / "on")  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def default_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, Path, dict[str, str]]:
+    """A tiny llama job with the speed step left at its default: (report, output folder, the spec's fields)."""
+    base = {
+        "model": str(tiny_model_dir("llama", tmp_path_factory.mktemp("tiny"))),
+        "method": "magnitude",
+        "device": "cpu",
+    }
+    out = tmp_path_factory.mktemp("default") / "on"
+    return run_job(JobSpec(**base), output_dir=out), out, base  # type: ignore[arg-type]
+
+
+def test_run_job_measures_speed_by_default_and_leads_with_the_decode_speedup(
+    default_job: tuple[Report, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    report, out, base = default_job
     speed, decode = report.speed, report.decode
     assert speed is not None and speed.seconds is not None and speed.linear
     assert speed.settings["token_counts"] == [1, 16] and speed.conditions.isa == cpu_isa()
@@ -301,7 +313,7 @@ def test_run_job_measures_speed_by_default_and_leads_with_the_decode_speedup(tin
     assert decode.speedup == speed.end_to_end[1].paths[-1].speedup and decode.dense_tokens_per_second
     assert decode.device == "cpu" and decode.dtype == "float32" and decode.threads == torch.get_num_threads()
     assert decode.isa == cpu_isa() and decode.torch == torch.__version__ and decode.repetitions
-    saved = (tmp_path / "on" / "report.json").read_text()
+    saved = (out / "report.json").read_text()
     assert Report.model_validate_json(saved) == report
     assert next(iter(json.loads(saved))) == "format" and list(json.loads(saved))[1] == "decode"  # it leads
     line = decode_text(json.loads(saved))  # the CLI summary's first row
@@ -316,10 +328,10 @@ def test_run_job_measures_speed_by_default_and_leads_with_the_decode_speedup(tin
     assert unstructured.speed is None and "unstructured" in (unstructured.decode.reason or "")  # type: ignore[union-attr]
 
 
-def test_reports_written_before_the_decode_summary_stay_readable(tiny_dir: TinyDir, tmp_path: Path) -> None:
-    base = {"model": str(tiny_dir("llama")), "method": "magnitude", "device": "cpu"}
-    report = run_job(JobSpec(**base), output_dir=tmp_path / "out")  # type: ignore[arg-type]
-    old = json.loads(report.model_dump_json())
+def test_reports_written_before_the_decode_summary_stay_readable(
+    default_job: tuple[Report, Path, dict[str, str]],
+) -> None:
+    old = json.loads(default_job[0].model_dump_json())
     del old["decode"], old["speed"]["conditions"]["isa"]
     for run in old["speed"]["end_to_end"]:
         for result in run["paths"]:

@@ -320,8 +320,8 @@ def _assemble(
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """torch on one thread for the duration: the checks run many small element-wise ops, and on small shared VMs
-    waking a second thread for each costs far more than it saves (GUIDE §6; measured on SmolLM2: 1.2 s with one
-    thread, 10-27 s with two while the other core was busy)."""
+    waking a second thread for each costs far more than it saves (GUIDE §6; loading SmolLM2's packed form on the
+    2-core Xeon VM, load average ~7 from other work: 1.2-2.1 s with one thread, 10-27 s with two)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
