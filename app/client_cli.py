@@ -220,6 +220,8 @@ def _job_table(job: Job) -> Table:
         table.add_row("finished", job.finished_at)
     if job.result is not None:
         r = job.result
+        if r.decode is not None:
+            table.add_row("decode speedup", r.decode.summary())
         table.add_row("perplexity", _ppl(job))
         verified = "verified" if r.sparsity_verified else "[red]NOT verified[/]"
         table.add_row("sparsity", f"{r.pruned_fraction:.1%} zeros, pattern {verified}")
@@ -330,8 +332,10 @@ def _finish(job: Job) -> None:
     if job.state is JobState.SUCCEEDED:
         ppl = _ppl(job)
         took = _duration(job.result.total_seconds) if job.result else "–"
+        decode = job.result.decode if job.result else None
+        speed = f", decode {decode.speedup:.2f}x dense" if decode and decode.measured and decode.speedup else ""
         err_console.print(
-            f"[green]{job.id} succeeded[/]" + (f": perplexity {ppl}" if ppl != "–" else "") + f" in {took}",
+            f"[green]{job.id} succeeded[/]" + (f": perplexity {ppl}" if ppl != "–" else "") + speed + f" in {took}",
             highlight=False,
         )
         return

@@ -226,8 +226,9 @@ class JobSpec(BaseModel):
     )
     measure_speed: bool | None = Field(
         default=None,
-        description="Measure dense versus 2:4 sparse speed (per linear shape and end to end) after pruning. "
-        "None: when the worker has a CUDA GPU.",
+        description="Measure dense versus 2:4 sparse speed (per linear shape and end to end) after pruning; the "
+        "report then leads with the greedy-decode speedup. None: on (a short sweep on CPU, about a minute for "
+        "SmolLM2); false: off, and the report says 'not measured' with that reason.",
     )
 
     dense_target: float = Field(
@@ -477,6 +478,11 @@ class SpeedPathResult(BaseModel):
     speedup: float | None = Field(default=None, description="Dense median / this path's median.")
     fraction_of_limit: float | None = Field(default=None, description="speedup / physical_limit.")
     tokens_per_second: float | None = None
+    kernels: list[str] | None = Field(
+        default=None,
+        description="End to end: what this path's packed layers ran on their last call (a kernel's name or "
+        "'reference'), most layers first.",
+    )
 
 
 class LinearSpeed(BaseModel):
@@ -522,6 +528,10 @@ class SpeedConditions(BaseModel):
     threads: int
     sparse_hardware: bool = Field(description="The device has 2:4 sparse tensor cores.")
     sparse_hardware_note: str
+    isa: str | None = Field(default=None, description="The CPU's vector instruction sets (CPU only).")
+    load_average: list[float] | None = Field(
+        default=None, description="1, 5 and 15-minute load average when the step began (others' work skews timings)."
+    )
 
 
 class SpeedReport(BaseModel):
@@ -541,12 +551,65 @@ class SpeedReport(BaseModel):
     seconds: float | None = None
 
 
+class DecodeSpeedup(BaseModel):
+    """What a report leads with: the measured end-to-end greedy-decode speedup of the pruned model (its sparse
+    path versus dense, same process, same threads, same dtype, both eager) and its conditions, or why it was not
+    measured. Only measured figures; the full measurement is ``Report.speed``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    measured: bool
+    reason: str | None = Field(default=None, description="Why there is no figure (when measured is false).")
+    speedup: float | None = Field(default=None, description="Sparse tokens/s over dense tokens/s (medians).")
+    dense_tokens_per_second: float | None = None
+    sparse_tokens_per_second: float | None = None
+    path: str | None = Field(default=None, description="The sparse path measured: the fastest that ran.")
+    kernels: list[str] = Field(
+        default_factory=list,
+        description="What the packed layers ran on their last decode step (a kernel's name or 'reference').",
+    )
+    kernel_details: list[str] = Field(
+        default_factory=list, description="Each kernel's own description (instruction set, threads, hand-over)."
+    )
+    batch: int | None = None
+    prompt_tokens: int | None = None
+    new_tokens: int | None = Field(default=None, description="Decode steps timed per repetition.")
+    repetitions: int | None = None
+    device: str | None = None
+    device_name: str | None = None
+    isa: str | None = Field(default=None, description="The CPU's vector instruction sets (CPU only).")
+    threads: int | None = None
+    dtype: str | None = None
+    torch: str | None = None
+    load_average: list[float] | None = Field(default=None, description="1, 5, 15-minute load average at the start.")
+
+    def summary(self) -> str:
+        """One line: the speedup with its conditions, or why there is none."""
+        if not self.measured or self.speedup is None:
+            return f"not measured: {self.reason or 'no reason recorded'}"
+        ran = f" -> {', '.join(self.kernels)}" if self.kernels else ""
+        where = (self.device_name or self.device or "?") + (f" ({self.isa})" if self.isa else "")
+        return (
+            f"{self.speedup:.2f}x dense (sparse {self.sparse_tokens_per_second or 0:.1f} vs dense "
+            f"{self.dense_tokens_per_second or 0:.1f} tokens/s; greedy decode, batch {self.batch}, "
+            f"{self.prompt_tokens} + {self.new_tokens} tokens, median of {self.repetitions}; path {self.path}{ran}; "
+            f"{where}, {self.threads} threads, {self.dtype}"
+            + (f", load average {self.load_average[0]:.1f}" if self.load_average else "")
+            + ")"
+        )
+
+
 class Report(BaseModel):
     """``report.json``: what a job cost (perplexity) and what it did, with the conditions of every number."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     format: Literal["secateurs.report/1"] = "secateurs.report/1"
+    decode: DecodeSpeedup | None = Field(
+        default=None,
+        description="The measured greedy-decode speedup and its conditions, or why it was not measured (absent "
+        "from reports written before it existed).",
+    )
     created_at: str
     spec: JobSpec
     model: ModelInfo
@@ -557,7 +620,75 @@ class Report(BaseModel):
     timings: Timings
     environment: Environment
     packed: PackedReport | None = Field(default=None, description="The packed N:M copy in packed/ and its size.")
-    speed: SpeedReport | None = Field(default=None, description="Measured dense versus sparse speed.")
+    speed: SpeedReport | None = Field(
+        default=None, description="Measured dense versus sparse speed; null when not measured (``decode.reason``)."
+    )
+
+
+class BenchSpread(BaseModel):
+    """Median and spread of repeated measurements."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+
+
+class BenchSide(BaseModel):
+    """One of the two models ``secateurs bench`` runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="What was loaded: the HF folder (dense with zeros) or the packed folder.")
+    load_seconds: float
+    decode_tokens_per_second: BenchSpread = Field(description="Decode tokens/s over the batch, prefill excluded.")
+    prefill_ms: BenchSpread = Field(description="From the generate call to the first generated token.")
+    paths: dict[str, int] = Field(
+        default_factory=dict,
+        description="Packed model: what its PackedLinear layers ran on their last call (path -> layers).",
+    )
+
+
+class BenchConditions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: str
+    device_name: str
+    isa: str | None = Field(description="The CPU's vector instruction sets (CPU only).")
+    threads: int
+    dtype: str
+    torch: str
+    transformers: str
+    load_average: list[float] | None = Field(description="1, 5 and 15-minute load average before the runs.")
+    prompt: str = Field(description="Where the prompt tokens came from: a fixed text and its tokenizer, or random ids.")
+    batch: int
+    prompt_tokens: int
+    new_tokens: int = Field(description="Generated per row and run; decode is timed over new_tokens - 1 steps.")
+    warmup: int
+    repetitions: int
+    timer: str
+
+
+class BenchReport(BaseModel):
+    """What ``secateurs bench`` measured: the same greedy generation through the dense and the packed model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["secateurs.bench/1"] = "secateurs.bench/1"
+    folder: str
+    speedup: float = Field(description="Packed decode tokens/s over dense decode tokens/s (medians).")
+    tokens_agree: bool = Field(description="Both models generated exactly the same tokens (first timed run).")
+    matching_tokens: int = Field(description="Per row, generated tokens before its first difference, summed.")
+    total_tokens: int
+    first_difference: int | None = Field(description="Earliest generated position where some row differs.")
+    dense: BenchSide
+    packed: BenchSide
+    conditions: BenchConditions
+    kernel_details: list[str] = Field(default_factory=list, description="Each registered kernel's description.")
+    notes: list[str] = Field(default_factory=list)
 
 
 # --- The service: jobs as the REST API, the store and the batch CLI see them ---------------------------------
@@ -606,6 +737,9 @@ class JobResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    decode: DecodeSpeedup | None = Field(
+        default=None, description="The measured greedy-decode speedup and its conditions, or why there is none."
+    )
     perplexity_dense: float | None
     perplexity_pruned: float | None
     sparsity_verified: bool

@@ -163,4 +163,5 @@ def job_spec(model: Path, text: Path, samples: int = 8) -> dict[str, Any]:
         "eval_seqlen": 64,
         "eval_windows": 2,
         "device": "cpu",
+        "measure_speed": False,  # the speed step (on by default) adds time; tests of it live in test_speed.py
     }

@@ -52,6 +52,7 @@ class Api:
             "eval_seqlen": 32,
             "eval_windows": 2,
             "device": "cpu",
+            "measure_speed": False,  # on by default; tested in test_speed.py
         }
         spec.update(changes)
         return spec

@@ -646,6 +646,7 @@ def test_three_command_contract_against_embedded_serve(tiny_dir: Any, tmp_path: 
         "--method", "sparsegpt", "--pattern", "2:4",
         "--calibration-file", str(text), "--calibration-samples", "4", "--calibration-seqlen", "32", "--seed", "0",
         "--eval-file", str(text), "--eval-seqlen", "32", "--eval-windows", "3", "--device", "cpu",
+        "--no-measure-speed",
     ]  # fmt: skip
     secateurs = str(Path(sys.executable).parent / "secateurs")
     env = service_env(tmp_path / "data")

@@ -154,6 +154,7 @@ def test_prune_then_load_gives_the_pruned_model(tmp_path: Path, tiny_dir: TinyDi
         eval_seqlen=32,
         eval_windows=4,
         device="cpu",
+        measure_speed=False,
         on_progress=lambda event: events.append(event.stage.value),
     )
     assert isinstance(report, secateurs.Report) and report.sparsity.verified

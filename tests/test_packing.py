@@ -188,7 +188,8 @@ def test_packed_linear_offers_inputs_to_registered_kernels_first(monkeypatch: py
 
 
 def _magnitude(model: Path, **changes: object) -> JobSpec:
-    return JobSpec(**{"model": str(model), "method": "magnitude", "device": "cpu", "dtype": "bfloat16", **changes})  # type: ignore[arg-type]
+    fields = {"model": str(model), "method": "magnitude", "device": "cpu", "dtype": "bfloat16", "measure_speed": False}
+    return JobSpec(**{**fields, **changes})  # type: ignore[arg-type]
 
 
 def _tensors_equal_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

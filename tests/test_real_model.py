@@ -26,6 +26,7 @@ def _spec(assets: OfflineAssets, method: str, **changes: object) -> JobSpec:
         "eval_seqlen": 256,
         "eval_windows": 6,
         "device": "cpu",
+        "measure_speed": False,  # on by default (about a minute on SmolLM2); benchmarks/decode.py measures it
     }
     return JobSpec(**{**fields, **changes})  # type: ignore[arg-type]
 

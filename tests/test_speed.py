@@ -3,6 +3,8 @@ physical limits, the CLI flag, and (marked gpu) the semi-structured and packed p
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,24 @@ from secateurs.kernels.measure.speed import (
 )
 from secateurs.kernels.patterns import SparsityPattern
 from secateurs.kernels.pruning.driver import PruneConfig, plan_layers, prune_model_
+from secateurs.kernels.sparse.packing import (
+    KernelDescription,
+    PackedLinear,
+    register_packed_kernel,
+    unregister_packed_kernel,
+)
+from secateurs.workers.cli import decode_text
+from secateurs.workers.jobs import summary
 from secateurs.workers.pipeline import run_job
-from secateurs.workers.speed import run_speed_step, speed_enabled
-from tests.conftest import TinyDir
-from tests.models import tiny_model
+from secateurs.workers.speed import (
+    cpu_cache_bytes,
+    cpu_isa,
+    decode_speedup,
+    default_settings,
+    run_speed_step,
+    speed_enabled,
+)
+from tests.models import tiny_model, tiny_model_dir
 
 PATTERN = SparsityPattern.nm(2, 4)
 CPU = torch.device("cpu")
@@ -240,11 +256,21 @@ def test_timing_statistics() -> None:
     assert timing.repetitions == 5 and timing.warmup == 2 and timing.rotation == 3
 
 
-def test_the_step_is_on_by_default_only_with_cuda() -> None:
+def test_the_step_is_on_by_default_everywhere() -> None:
     spec = JobSpec(model="m", method="magnitude")
-    assert not speed_enabled(spec, CPU) and speed_enabled(spec, torch.device("cuda"))
+    assert speed_enabled(spec, CPU) and speed_enabled(spec, torch.device("cuda"))
     assert speed_enabled(JobSpec(model="m", method="magnitude", measure_speed=True), CPU)
     assert not speed_enabled(JobSpec(model="m", method="magnitude", measure_speed=False), torch.device("cuda"))
+
+
+def test_the_cpu_default_is_the_short_sweep() -> None:
+    settings = default_settings(CPU, torch.float32, sparse_paths())
+    assert settings.token_counts == (1, 16) and settings.prefill == ((1, 512),) and settings.decode_batches == (1,)
+    assert settings.repetitions >= 20 and settings.rotation_bytes >= cpu_cache_bytes() and settings.e2e_paths is None
+    exact = ScaledPath("exact_copy", 1.0)  # a path faster than the reference exists: the reference is not run e2e
+    assert default_settings(CPU, torch.float32, [exact, PackedReferencePath()]).e2e_paths == ("exact_copy",)
+    isa = cpu_isa()
+    assert isa is None or isa.strip()
 
 
 @pytest.mark.parametrize(("flag", "value"), [([], None), (["--measure-speed"], True), (["--no-measure-speed"], False)])
@@ -261,12 +287,108 @@ def test_the_measure_speed_flag(flag: list[str], value: bool | None) -> None:
     assert seen[0].measure_speed is value
 
 
-def test_run_job_adds_the_speed_section_when_asked(tiny_dir: TinyDir, tmp_path: Path) -> None:
-    base = {"model": str(tiny_dir("llama")), "method": "magnitude", "device": "cpu"}
-    report = run_job(JobSpec(**base, measure_speed=True), output_dir=tmp_path / "on")  # type: ignore[arg-type]
-    assert report.speed is not None and report.speed.seconds is not None and report.speed.linear
-    assert Report.model_validate_json((tmp_path / "on" / "report.json").read_text()).speed == report.speed
-    assert run_job(JobSpec(**base), output_dir=tmp_path / "off").speed is None  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def default_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, Path, dict[str, str]]:
+    """A tiny llama job with the speed step left at its default: (report, output folder, the spec's fields)."""
+    base = {
+        "model": str(tiny_model_dir("llama", tmp_path_factory.mktemp("tiny"))),
+        "method": "magnitude",
+        "device": "cpu",
+    }
+    out = tmp_path_factory.mktemp("default") / "on"
+    return run_job(JobSpec(**base), output_dir=out), out, base  # type: ignore[arg-type]
+
+
+def test_run_job_measures_speed_by_default_and_leads_with_the_decode_speedup(
+    default_job: tuple[Report, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    report, out, base = default_job
+    speed, decode = report.speed, report.decode
+    assert speed is not None and speed.seconds is not None and speed.linear
+    assert speed.settings["token_counts"] == [1, 16] and speed.conditions.isa == cpu_isa()
+    # The tiny model has 64 positions: the decode prompt shrinks to fit, the 512-token prefill is skipped.
+    assert [(e.kind, e.status) for e in speed.end_to_end] == [("prefill", "skipped"), ("decode", "measured")]
+    assert decode is not None and decode.measured and decode.path == "packed_reference"
+    assert decode.kernels == ["reference"] and decode.batch == 1 and decode.prompt_tokens + decode.new_tokens <= 64
+    assert decode.speedup == speed.end_to_end[1].paths[-1].speedup and decode.dense_tokens_per_second
+    assert decode.device == "cpu" and decode.dtype == "float32" and decode.threads == torch.get_num_threads()
+    assert decode.isa == cpu_isa() and decode.torch == torch.__version__ and decode.repetitions
+    saved = (out / "report.json").read_text()
+    assert Report.model_validate_json(saved) == report
+    assert next(iter(json.loads(saved))) == "format" and list(json.loads(saved))[1] == "decode"  # it leads
+    line = decode_text(json.loads(saved))  # the CLI summary's first row
+    assert line.startswith(f"{decode.speedup:.2f}x dense (sparse ") and "path packed_reference -> reference" in line
+    assert summary(report).decode == decode  # the job's REST result leads with it too
+
+    off = run_job(JobSpec(**base, measure_speed=False), output_dir=tmp_path / "off")  # type: ignore[arg-type]
+    assert off.speed is None and off.decode is not None and not off.decode.measured
+    assert "turned off" in (off.decode.reason or "") and off.decode.speedup is None and off.decode.device == "cpu"
+    assert decode_text(off.model_dump(mode="json")).startswith("not measured: turned off for this job")
+    unstructured = run_job(JobSpec(**base, pattern="0.5"), output_dir=tmp_path / "unstructured")  # type: ignore[arg-type]
+    assert unstructured.speed is None and "unstructured" in (unstructured.decode.reason or "")  # type: ignore[union-attr]
+
+
+def test_reports_written_before_the_decode_summary_stay_readable(
+    default_job: tuple[Report, Path, dict[str, str]],
+) -> None:
+    old = json.loads(default_job[0].model_dump_json())
+    del old["decode"], old["speed"]["conditions"]["isa"]
+    for run in old["speed"]["end_to_end"]:
+        for result in run["paths"]:
+            del result["kernels"]
+    legacy = Report.model_validate(old)
+    assert legacy.decode is None and legacy.speed is not None and legacy.speed.conditions.isa is None
+    assert Report.model_validate({**old, "speed": None}).speed is None
+
+
+class _ExactKernel:
+    """A packed kernel (for PackedLinear) that computes from the dense weight and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+        self.calls += 1
+        return F.linear(x, layer.dense_weight(), layer.bias)
+
+
+class _KernelPath(PackedReferencePath):
+    """PackedLinear with its registered kernels on: what ``secateurs.load`` runs."""
+
+    name = "packed_kernels"
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None, pattern: SparsityPattern) -> nn.Module:
+        module = super().build(weight, bias, pattern)
+        assert isinstance(module, PackedLinear)
+        module.use_kernels = True
+        return module
+
+
+def test_the_decode_summary_names_the_fastest_path_and_the_kernels_that_ran() -> None:
+    kernel = _ExactKernel()
+    register_packed_kernel(
+        "exact_kernel", kernel, lambda: KernelDescription("exact_kernel", True, "test ISA, 1 thread")
+    )
+    try:
+        model, names = pruned_tiny()
+        settings = dataclasses.replace(QUICK, prefill=(), decode_batches=(1,), e2e_paths=("packed_kernels",))
+        report = run_speed_step(
+            model, names, PATTERN, CPU, settings=settings, paths=[PackedReferencePath(), _KernelPath()]
+        )
+        decode = decode_speedup(report)  # while the kernel is registered: it describes itself
+    finally:
+        unregister_packed_kernel("exact_kernel")
+    (run,) = report.end_to_end
+    reference, kernels = run.paths
+    assert reference.status == "skipped" and reference.timing is None
+    assert "not timed end to end" in (reference.reason or "")
+    assert kernels.status == "measured" and kernels.kernels == ["exact_kernel"] and kernel.calls
+    assert decode.measured and decode.path == "packed_kernels" and decode.kernels == ["exact_kernel"]
+    assert decode.kernel_details == ["exact_kernel: test ISA, 1 thread"] and decode.speedup == kernels.speedup
+    failed = report.model_copy(deep=True)
+    failed.end_to_end[0].paths = [p.model_copy(update={"status": "failed", "speedup": None}) for p in run.paths]
+    missing = decode_speedup(failed)
+    assert not missing.measured and "no sparse path ran end to end" in (missing.reason or "")
 
 
 # --- On a GPU -------------------------------------------------------------------------------------------------

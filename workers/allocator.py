@@ -77,3 +77,14 @@ def heap_allocations(*, trim_every: int = 4) -> Iterator[Heap]:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim``; elsewhere nothing happens).
+
+    After a model is read layer by layer, the transients it freed between the tensors it keeps leave holes that
+    the heap would otherwise hold on to.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -26,7 +26,7 @@ from rich.text import Text
 import secateurs.app.client_cli
 import secateurs.app.server_cli  # registers serve, db, api-key
 from secateurs.app.cli import cli, fail, spec_from_options, spec_options, user_errors
-from secateurs.app.schemas import JobSpec, Method
+from secateurs.app.schemas import DecodeSpeedup, JobSpec, Method
 from secateurs.app.settings import get_settings
 from secateurs.app.texts import describe_text
 
@@ -99,8 +99,17 @@ def _print_result(report: dict[str, Any], output: str, as_json: bool) -> None:
         _print_summary(report, output)
 
 
+def decode_text(report: dict[str, Any]) -> str:
+    """The report's lead, the greedy-decode speedup with its conditions (or why there is none), as one line."""
+    decode = report.get("decode")
+    if decode is None:  # a report from before the field existed
+        return "not summarized in this report (see report.json 'speed')" if report.get("speed") else "not measured"
+    return DecodeSpeedup.model_validate(decode).summary()
+
+
 def _print_summary(report: dict[str, Any], output: str) -> None:
     table = Table(title=f"secateurs: {report['sparsity']['method']} {report['sparsity']['pattern']}", show_header=False)
+    table.add_row("decode speedup", decode_text(report))
     ppl = report["perplexity"]
     if ppl["protocol"]:
         p = ppl["protocol"]
@@ -343,6 +352,99 @@ def unpack(packed: str, output: str, overwrite: bool, as_json: bool) -> None:
         return
     same = "byte-identical files" if result.identical_files else "identical tensors (file bytes differ)"
     click.echo(f"wrote {output}: {result.tensors} tensors in {', '.join(result.files)}, sha256-checked; {same}")
+
+
+@cli.command()
+@click.argument("output_dir", metavar="OUT_DIR", type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="'auto': the checkpoint's. Both models run in it (the packed one converts its kept values).",
+)
+@click.option("--batch", type=int, default=1, show_default=True, help="Prompts generated at once.")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Tokens per prompt.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens generated per prompt and run.")
+@click.option("--repetitions", type=int, default=5, show_default=True, help="Timed runs of each model.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs of each model first.")
+@click.option("--threads", type=int, default=None, help="torch threads for both models (default: torch's own).")
+@click.option(
+    "--prompt",
+    type=click.Choice(["text", "random"]),
+    default="text",
+    show_default=True,
+    help="text: a fixed English paragraph through the folder's tokenizer; random: random ids (seed 0).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def bench(output_dir: str, as_json: bool, **options: Any) -> None:
+    """Time the same greedy generation through OUT_DIR's dense model and its packed 2:4 model.
+
+    \b
+    Loads the HF folder (pruned weights stored as zeros) and OUT_DIR/packed (PackedLinear layers on the fastest
+    registered kernel, as secateurs.load returns it), generates greedily from the same prompt tokens with both
+    (warm-up, then alternating timed runs) and prints decode tokens/s of each, their ratio, the conditions
+    (device, CPU and instruction sets or GPU, threads, dtype, the kernels that ran) and whether the generated
+    tokens agree. Results on stdout, progress on stderr.
+    """
+    from secateurs.workers.bench import run_bench
+    from secateurs.workers.pipeline import quiet_libraries
+
+    with user_errors():
+        quiet_libraries()
+        report = run_bench(
+            Path(output_dir),
+            device=options["device"],
+            dtype=None if options["dtype"] == "auto" else options["dtype"],
+            batch=options["batch"],
+            prompt_tokens=options["prompt_tokens"],
+            new_tokens=options["new_tokens"],
+            warmup=options["warmup"],
+            repetitions=options["repetitions"],
+            prompt=options["prompt"],
+            threads=options["threads"],
+            say=lambda line: console.print(line, highlight=False),
+        )
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+        return
+    for line in bench_lines(report.model_dump(mode="json")):
+        click.echo(line)
+
+
+def bench_lines(report: dict[str, Any]) -> list[str]:
+    """``secateurs bench``'s result as text, the speedup first."""
+    c, dense, packed = report["conditions"], report["dense"], report["packed"]
+    d, p = dense["decode_tokens_per_second"], packed["decode_tokens_per_second"]
+    ran = ", ".join(f"{name} ({count} layers)" for name, count in packed["paths"].items()) or "none"
+    agree = (
+        f"yes, all {report['total_tokens']} tokens"
+        if report["tokens_agree"]
+        else f"NO: {report['matching_tokens']} of {report['total_tokens']} agree "
+        f"(first difference at position {report['first_difference']})"
+    )
+    lines = [
+        f"decode speedup {report['speedup']:.2f}x: packed {p['median']:.1f} tokens/s, dense {d['median']:.1f} "
+        f"tokens/s (medians of {c['repetitions']} runs each)",
+        f"  packed layers ran: {ran}",
+        f"  device: {c['device']} ({c['device_name']}"
+        + (f"; {c['isa']}" if c["isa"] else "")
+        + f"), {c['threads']} threads, {c['dtype']}, torch {c['torch']}, transformers {c['transformers']}",
+        f"  greedy generation: batch {c['batch']}, {c['prompt_tokens']} prompt tokens ({c['prompt']}), "
+        f"{c['new_tokens']} new tokens, {c['warmup']} warm-up + {c['repetitions']} timed runs each, alternating",
+        f"  spread (tokens/s): dense {d['min']:.1f}-{d['max']:.1f} (IQR {d['q1']:.1f}-{d['q3']:.1f}), "
+        f"packed {p['min']:.1f}-{p['max']:.1f} (IQR {p['q1']:.1f}-{p['q3']:.1f})",
+        f"  prefill (median): dense {dense['prefill_ms']['median']:.1f} ms, "
+        f"packed {packed['prefill_ms']['median']:.1f} ms",
+        f"  tokens agree: {agree}",
+        f"  load: dense {dense['load_seconds']:.1f} s, packed {packed['load_seconds']:.1f} s",
+    ]
+    if c["load_average"]:
+        lines.append("  load average before the runs: " + " ".join(f"{x:.2f}" for x in c["load_average"]))
+    lines += [f"  kernel {detail}" for detail in report["kernel_details"]]
+    lines += [f"  note: {note}" for note in report["notes"]]
+    return lines
 
 
 def main() -> None:

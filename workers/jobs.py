@@ -41,6 +41,7 @@ def remove_stale_temps(output: Path) -> None:
 
 def summary(report: Report) -> JobResult:
     return JobResult(
+        decode=report.decode,
         perplexity_dense=report.perplexity.dense,
         perplexity_pruned=report.perplexity.pruned,
         sparsity_verified=report.sparsity.verified,

@@ -102,19 +102,37 @@ def prune(
     return run_job(spec, on_progress or _log_progress, output_dir=Path(output), overwrite=overwrite)
 
 
-def load(path: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def load(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    packed: bool | None = None,
+    verify: bool = True,
+) -> PreTrainedModel:
     """Load a pruned output folder (what :func:`prune`, ``secateurs prune`` or ``secateurs download`` wrote)
     for inference: a transformers causal LM in eval mode on ``device``, ready for ``generate``.
 
+    When the folder has its packed N:M copy (``packed/``, written for every N:M job), the pruned linears are
+    :class:`~secateurs.kernels.sparse.packing.PackedLinear` modules built from it, never from dense weights: each
+    call runs the fastest registered kernel that takes it, else the reference (decompress, then dense).
+    ``secateurs.workers.runtime.paths_that_ran(model)`` says which ran; ``model.secateurs_source`` where the
+    model came from. Without a packed copy the dense-with-zeros HF folder loads (a log line says so).
+
     ``device``: ``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``. ``dtype``: a torch dtype or
-    its name (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the checkpoint's.
+    its name (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the checkpoint's (a packed model converts
+    its kept values, never a dense copy). ``packed``: ``None`` uses the packed copy when there is one, ``True``
+    requires it, ``False`` loads the dense folder. ``verify``: check every tensor's sha256 against the packed
+    manifest (shapes, dtypes and positions are always checked).
     """
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        what = "does not exist" if not folder.exists() else "is a file" if folder.is_file() else "has no config.json"
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file"
         raise ModelSourceError(
             f"{folder} {what}: not a secateurs output folder",
             hint="pass the folder `secateurs prune --output` or `secateurs download --output` wrote",
         )
     quiet_libraries()
-    return load_pruned(folder, device=device, dtype=dtype)
+    model = load_pruned(folder, device=device, dtype=dtype, packed=packed, verify=verify)
+    assert isinstance(model, PreTrainedModel)
+    return model

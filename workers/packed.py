@@ -37,7 +37,6 @@ from secateurs.kernels.sparse.packing import (
     PackingError,
     index_bits,
     pack_nm,
-    replace_with_packed_,
     unpack_nm,
 )
 from secateurs.workers.cpu_kernel import configure_cpu_kernel  # registers the CPU kernel with PackedLinear
@@ -368,19 +367,8 @@ def load_dense_model(folder: Path) -> nn.Module:
 
 def load_sparse_model(folder: Path) -> nn.Module:
     """The model with every packed weight held by a :class:`~secateurs.kernels.sparse.packing.PackedLinear`
-    (never densified)."""
+    (never densified): :func:`secateurs.workers.packed_model.build_packed_model`."""
+    from secateurs.workers.packed_model import build_packed_model
+
     configure_cpu_kernel()
-    manifest = read_manifest(folder)
-    records: Mapping[str, Mapping[str, Any]] = manifest["tensors"]
-    model = _empty_model(folder, _main_dtype(manifest))
-    packed: dict[str, PackedWeight] = {}
-    dense: dict[str, torch.Tensor] = {}
-    with safe_open(folder / manifest["packed_file"], framework="pt") as source:
-        for name, record in records.items():
-            if record["packed"]:
-                packed[name.removesuffix(".weight")] = _packed_weight(source, name, record, manifest)
-            else:
-                dense[name] = _rebuilt(source, name, record, manifest)
-    _load(model, dense, {name for name, record in records.items() if record["packed"]})
-    replace_with_packed_(model, packed)
-    return model
+    return build_packed_model(folder)[0]

@@ -33,6 +33,7 @@ from secateurs.app.errors import (
 )
 from secateurs.app.schemas import (
     CalibrationReport,
+    DecodeSpeedup,
     Environment,
     JobSpec,
     LayerReport,
@@ -60,7 +61,7 @@ from secateurs.workers.allocator import Heap, heap_allocations
 from secateurs.workers.data import LoadedText, calibration_windows, read_text, tokenize
 from secateurs.workers.packed import FORMAT as PACKED_FORMAT
 from secateurs.workers.packed import PACKED_DIR, write_packed
-from secateurs.workers.speed import run_speed_step, speed_enabled
+from secateurs.workers.speed import decode_speedup, not_measured, run_speed_step, speed_enabled
 from secateurs.workers.storage import atomic_output_dir, check_output_dir
 
 log = logging.getLogger(__name__)
@@ -338,10 +339,16 @@ def _measure_speed(
     *,
     emit: ProgressCallback,
     should_stop: Callable[[], bool] | None,
-) -> SpeedReport | None:
-    """The speed section (:mod:`secateurs.workers.speed`), or None when the step is off for this job and worker."""
+) -> tuple[SpeedReport | None, DecodeSpeedup]:
+    """The speed section (:mod:`secateurs.workers.speed`) and the decode speedup the report leads with; without a
+    measurement, ``(None, why not)``."""
+    dtype = next(model.parameters()).dtype
     if not speed_enabled(spec, device):
-        return None
+        reason = "turned off for this job (measure_speed=false, --no-measure-speed)"
+        return None, not_measured(reason, device, dtype)
+    if not pattern.is_nm:
+        reason = f"pattern {pattern} is unstructured: no sparse path executes it (packed kernels need N:M)"
+        return None, not_measured(reason, device, dtype)
     emit(ProgressEvent(stage=Stage.MEASURE_SPEED, message=f"measuring dense versus sparse speed on {device}"))
 
     def on_point(_point: object) -> None:
@@ -349,9 +356,15 @@ def _measure_speed(
             raise JobCancelled("cancelled while measuring speed")
 
     names = [r.name for r in layers if not r.skipped]
-    report = run_speed_step(model, names, pattern, device, on_point=on_point)
-    emit(ProgressEvent(stage=Stage.MEASURE_SPEED, message="speed measured", seconds=report.seconds))
-    return report
+    try:
+        report = run_speed_step(model, names, pattern, device, on_point=on_point)
+    except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:  # the pruned model is still good
+        log.exception("the speed step failed")
+        return None, not_measured(f"the speed step failed: {type(exc).__name__}: {_first_line(exc)}", device, dtype)
+    decode = decode_speedup(report)
+    figure = f"decode {decode.speedup:.2f}x dense ({decode.path})" if decode.speedup else "no decode figure"
+    emit(ProgressEvent(stage=Stage.MEASURE_SPEED, message=f"speed measured: {figure}", seconds=report.seconds))
+    return report, decode
 
 
 def _write_packed(
@@ -523,7 +536,7 @@ def _run(
     pruned, eval_pruned_seconds = _evaluate(
         model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_PRUNED, label="pruned"
     )
-    speed = _measure_speed(model, layers, pattern, spec, device, emit=emit, should_stop=should_stop)
+    speed, decode = _measure_speed(model, layers, pattern, spec, device, emit=emit, should_stop=should_stop)
 
     emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
     save_started = time.perf_counter()
@@ -601,6 +614,7 @@ def _run(
             ),
             packed=packed,
             speed=speed,
+            decode=decode,
         )
         (tmp / REPORT_NAME).write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     emit(ProgressEvent(stage=Stage.DONE, message=f"wrote {output_dir}", seconds=clock.since()))

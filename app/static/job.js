@@ -308,12 +308,60 @@ function table(headers, rows, attrs = {}) {
   );
 }
 
+// The greedy-decode speedup a report leads with (report.decode); reports written before that field existed get the
+// same summary from their speed section, or the reason there is none.
+function decodeSummary(report) {
+  if (report.decode) return report.decode;
+  const speed = report.speed;
+  if (!speed) {
+    const reason =
+      report.spec.measure_speed === false
+        ? "the job had measure_speed off"
+        : "measure_speed was left to the worker, which then measured only on CUDA GPUs";
+    return { measured: false, reason };
+  }
+  const run = speed.end_to_end.filter((r) => r.kind === "decode").sort((a, b) => a.batch - b.batch)[0];
+  const c = speed.conditions;
+  const base = { device: c.device, device_name: c.device_name, isa: c.isa ?? null, threads: c.threads, dtype: speed.dtype, load_average: c.load_average ?? null, kernels: [] };
+  if (!run || run.status !== "measured") return { ...base, measured: false, reason: run ? `decode was ${run.status}: ${run.reason ?? ""}` : "the sweep timed no decoding" };
+  const measured = run.paths.filter((r) => r.status === "measured" && r.speedup !== null);
+  if (!measured.length) return { ...base, measured: false, reason: "no sparse path ran end to end here" };
+  const best = measured.reduce((a, b) => (b.speedup > a.speedup ? b : a));
+  return { ...base, measured: true, speedup: best.speedup, dense_tokens_per_second: run.dense_tokens_per_second, sparse_tokens_per_second: best.tokens_per_second, path: best.path, kernels: best.kernels ?? [], batch: run.batch, prompt_tokens: run.prompt_tokens, new_tokens: run.new_tokens, repetitions: run.dense?.repetitions ?? null };
+}
+
+function fmtRate(value) {
+  return value === null || value === undefined ? "–" : value >= 100 ? fmtInt(value) : value.toFixed(1);
+}
+
+function decodeConditions(d) {
+  const where = d.device_name ? `${d.device_name}${d.isa ? ` (${d.isa})` : ""}` : d.device;
+  const ran = d.kernels?.length ? ` → ${d.kernels.join(", ")}` : "";
+  return [
+    d.measured ? `${fmtRate(d.sparse_tokens_per_second)} vs ${fmtRate(d.dense_tokens_per_second)} tokens/s, greedy decode, batch ${d.batch}, ${d.prompt_tokens} + ${d.new_tokens} tokens, median of ${d.repetitions ?? "?"}` : null,
+    d.path ? `path ${d.path}${ran}` : null,
+    where ? `${where}${d.threads ? `, ${d.threads} threads` : ""}${d.dtype ? `, ${d.dtype}` : ""}` : null,
+    d.load_average?.length ? `load average ${d.load_average[0].toFixed(1)}` : null,
+  ]
+    .filter((part) => part)
+    .join("; ");
+}
+
+function decodeStat(report) {
+  const d = decodeSummary(report);
+  if (!d.measured) {
+    return stat("Decode speedup", h("span", { id: "decode-speedup" }, "not measured"), h("span", { id: "decode-conditions" }, d.reason ?? "no reason recorded"));
+  }
+  return stat("Decode speedup", h("span", { id: "decode-speedup", class: d.speedup >= 1 ? "ok" : "bad" }, fmtRatio(d.speedup, 2)), h("span", { id: "decode-conditions" }, decodeConditions(d)));
+}
+
 function headline(report) {
   const { perplexity: ppl, sparsity, timings, packed } = report;
   const ratio = ppl.dense && ppl.pruned ? ppl.pruned / ppl.dense : null;
   return h(
     "div",
     { class: "stats", id: "headline" },
+    decodeStat(report),
     stat(
       "Perplexity dense → pruned",
       h("span", {}, h("span", { id: "ppl-dense" }, fmtPerplexity(ppl.dense)), " → ", h("span", { id: "ppl-pruned" }, fmtPerplexity(ppl.pruned))),
@@ -447,17 +495,15 @@ function pathResult(result) {
     {},
     timing(result.timing),
     result.speedup !== null ? h("div", {}, h("strong", {}, fmtRatio(result.speedup, 2)), result.fraction_of_limit !== null ? h("span", { class: "muted small" }, ` (${fmtPercent(result.fraction_of_limit, 0)} of the limit)`) : null) : null,
-    result.tokens_per_second !== null && result.tokens_per_second !== undefined ? h("div", { class: "muted small" }, `${fmtInt(result.tokens_per_second)} tokens/s`) : null,
+    result.tokens_per_second !== null && result.tokens_per_second !== undefined ? h("div", { class: "muted small" }, `${fmtRate(result.tokens_per_second)} tokens/s`) : null,
+    result.kernels?.length ? h("div", { class: "muted small" }, `ran ${result.kernels.join(", ")}`) : null,
   );
 }
 
 function speedSection(report) {
   const speed = report.speed;
   if (!speed) {
-    const why =
-      report.spec.measure_speed === false
-        ? "the job had measure_speed off"
-        : "measure_speed was left to the worker, which measures only when it has a CUDA GPU";
+    const why = decodeSummary(report).reason ?? "no reason recorded";
     return section("speed", "Speed", h("p", { id: "no-speed" }, `No speed measurement was made for this job (${why}). No speed figure is shown or estimated.`));
   }
   const c = speed.conditions;
@@ -472,6 +518,8 @@ function speedSection(report) {
       ["CUDA / driver", c.cuda ? `${c.cuda} / ${c.driver ?? "–"}` : null],
       ["cuSPARSELt", c.cusparselt],
       ["torch", c.torch],
+      ["Instruction sets", c.isa ?? null],
+      ["Load average (1, 5, 15 min)", c.load_average?.length ? c.load_average.map((x) => x.toFixed(2)).join(", ") : null],
       ["Threads", String(c.threads)],
       ["dtype · pattern · mode", `${speed.dtype} · ${speed.pattern} · ${speed.runtime_mode}`],
     ]),

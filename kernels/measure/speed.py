@@ -528,6 +528,7 @@ class PathResult:
     speedup: float | None = None  # dense median / path median
     fraction_of_limit: float | None = None
     tokens_per_second: float | None = None  # end-to-end figures only
+    kernels: tuple[str, ...] | None = None  # end to end: what the path's PackedLinear layers ran on their last call
 
 
 @dataclass(frozen=True)
@@ -575,14 +576,30 @@ class SpeedSettings:
     e2e_repetitions: int = 10
     gate_tokens: int = 16  # tokens of the random input each swapped layer is checked on
     seed: int = 0
+    e2e_paths: tuple[str, ...] | None = None  # paths timed end to end (None: all); the others are "skipped" there
 
     @classmethod
-    def for_device(cls, device: torch.device) -> SpeedSettings:
-        """GPU: twice the L2 cache in rotation, 25 + 100 calls; CPU: short (it runs in tests and on 2 cores)."""
+    def for_device(cls, device: torch.device, *, cache_bytes: int = 0) -> SpeedSettings:
+        """GPU: twice the L2 cache in rotation, 25 + 100 calls. CPU: the short sweep of a job's speed step (about a
+        minute for SmolLM2 on 2 cores): each shape at 1 and 16 tokens with 20 timed calls, weights rotated over
+        1.5x ``cache_bytes`` (the last-level cache, passed in by the caller; at most 32 copies), prefill 1 x 512
+        and greedy decode at batch 1, end to end. ``benchmarks/speed.py`` runs the full sweep."""
         if device.type == "cuda":
             l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
             return cls(rotation_bytes=2 * l2)
-        return cls(warmup=3, repetitions=15, e2e_warmup=1, e2e_repetitions=3, decode_new_tokens=16)
+        return cls(
+            token_counts=(1, 16),
+            warmup=5,
+            repetitions=20,
+            rotation_bytes=cache_bytes * 3 // 2,
+            max_copies=32,
+            prefill=((1, 512),),
+            decode_batches=(1,),
+            decode_prompt=64,
+            decode_new_tokens=32,
+            e2e_warmup=1,
+            e2e_repetitions=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -796,6 +813,16 @@ def _swap_in(
     return originals, None
 
 
+def kernels_that_ran(model: nn.Module) -> tuple[str, ...] | None:
+    """What the model's :class:`PackedLinear` layers ran on their latest call (kernel names or ``"reference"``),
+    most layers first; None when the model has none."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and module.last_path is not None:
+            counts[module.last_path] = counts.get(module.last_path, 0) + 1
+    return tuple(sorted(counts, key=lambda name: -counts[name])) or None
+
+
 def _restore(model: nn.Module, originals: Mapping[str, nn.Module]) -> None:
     for name, module in originals.items():
         parent_name, _, child = name.rpartition(".")
@@ -949,6 +976,10 @@ def measure_end_to_end(
     sparse: dict[int, list[PathResult]] = {id(plan): [] for plan in plans}
     for path in paths:
         missing = path.unavailable(device, dtype)
+        if missing is None and settings.e2e_paths is not None and path.name not in settings.e2e_paths:
+            for plan in plans:
+                sparse[id(plan)].append(PathResult(path.name, "skipped", "not timed end to end in this sweep"))
+            continue
         if missing is not None:
             for plan in plans:
                 sparse[id(plan)].append(PathResult(path.name, "unavailable", missing))
@@ -975,6 +1006,7 @@ def measure_end_to_end(
                         speedup=speedup,
                         fraction_of_limit=speedup / limits[plan.kind][0],
                         tokens_per_second=plan.per_second(timing),
+                        kernels=kernels_that_ran(model),
                     )
                 )
         finally:

@@ -281,9 +281,12 @@ class PackedLinear(nn.Module):
     values: torch.Tensor
     indices: torch.Tensor
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, *, use_kernels: bool = True) -> None:
+    def __init__(
+        self, packed: PackedWeight, bias: torch.Tensor | None = None, *, use_kernels: bool = True, check: bool = True
+    ) -> None:
         super().__init__()
-        positions(packed)  # validates shapes and positions once, up front
+        if check:  # validates shapes and positions once, up front (``check=False``: the caller did)
+            positions(packed)
         self.out_features, self.in_features = packed.shape
         self.n, self.m = packed.n, packed.m
         self.use_kernels = use_kernels
@@ -330,12 +333,12 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def replace_with_packed_(model: nn.Module, packed: Mapping[str, PackedWeight]) -> list[str]:
+def replace_with_packed_(model: nn.Module, packed: Mapping[str, PackedWeight], *, check: bool = True) -> list[str]:
     """Swap each named linear module (``nn.Linear`` or GPT-2 ``Conv1D``) for a :class:`PackedLinear`.
 
     ``packed`` maps module names to their weights as [out, in] (a ``Conv1D``'s transposed weight). The module's
     bias is kept. Returns the names replaced; raises :class:`PackingError` for a name that is not a linear of
-    matching shape.
+    matching shape, or (``check``) for positions out of range.
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -350,7 +353,7 @@ def replace_with_packed_(model: nn.Module, packed: Mapping[str, PackedWeight]) -
         if (out, inp) != weight.shape:
             raise PackingError(f"{name}: packed weight is {weight.shape} (out, in), the model's layer {(out, inp)}")
         bias = module.bias if isinstance(module.bias, torch.Tensor) else None
-        setattr(parent, child, PackedLinear(weight, bias))
+        setattr(parent, child, PackedLinear(weight, bias, check=check))
     return list(packed)
 
 

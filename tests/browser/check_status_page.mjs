@@ -116,6 +116,17 @@ try {
   const firstBar = await page.locator("#errors svg rect.bar").first().getAttribute("data-layer");
   assert(firstBar === report.layers[0].name, `bars follow the layer order: ${firstBar}`);
   assert((await page.locator("#sparsity-verified").innerText()).includes("verified"), "sparsity verified is shown");
+  // The results lead with the decode speedup and its conditions, or say why there is none.
+  const firstStat = await page.locator("#headline .stat").first().innerText();
+  assert(firstStat.toLowerCase().startsWith("decode speedup"), `the headline leads with the decode speedup: ${firstStat}`);
+  const speedup = await page.locator("#decode-speedup").innerText();
+  const conditions = await page.locator("#decode-conditions").innerText();
+  if (report.decode?.measured) {
+    assert(speedup === `${report.decode.speedup.toFixed(2)}×`, `decode speedup ${speedup} vs ${report.decode.speedup}`);
+    assert(conditions.includes(report.decode.path) && conditions.includes(`${report.decode.threads} threads`), `decode conditions: ${conditions}`);
+  } else {
+    assert(speedup === "not measured" && conditions.length > 0, `no decode figure, with its reason: ${conditions}`);
+  }
   if (report.speed === null) {
     assert((await page.locator("#no-speed").innerText()).startsWith("No speed measurement was made"), "no speed: said so");
   } else {
