@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -260,6 +261,23 @@ def unregister_packed_kernel(name: str) -> None:
 
 def packed_kernels() -> Mapping[str, PackedKernel]:
     return {name: entry.kernel for name, entry in _KERNELS.items()}
+
+
+@contextmanager
+def only_packed_kernels(*names: str) -> Iterator[None]:
+    """Inside it, :class:`PackedLinear` tries only the registered kernels named (none: the reference forward
+    runs every call); the registry is restored on exit. For comparisons and tests that need one known path."""
+    saved = dict(_KERNELS)
+    unknown = set(names) - saved.keys()
+    if unknown:
+        raise KeyError(f"no packed kernel registered as {', '.join(sorted(unknown))}; registered: {', '.join(saved)}")
+    _KERNELS.clear()
+    _KERNELS.update({name: entry for name, entry in saved.items() if name in names})
+    try:
+        yield
+    finally:
+        _KERNELS.clear()
+        _KERNELS.update(saved)
 
 
 def describe_packed_kernels() -> list[KernelDescription]:
