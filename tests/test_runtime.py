@@ -172,6 +172,10 @@ _RSS_PROBE = textwrap.dedent(
 
     AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                                  num_attention_heads=2, vocab_size=16))  # imports the modeling code
+    from secateurs.kernels.sparse import cpu
+    from secateurs.workers.cpu_kernel import configure_cpu_kernel
+    configure_cpu_kernel()
+    cpu.ensure()  # the CPU kernel's library (code, not model memory) loaded before the baseline too
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak (VmHWM) to the current RSS
     base = status("VmRSS")

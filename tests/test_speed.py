@@ -43,8 +43,6 @@ from secateurs.kernels.sparse.packing import (
     register_packed_kernel,
     unregister_packed_kernel,
 )
-from secateurs.workers.cli import decode_text
-from secateurs.workers.jobs import summary
 from secateurs.workers.pipeline import run_job
 from secateurs.workers.speed import (
     cpu_cache_bytes,
@@ -306,6 +304,11 @@ def default_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Report, Path,
 def test_run_job_measures_speed_by_default_and_leads_with_the_decode_speedup(
     default_job: tuple[Report, Path, dict[str, str]], tmp_path: Path
 ) -> None:
+    # The CLI and the job store (SQLAlchemy) are imported here, not at the top: the GPU check runs this module's
+    # gpu tests on a machine that has neither (benchmarks/gpu_check.py carries only what those need).
+    from secateurs.workers.cli import decode_text
+    from secateurs.workers.jobs import summary
+
     report, out, base = default_job
     speed, decode = report.speed, report.decode
     assert speed is not None and speed.seconds is not None and speed.linear

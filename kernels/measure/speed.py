@@ -880,15 +880,22 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` in newer transformers (``past_key_values`` is deprecated
+    there and warns on every call), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _decode_steps(model: nn.Module, prompt: torch.Tensor, steps: int, watch: Stopwatch, record: bool) -> None:
     """Greedy decoding of ``steps`` tokens after ``prompt`` [batch, tokens]; only the steps are timed."""
+    keyword = _cache_keyword(model)
     out = model(input_ids=prompt, use_cache=True, **_forward_kwargs(model))
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # token: [batch, 1]
+    cache, token = out[keyword], out.logits[:, -1:].argmax(-1)  # token: [batch, 1]
     with watch.region(record):
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{keyword: cache})
+            cache, token = out[keyword], out.logits[:, -1:].argmax(-1)
 
 
 def _time_decode(
