@@ -379,3 +379,18 @@ def test_a_service_job_names_the_job_that_computed_its_dense_figure(
     report = json.loads((settings.artifacts_dir / second.id / "report.json").read_text())
     assert report["perplexity"]["dense_cached"]["job_id"] == first.id
     assert len(list(settings.service_dense_cache_dir.glob("*.json"))) == 1
+
+
+def test_the_python_api_uses_the_settings_cache(
+    tiny_dir: TinyDir, text_file: Path, tmp_path: Path, cli_cache: Path
+) -> None:
+    import secateurs
+
+    options = {"method": "magnitude", "evaluation": text_file, "eval_seqlen": 32, "eval_windows": 3, "device": "cpu"}
+    model = tiny_dir("llama")
+    first = secateurs.prune(model, output=tmp_path / "one", measure_speed=False, **options)
+    second = secateurs.prune(model, output=tmp_path / "two", measure_speed=False, **options)
+    assert first.perplexity.dense_cached is None and len(list(cli_cache.glob("*.json"))) == 1
+    assert second.perplexity.dense_cached is not None
+    assert second.perplexity.dense_cached.output == str((tmp_path / "one").resolve())
+    assert second.perplexity.dense == first.perplexity.dense
