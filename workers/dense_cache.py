@@ -1,8 +1,8 @@
 """Dense perplexity computed once: an entry per (model bytes, evaluation tokens, protocol, dtype, device type).
 
-Every job on the same model and evaluation text used to recompute the same dense perplexity (issue 11: on P-CPU,
-96 s of a 344 s job). The first job stores its figure here; a later job whose inputs hash the same reads it back
-and its report says so, naming the job (or output folder) it came from.
+Every job on the same model and evaluation text used to recompute the same dense perplexity (issue 11 measured
+96 s of dense evaluation in a P-CPU job on its machine). The first job stores its figure here; a later job whose
+inputs hash the same reads it back and its report says so, naming the job (or output folder) it came from.
 
 What the key covers, and why:
 
