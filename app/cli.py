@@ -178,6 +178,13 @@ def spec_options(func: Any) -> Any:
             "About 2x prune time, ~0.5 GB more memory.",
         ),
         click.option(
+            "--dense-cache/--no-dense-cache",
+            default=True,
+            show_default=True,
+            help="Reuse the dense perplexity an earlier job computed on the same model bytes, evaluation tokens, "
+            "dtype and device type, and store this one's; --no-dense-cache always computes it.",
+        ),
+        click.option(
             "--measure-speed/--no-measure-speed",
             default=None,
             help="Measure dense versus 2:4 sparse speed after pruning (report.json 'decode' and 'speed'; a short "
@@ -215,4 +222,5 @@ def spec_from_options(options: dict[str, Any]) -> JobSpec:
         blocksize=options["blocksize"],
         dampening=options["dampening"],
         measure_speed=options.get("measure_speed"),
+        dense_cache=options.get("dense_cache", True),
     )

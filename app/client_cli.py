@@ -85,7 +85,8 @@ def _ppl(job: Job) -> str:
     if result is None or result.perplexity_pruned is None:
         return "–"
     dense = f"{result.perplexity_dense:.2f}" if result.perplexity_dense is not None else "?"
-    return f"{dense} → {result.perplexity_pruned:.2f}"
+    cached = " (cached)" if result.perplexity_dense_cached_from else ""  # `secateurs status` says from where
+    return f"{dense}{cached} → {result.perplexity_pruned:.2f}"
 
 
 def _state(state: JobState) -> str:
@@ -223,6 +224,8 @@ def _job_table(job: Job) -> Table:
         if r.decode is not None:
             table.add_row("decode speedup", r.decode.summary())
         table.add_row("perplexity", _ppl(job))
+        if r.perplexity_dense_cached_from:
+            table.add_row("dense perplexity", f"cached from {r.perplexity_dense_cached_from}")
         verified = "verified" if r.sparsity_verified else "[red]NOT verified[/]"
         table.add_row("sparsity", f"{r.pruned_fraction:.1%} zeros, pattern {verified}")
         table.add_row("time", f"prune {_duration(r.prune_seconds)}, total {_duration(r.total_seconds)} on {r.device}")

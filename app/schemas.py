@@ -231,6 +231,11 @@ class JobSpec(BaseModel):
         "SmolLM2); false: off, and the report says 'not measured' with that reason.",
     )
 
+    dense_cache: bool = Field(
+        default=True,
+        description="Reuse the dense perplexity an earlier job computed on the same model bytes, evaluation "
+        "tokens, dtype and device type (and store this job's for later ones). false: always compute it.",
+    )
     dense_target: float = Field(
         default=0.0,
         ge=0.0,
@@ -328,12 +333,35 @@ class PerplexityProtocol(BaseModel):
     batch_size: int
 
 
+class DenseCacheHit(BaseModel):
+    """Where a dense perplexity read from the cache was computed (``secateurs.workers.dense_cache``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(description="sha256 naming the entry: model bytes, evaluation tokens, protocol, dtype, device.")
+    job_id: str | None = Field(default=None, description="The service job that computed it, when one did.")
+    output: str | None = Field(default=None, description="The output folder of the run that computed it.")
+    created_at: str = Field(description="When it was computed (ISO 8601, UTC).")
+    seconds: float | None = Field(default=None, description="How long computing it took then.")
+    batch_size: int | None = Field(default=None, description="The evaluation batch size then (not in the key).")
+
+    def source(self) -> str:
+        """``job <id>``, else the output folder, with when: who computed the figure, in words."""
+        who = f"job {self.job_id}" if self.job_id else (self.output or "an earlier run")
+        return f"{who}, {self.created_at}"
+
+
 class PerplexityReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dense: float | None
     pruned: float | None
     protocol: PerplexityProtocol | None
+    dense_cached: DenseCacheHit | None = Field(
+        default=None,
+        description="Set when the dense figure was read from the dense-perplexity cache instead of computed: "
+        "which job (or output folder) computed it, and when. Null: computed by this job (or not at all).",
+    )
 
 
 class SparsityReport(BaseModel):
@@ -742,6 +770,11 @@ class JobResult(BaseModel):
     )
     perplexity_dense: float | None
     perplexity_pruned: float | None
+    perplexity_dense_cached_from: str | None = Field(
+        default=None,
+        description="When the dense figure came from the dense-perplexity cache: who computed it (job id, or "
+        "output folder) and when.",
+    )
     sparsity_verified: bool
     pruned_fraction: float
     prune_seconds: float

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     )
     event_poll_interval: float = Field(default=0.5, gt=0, description="How often an event stream polls (s).")
 
+    dense_cache_dir: Path | None = Field(
+        default=None,
+        description="Where dense perplexities are cached, to be computed once per model, text and protocol; "
+        "default <data_dir>/dense-perplexity for the service's workers, <cache_dir>/dense-perplexity for "
+        "`secateurs prune` and secateurs.prune().",
+    )
+
     # --- the packed 2:4 CPU kernel (secateurs.kernels.sparse.cpu) ------------------------------------------
     kernel_dir: Path | None = Field(
         default=None,
@@ -135,6 +142,16 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    @property
+    def service_dense_cache_dir(self) -> Path:
+        """The dense-perplexity cache of the service's workers: beside the artifacts, shared by every worker."""
+        return self.dense_cache_dir or self.data_dir / "dense-perplexity"
+
+    @property
+    def local_dense_cache_dir(self) -> Path:
+        """The dense-perplexity cache of ``secateurs prune`` and ``secateurs.prune()`` (no service)."""
+        return self.dense_cache_dir or self.cache_dir / "dense-perplexity"
 
     @property
     def kernel_build_dir(self) -> Path:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +21,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # processes the service tests start, use one git-ignored folder of this checkout, so a session builds it at most once.
 KERNEL_DIR = Path(os.environ.get("SECATEURS_KERNEL_DIR") or REPO_ROOT / ".cache" / "kernels")
 os.environ["SECATEURS_KERNEL_DIR"] = str(KERNEL_DIR)
+
+# `secateurs prune`, secateurs.prune() and the service's workers cache dense perplexities (workers/dense_cache.py):
+# in tests, one fresh folder per session, never the user's cache or the shared offline assets' folder.
+os.environ["SECATEURS_DENSE_CACHE_DIR"] = DENSE_CACHE_DIR = tempfile.mkdtemp(prefix="secateurs-dense-cache-")
+atexit.register(shutil.rmtree, DENSE_CACHE_DIR, True)
 
 TinyDir = Callable[..., Path]
 

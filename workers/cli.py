@@ -26,7 +26,7 @@ from rich.text import Text
 import secateurs.app.client_cli
 import secateurs.app.server_cli  # registers serve, db, api-key
 from secateurs.app.cli import cli, fail, spec_from_options, spec_options, user_errors
-from secateurs.app.schemas import DecodeSpeedup, JobSpec, Method
+from secateurs.app.schemas import DecodeSpeedup, DenseCacheHit, JobSpec, Method
 from secateurs.app.settings import get_settings
 from secateurs.app.texts import describe_text
 
@@ -87,7 +87,13 @@ def prune(output: str, overwrite: bool, as_json: bool, **options: Any) -> None:
                 else:
                     progress.update(task, description=event.message, note="")
 
-            report = run_job(spec, on_progress, output_dir=Path(output), overwrite=overwrite)
+            report = run_job(
+                spec,
+                on_progress,
+                output_dir=Path(output),
+                overwrite=overwrite,
+                dense_cache=get_settings().local_dense_cache_dir,
+            )
         _print_result(report.model_dump(mode="json"), output, as_json)
 
 
@@ -113,7 +119,9 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
     ppl = report["perplexity"]
     if ppl["protocol"]:
         p = ppl["protocol"]
-        table.add_row("perplexity dense", f"{ppl['dense']:.3f}")
+        cached = ppl.get("dense_cached")
+        note = f" (cached from {DenseCacheHit.model_validate(cached).source()})" if cached else ""
+        table.add_row("perplexity dense", f"{ppl['dense']:.3f}{note}")
         table.add_row("perplexity pruned", f"{ppl['pruned']:.3f}")
         table.add_row(
             "protocol",

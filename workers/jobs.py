@@ -40,10 +40,12 @@ def remove_stale_temps(output: Path) -> None:
 
 
 def summary(report: Report) -> JobResult:
+    cached = report.perplexity.dense_cached
     return JobResult(
         decode=report.decode,
         perplexity_dense=report.perplexity.dense,
         perplexity_pruned=report.perplexity.pruned,
+        perplexity_dense_cached_from=cached.source() if cached else None,
         sparsity_verified=report.sparsity.verified,
         pruned_fraction=report.sparsity.pruned_fraction,
         prune_seconds=report.timings.prune_seconds,
@@ -125,7 +127,15 @@ def execute_job(job_id: str, store: JobStore, settings: Settings, worker: str | 
     state, result, error = JobState.SUCCEEDED, None, None
     with _Attempt(store, job_id, attempt, settings.heartbeat_interval) as run:
         try:
-            report = run_job(job.spec, run.on_progress, output_dir=output, overwrite=True, should_stop=run.should_stop)
+            report = run_job(
+                job.spec,
+                run.on_progress,
+                output_dir=output,
+                overwrite=True,
+                should_stop=run.should_stop,
+                dense_cache=settings.service_dense_cache_dir,
+                job_id=job_id,
+            )
             result = summary(report)
         except JobCancelled as exc:
             state, error = JobState.CANCELLED, JobError(type="cancelled", message=str(exc))

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from secateurs.app.errors import InvalidSpecError, ModelSourceError
 from secateurs.app.schemas import JobSpec, Method, ProgressEvent, Report, Stage, TextSource, describe_validation_error
+from secateurs.app.settings import get_settings
 from secateurs.workers.pipeline import quiet_libraries, run_job
 from secateurs.workers.runtime import load_pruned
 
@@ -92,14 +93,22 @@ def prune(
     :class:`~secateurs.app.schemas.TextSource` or a dict like ``{"dataset": "wikitext", "dataset_config":
     "wikitext-2-raw-v1"}``. ``options`` are the other :class:`JobSpec` fields (``calibration_samples``,
     ``calibration_seqlen``, ``eval_seqlen``, ``eval_windows``, ``device``, ``dtype``, ``seed``, ...).
-    ``on_progress`` sees one event per stage and per pruned block (default: logged at INFO).
+    ``on_progress`` sees one event per stage and per pruned block (default: logged at INFO). The dense
+    perplexity is computed once per model, text and protocol and cached in ``$SECATEURS_DENSE_CACHE_DIR``
+    (default ``<cache_dir>/dense-perplexity``); ``dense_cache=False`` always computes it.
 
     Raises :class:`~secateurs.app.errors.SecateursError` subclasses with a message and a hint: a wrong
     field (:class:`InvalidSpecError`), an unusable model or text, a missing device, an existing ``output``.
     """
     spec = job_spec(model, method=method, pattern=pattern, calibration=calibration, evaluation=evaluation, **options)
     quiet_libraries()
-    return run_job(spec, on_progress or _log_progress, output_dir=Path(output), overwrite=overwrite)
+    return run_job(
+        spec,
+        on_progress or _log_progress,
+        output_dir=Path(output),
+        overwrite=overwrite,
+        dense_cache=get_settings().local_dense_cache_dir,
+    )
 
 
 def load(

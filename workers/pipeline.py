@@ -59,6 +59,7 @@ from secateurs.kernels.pruning.driver import BlockProgress, LayerResult, PruneCo
 from secateurs.kernels.sparse.packing import MAX_M
 from secateurs.workers.allocator import Heap, heap_allocations
 from secateurs.workers.data import LoadedText, calibration_windows, read_text, tokenize
+from secateurs.workers.dense_cache import DenseCache, cached_dense_perplexity
 from secateurs.workers.packed import FORMAT as PACKED_FORMAT
 from secateurs.workers.packed import PACKED_DIR, write_packed
 from secateurs.workers.speed import decode_speedup, not_measured, run_speed_step, speed_enabled
@@ -416,16 +417,23 @@ def run_job(
     output_dir: Path,
     overwrite: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    dense_cache: Path | None = None,
+    job_id: str | None = None,
 ) -> Report:
     """Run one pruning job end to end and write ``output_dir`` (an HF folder + ``report.json``) atomically.
 
     ``on_progress`` receives a :class:`ProgressEvent` per stage and per pruned block; ``should_stop`` is
     polled between blocks and stops the job with :class:`JobCancelled`, leaving nothing behind.
+    ``dense_cache``: the folder of the dense-perplexity cache (:mod:`secateurs.workers.dense_cache`; None: no
+    cache); ``job_id`` names this job in the entries it stores.
     """
     try:
         with heap_allocations() as heap:
             emit = on_progress or (lambda _event: None)
-            return _run(spec, emit, output_dir, overwrite, should_stop=should_stop, heap=heap)
+            cache = DenseCache(dense_cache) if dense_cache is not None and spec.dense_cache else None
+            return _run(
+                spec, emit, output_dir, overwrite, should_stop=should_stop, heap=heap, cache=cache, job_id=job_id
+            )
     except (SecateursError, JobCancelled):
         raise
     except PatternError as exc:
@@ -449,6 +457,8 @@ def _run(
     *,
     should_stop: Callable[[], bool] | None,
     heap: Heap,
+    cache: DenseCache | None = None,
+    job_id: str | None = None,
 ) -> Report:
     clock = _Clock(time.perf_counter())
     check_output_dir(output_dir, overwrite=overwrite)
@@ -468,7 +478,7 @@ def _run(
     )
 
     emit(ProgressEvent(stage=Stage.LOAD, message=f"loading {spec.model}"))
-    model, tokenizer, _folder = load_model(spec, dtype)
+    model, tokenizer, folder = load_model(spec, dtype)
     _, blocks, _ = plan_layers(model, config)  # shape errors surface here, before any heavy work
     load_seconds = clock.since()
     bos = _bos_id(spec, tokenizer)
@@ -500,8 +510,19 @@ def _run(
         windows = eval_windows(stream, spec.eval_seqlen, spec.eval_windows)
     data_seconds = time.perf_counter() - data_started
 
-    dense, eval_dense_seconds = _evaluate(
-        model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_DENSE, label="dense"
+    dense, eval_dense_seconds, dense_hit = cached_dense_perplexity(
+        cache,
+        lambda: _evaluate(model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_DENSE, label="dense"),
+        model_folder=folder,
+        text_sha256=eval_text.sha256 if eval_text else None,
+        windows=windows,
+        bos_token_id=bos,
+        dtype=dtype,
+        device=device,
+        batch_size=spec.eval_batch_size,
+        job_id=job_id,
+        output=output_dir,
+        emit=emit,
     )
 
     emit(
@@ -571,7 +592,10 @@ def _run(
             dtype=str(dtype).removeprefix("torch."),
         ),
         "perplexity": PerplexityReport(
-            dense=dense.value if dense else None, pruned=pruned.value if pruned else None, protocol=protocol
+            dense=dense.value if dense else None,
+            pruned=pruned.value if pruned else None,
+            protocol=protocol,
+            dense_cached=dense_hit,
         ),
         "sparsity": SparsityReport(
             pattern=str(pattern),

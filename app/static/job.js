@@ -355,6 +355,18 @@ function decodeStat(report) {
   return stat("Decode speedup", h("span", { id: "decode-speedup", class: d.speedup >= 1 ? "ok" : "bad" }, fmtRatio(d.speedup, 2)), h("span", { id: "decode-conditions" }, decodeConditions(d)));
 }
 
+/** Where a cached dense perplexity came from: a link to the job that computed it, else its output folder, and when. */
+function cachedSource(hit) {
+  const who = hit.job_id ? h("a", { href: `/jobs/${encodeURIComponent(hit.job_id)}` }, `job ${hit.job_id}`) : h("code", {}, hit.output ?? "an earlier run");
+  return h("span", {}, who, ", ", timeElement(hit.created_at));
+}
+
+/** "dense: 29.37 (cached from job …)" when the dense figure was read from the dense-perplexity cache. */
+function denseCachedLine(ppl) {
+  if (!ppl.dense_cached) return null;
+  return h("div", { id: "ppl-dense-cached", title: `cache key ${ppl.dense_cached.key}` }, `dense: ${fmtPerplexity(ppl.dense)} (cached from `, cachedSource(ppl.dense_cached), ")");
+}
+
 function headline(report) {
   const { perplexity: ppl, sparsity, timings, packed } = report;
   const ratio = ppl.dense && ppl.pruned ? ppl.pruned / ppl.dense : null;
@@ -366,6 +378,7 @@ function headline(report) {
       "Perplexity dense → pruned",
       h("span", {}, h("span", { id: "ppl-dense" }, fmtPerplexity(ppl.dense)), " → ", h("span", { id: "ppl-pruned" }, fmtPerplexity(ppl.pruned))),
       ppl.pruned === null ? "not evaluated (no evaluation text)" : ratio ? `${fmtRatio(ratio, 2)} the dense perplexity` : "",
+      denseCachedLine(ppl),
     ),
     stat(
       `Sparsity ${sparsity.pattern}`,
@@ -591,7 +604,7 @@ function detailsSection(report) {
         [
           ["load", fmtDuration(t.load_seconds)],
           ["data", fmtDuration(t.data_seconds)],
-          ["dense perplexity", fmtDuration(t.eval_dense_seconds)],
+          ["dense perplexity", report.perplexity.dense_cached ? `${fmtDuration(t.eval_dense_seconds)} (cached; computed in ${fmtDuration(report.perplexity.dense_cached.seconds)} then)` : fmtDuration(t.eval_dense_seconds)],
           ["prune", fmtDuration(t.prune_seconds)],
           ["pruned perplexity", fmtDuration(t.eval_pruned_seconds)],
           ["save", fmtDuration(t.save_seconds)],

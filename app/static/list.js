@@ -92,7 +92,8 @@ function perplexityCell(job) {
   return h(
     "span",
     { class: "ppl" },
-    h("span", { class: "ppl-dense" }, fmtPerplexity(r.perplexity_dense)),
+    h("span", { class: "ppl-dense", title: r.perplexity_dense_cached_from ? `dense: cached from ${r.perplexity_dense_cached_from}` : null }, fmtPerplexity(r.perplexity_dense)),
+    r.perplexity_dense_cached_from ? h("span", { class: "muted small ppl-cached" }, " (cached)") : null,
     " → ",
     h("strong", { class: "ppl-pruned" }, fmtPerplexity(r.perplexity_pruned)),
     ratio ? h("div", { class: "muted small" }, `${fmtRatio(ratio, 2)} the dense perplexity`) : null,
