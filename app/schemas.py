@@ -426,6 +426,16 @@ class Environment(BaseModel):
     device_name: str
     threads: int
     cuda: str | None
+    cpu_capability: str | None = Field(
+        default=None,
+        description="The SIMD level of PyTorch's CPU kernels on this machine (torch.backends.cpu.get_cpu_capability():"
+        " AVX2, AVX512, ...).",
+    )
+    cpu_products: dict[str, str] | None = Field(
+        default=None,
+        description="CPU jobs: which library computed the fp32 products of pruning and evaluation, measured on this"
+        " machine at first use ('linear': the layers' forward; 'gram': the Hessians): 'oneDNN' or 'F.linear'.",
+    )
 
 
 class PackedLayer(BaseModel):

@@ -1,12 +1,20 @@
-"""fp32 matrix products on CPU through oneDNN instead of MKL, for the two big products of one-shot pruning.
+"""fp32 matrix products on CPU through whichever of oneDNN and MKL is faster on this CPU, for the two big
+products of one-shot pruning (the calibration forward and the Hessians, SparseGPT §3).
 
 PyTorch's x86 CPU build sends fp32 ``F.linear`` / ``mm`` to MKL's sgemm, which on AMD CPUs takes its AVX2
 code path; oneDNN (also inside every x86 PyTorch build) chooses its kernels by instruction set, so it runs
 AVX-512 there. Measured on the 2-core AMD EPYC (Zen 5) VM, fp32, 2 threads: [32768 × 1536] @ [1536 × 576]
-174 GFLOP/s with MKL, 355 with oneDNN; 4096³ 179 vs 365 (``docs/engine.md``, "CPU matrix products"). Both
-are exact fp32 products that differ only in summation order, so results agree to rounding (tested).
+174 GFLOP/s with MKL, 355 with oneDNN; 4096³ 179 vs 365. On an AVX2-only EPYC (Zen 3) the order reverses:
+MKL 70 GFLOP/s against oneDNN's 44 on [16384 × 1536] @ [1536 × 576] at one thread, and MKL's in-place
+``addmm_`` on the Hessian panels 1.3–1.7× faster than oneDNN's chunks (``docs/engine.md``, "CPU matrix
+products"). So the choice is measured once per process, at first use (:func:`cpu_gemm_backend`), never
+guessed from the CPU's name. Both are exact fp32 products that differ only in summation order, so results
+agree to rounding (tested).
 
-* :func:`linear` – ``F.linear`` for CPU fp32 tensors outside autograd and autocast, else ``F.linear`` itself.
+* :func:`cpu_gemm_backend` – ``"onednn"`` or ``"aten"`` (``F.linear``: MKL on x86 builds), measured at first
+  use; :func:`use_cpu_gemm` forces one for a ``with`` block (tests, benchmarks).
+* :func:`linear` – ``F.linear`` through oneDNN for CPU fp32 tensors outside autograd and autocast when oneDNN
+  is the faster, else ``F.linear`` itself.
 * :func:`fast_linears` – inside it, every ``nn.Linear`` and GPT-2 ``Conv1D`` of a module computes through
   :func:`linear` (a per-instance ``forward``, removed on exit; forward hooks still run).
 * :func:`mm` – ``a @ b`` for 2-D operands, the same way (the triangular inverse of the factorization).
@@ -16,14 +24,19 @@ are exact fp32 products that differ only in summation order, so results agree to
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import cache
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+log = logging.getLogger(__name__)
 
 
 @cache
@@ -43,12 +56,92 @@ def _onednn_linear_op() -> Callable[..., torch.Tensor] | None:
     return op
 
 
-def _onednn_applies(*tensors: torch.Tensor) -> bool:
+GemmBackend = Literal["onednn", "aten"]
+ProductKind = Literal["linear", "gram"]
+_forced: list[GemmBackend] = []  # the innermost use_cpu_gemm() wins
+
+
+def _best_seconds(runs: dict[GemmBackend, Callable[[], object]], repeats: int = 3) -> dict[GemmBackend, float]:
+    """Best-of-``repeats`` wall time of each run, interleaved (so a burst of load hits both alike)."""
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up (oneDNN creates its primitives)
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+@cache
+def _measured_backend(kind: ProductKind) -> GemmBackend:
+    """The faster library for ``kind`` on this machine at the current thread count, timed once on products
+    shaped like a small model's calibration (≈ 0.3 s): ``"linear"`` on x [2048, 576] · Wᵀ [576, 1536] and
+    x [2048, 1536] · Wᵀ [1536, 576] (an MLP's up and down projections: the two libraries differ most on the
+    second); ``"gram"`` on the upper triangle of XᵀX for X [4096, 768], as :func:`gram_upper_` computes it
+    each way. oneDNN only where it is clearly (10 %) faster."""
+    op = _onednn_linear_op()
+    if op is None:
+        return "aten"
+    generator = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        pairs = [
+            (torch.randn(2048, i, generator=generator), torch.randn(o, i, generator=generator))
+            for i, o in ((576, 1536), (1536, 576))
+        ]
+        flops = sum(2 * x.shape[0] * w.shape[0] * w.shape[1] for x, w in pairs)
+        runs: dict[GemmBackend, Callable[[], object]] = {
+            "aten": lambda: [F.linear(x, w) for x, w in pairs],
+            "onednn": lambda: [op(x, w, None, "none", [], "") for x, w in pairs],
+        }
+    else:
+        x = torch.randn(4096, 768, generator=generator)
+        out = torch.zeros(768, 768)
+        flops = 2 * 4096 * 768 * 768  # counted as the full product, for comparison with "linear"
+        runs = {
+            "aten": lambda: _gram_aten_(out, x, 1.0, 192),
+            "onednn": lambda: _gram_onednn_(out, x, 1.0, 384, 4096),
+        }
+    seconds = _best_seconds(runs)
+    choice: GemmBackend = "onednn" if seconds["onednn"] < 0.9 * seconds["aten"] else "aten"
+    log.info(
+        "CPU fp32 %s products: %s (measured: oneDNN %.0f GFLOP/s, F.linear %.0f GFLOP/s, %d threads)",
+        kind,
+        "oneDNN" if choice == "onednn" else "F.linear",
+        flops / seconds["onednn"] / 1e9,
+        flops / seconds["aten"] / 1e9,
+        torch.get_num_threads(),
+    )
+    return choice
+
+
+def cpu_gemm_backend(kind: ProductKind = "linear") -> GemmBackend:
+    """Which library computes this module's CPU fp32 products of ``kind``: ``"onednn"`` or ``"aten"``
+    (``F.linear`` / ``addmm_``: MKL on x86 builds). ``"linear"``: :func:`linear`, :func:`mm`,
+    :func:`fast_linears`; ``"gram"``: :func:`gram_upper_`, :func:`cross_` (tokens as the inner dimension).
+
+    Measured once per process and kind at first call, unless :func:`use_cpu_gemm` forces one."""
+    return _forced[-1] if _forced else _measured_backend(kind)
+
+
+@contextmanager
+def use_cpu_gemm(backend: GemmBackend) -> Iterator[None]:
+    """Force ``backend`` for every product of this module inside the block (tests, benchmarks; ``"onednn"``
+    still needs a build with oneDNN)."""
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _onednn_applies(*tensors: torch.Tensor, kind: ProductKind = "linear") -> bool:
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and _onednn_linear_op() is not None
+        and cpu_gemm_backend(kind) == "onednn"
     )
 
 
@@ -71,33 +164,51 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return linear(a, b.T)  # linear(a, w) = a wᵀ; linear makes w = bᵀ contiguous for oneDNN
 
 
-def gram_upper_(out: torch.Tensor, x: torch.Tensor, *, alpha: float, panel: int = 384, chunk: int = 4096) -> None:
+def gram_upper_(
+    out: torch.Tensor, x: torch.Tensor, *, alpha: float, panel: int | None = None, chunk: int = 4096
+) -> None:
     """``out += alpha · xᵀx`` on and above the diagonal (below it, ``out`` holds partial sums: read ``triu``).
 
     out: [in, in] fp32; x: [tokens, in]. The symmetric product is cut into row panels of about ``panel``
     features, each computed from the diagonal onwards (about half the work of the full product once the
     width is a few panels). On CPU with oneDNN the tokens go in chunks of ``chunk``, each transposed once so
     that both operands are contiguous ([in, chunk]; oneDNN is slow on transposed views); elsewhere one
-    ``addmm_`` per panel.
+    in-place ``addmm_`` per panel. The default panel suits each (measured): 384 features for oneDNN's chunks,
+    192 for ``addmm_``, whose thinner panels skip more of the lower triangle at the same speed per flop.
     """
-    width = x.shape[1]
-    panels = max(1, round(width / panel))
-    size = -(-width // panels)
-    bounds = [(lo, min(lo + size, width)) for lo in range(0, width, size)]
-    if not _onednn_applies(out, x):
-        for lo, hi in bounds:  # [hi-lo, width-lo] += x[:, lo:hi]ᵀ x[:, lo:]
-            out[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:], alpha=alpha)
-        return
+    onednn = _onednn_applies(out, x, kind="gram")
+    if onednn:
+        _gram_onednn_(out, x, alpha, panel or 384, chunk)
+    else:
+        _gram_aten_(out, x, alpha, panel or 192)
+
+
+def _panels(width: int, panel: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of about ``panel`` features covering ``width``."""
+    count = max(1, round(width / panel))
+    size = -(-width // count)
+    return [(lo, min(lo + size, width)) for lo in range(0, width, size)]
+
+
+def _gram_aten_(out: torch.Tensor, x: torch.Tensor, alpha: float, panel: int) -> None:
+    for lo, hi in _panels(x.shape[1], panel):  # [hi-lo, width-lo] += x[:, lo:hi]ᵀ x[:, lo:]
+        out[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:], alpha=alpha)
+
+
+def _gram_onednn_(out: torch.Tensor, x: torch.Tensor, alpha: float, panel: int, chunk: int) -> None:
+    op = _onednn_linear_op()
+    assert op is not None
+    bounds = _panels(x.shape[1], panel)
     for start in range(0, x.shape[0], chunk):
         xt = x[start : start + chunk].T.contiguous()  # [in, chunk]
-        for lo, hi in bounds:  # linear(a, b) = a bᵀ: [hi-lo, chunk] @ [chunk, width-lo]
-            out[lo:hi, lo:].add_(linear(xt[lo:hi], xt[lo:]), alpha=alpha)
+        for lo, hi in bounds:  # a bᵀ: [hi-lo, chunk] @ [chunk, width-lo]; both contiguous views of xt
+            out[lo:hi, lo:].add_(op(xt[lo:hi], xt[lo:], None, "none", [], ""), alpha=alpha)
 
 
 def cross_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float, chunk: int = 4096) -> None:
     """``out += alpha · aᵀb``: out [p, q]; a [tokens, p], b [tokens, q] (oneDNN in token chunks where it
     applies, as :func:`gram_upper_`; else one ``addmm_``)."""
-    if not _onednn_applies(out, a, b):
+    if not _onednn_applies(out, a, b, kind="gram"):
         out.addmm_(a.T, b, alpha=alpha)
         return
     for start in range(0, a.shape[0], chunk):
@@ -126,10 +237,11 @@ def fast_linears(module: nn.Module) -> Iterator[None]:
 
     Each layer gets an instance ``forward`` that shadows its class's (hooks still run around it); on exit
     the attribute is removed. Layers on other devices or dtypes fall through to ``F.linear`` call by call.
-    Does nothing when this PyTorch build has no oneDNN linear.
+    Does nothing when this PyTorch build has no oneDNN linear or ``F.linear`` is the faster here
+    (:func:`cpu_gemm_backend`).
     """
     with ExitStack() as stack:
-        if _onednn_linear_op() is not None:
+        if _onednn_linear_op() is not None and cpu_gemm_backend() == "onednn":
             for layer in module.modules():
                 if "forward" in layer.__dict__:
                     continue  # already overridden (a nested fast_linears, or a capture stub)

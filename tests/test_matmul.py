@@ -1,9 +1,11 @@
-"""The oneDNN fp32 products (secateurs.kernels.matmul) against their references, and the heap allocation context."""
+"""The CPU fp32 products (secateurs.kernels.matmul), through oneDNN and through ATen alike, against their references;
+the run-time choice between them; and the heap allocation context."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,25 +13,45 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from secateurs.kernels.matmul import _onednn_linear_op, cross_, fast_linears, gram_upper_, linear
+from secateurs.kernels import matmul
+from secateurs.kernels.matmul import _onednn_linear_op, cross_, fast_linears, gram_upper_, linear, use_cpu_gemm
 from secateurs.workers.allocator import _glibc
 from tests.conftest import REPO_ROOT
 from tests.models import tiny_model
 
 needs_onednn = pytest.mark.skipif(_onednn_linear_op() is None, reason="this PyTorch build has no oneDNN linear")
+BACKENDS = [pytest.param("onednn", marks=needs_onednn), "aten"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each product test runs through both libraries, whichever this machine would choose."""
+    with use_cpu_gemm(request.param):
+        yield request.param
 
 
 @needs_onednn
+def test_the_backend_is_measured_once_per_kind_and_can_be_forced() -> None:
+    matmul._measured_backend.cache_clear()
+    choices = {kind: matmul.cpu_gemm_backend(kind) for kind in ("linear", "gram")}
+    assert set(choices.values()) <= {"onednn", "aten"}
+    assert matmul._measured_backend.cache_info().currsize == 2
+    with use_cpu_gemm("aten"):
+        with use_cpu_gemm("onednn"):
+            assert matmul.cpu_gemm_backend("gram") == "onednn"  # the innermost wins
+        assert matmul.cpu_gemm_backend("linear") == "aten"
+    assert {kind: matmul.cpu_gemm_backend(kind) for kind in choices} == choices
+
+
 @pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12), (2, 3, 4, 12)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_equals_f_linear(shape: tuple[int, ...], bias: bool) -> None:
+def test_linear_equals_f_linear(shape: tuple[int, ...], bias: bool, backend: str) -> None:
     x, weight = torch.randn(shape), torch.randn(20, 12)
     b = torch.randn(20) if bias else None
     torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b))
 
 
-@needs_onednn
-def test_linear_on_strided_operands_and_a_weight_changed_in_place() -> None:
+def test_linear_on_strided_operands_and_a_weight_changed_in_place(backend: str) -> None:
     x, weight = torch.randn(12, 9).T, torch.randn(12, 16).T  # [9, 12] and [16, 12], both transposed views
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
     weight.mul_(0.5)[:, ::2] = 0  # no cached copy of the old weight may be used
@@ -48,17 +70,17 @@ def test_linear_falls_back_where_onednn_does_not_apply() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fp32: oneDNN in token chunks; fp64: addmm_
 @pytest.mark.parametrize("width", [8, 100, 900])
-def test_gram_upper_accumulates_the_upper_triangle_of_xtx(dtype: torch.dtype, width: int) -> None:
+def test_gram_upper_accumulates_the_upper_triangle_of_xtx(dtype: torch.dtype, width: int, backend: str) -> None:
     x = torch.randn(300, width, dtype=dtype)
     start = torch.randn(width, width, dtype=dtype)
     out = start.clone()
-    gram_upper_(out, x, alpha=0.25, panel=64, chunk=128)
+    gram_upper_(out, x, alpha=0.25, panel=64, chunk=128)  # several panels and chunks
     expected = start + 0.25 * (x.T @ x)
     torch.testing.assert_close(torch.triu(out), torch.triu(expected), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cross_accumulates_atb(dtype: torch.dtype) -> None:
+def test_cross_accumulates_atb(dtype: torch.dtype, backend: str) -> None:
     a, b = torch.randn(300, 40, dtype=dtype), torch.randn(300, 24, dtype=dtype)
     out = torch.randn(40, 24, dtype=dtype)
     expected = out + 0.5 * (a.T @ b)
@@ -66,7 +88,7 @@ def test_cross_accumulates_atb(dtype: torch.dtype) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_linears_gives_the_same_logits_hooks_still_run_and_forwards_are_restored() -> None:
+def test_fast_linears_gives_the_same_logits_hooks_still_run_and_forwards_are_restored(backend: str) -> None:
     model = tiny_model("llama", num_layers=2).eval()
     ids = torch.randint(4, 128, (2, 16))
     seen: list[str] = []
@@ -83,7 +105,7 @@ def test_fast_linears_gives_the_same_logits_hooks_still_run_and_forwards_are_res
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_fast_linears_covers_gpt2_conv1d() -> None:
+def test_fast_linears_covers_gpt2_conv1d(backend: str) -> None:
     layer = Conv1D(24, 12)  # nf=24 outputs, nx=12 inputs; weight [12, 24]
     x = torch.randn(3, 5, 12)
     with torch.no_grad():

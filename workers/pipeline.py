@@ -52,6 +52,7 @@ from secateurs.app.schemas import (
 )
 from secateurs.app.sources import check_model_folder
 from secateurs.kernels.errors import FactorizationError, PatternError
+from secateurs.kernels.matmul import cpu_gemm_backend
 from secateurs.kernels.measure.perplexity import Perplexity, eval_windows, perplexity
 from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
 from secateurs.kernels.pruning.discovery import PrunableLayer
@@ -240,6 +241,9 @@ def _layer_report(result: LayerResult) -> LayerReport:
     )
 
 
+_PRODUCT_LIBRARIES = {"onednn": "oneDNN", "aten": "F.linear"}
+
+
 def _environment(device: torch.device) -> Environment:
     import transformers
 
@@ -266,6 +270,12 @@ def _environment(device: torch.device) -> Environment:
         device_name=name,
         threads=torch.get_num_threads(),
         cuda=torch.version.cuda,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cpu_products=(
+            {kind: _PRODUCT_LIBRARIES[cpu_gemm_backend(kind)] for kind in ("linear", "gram")}
+            if device.type == "cpu"
+            else None
+        ),
     )
 
 

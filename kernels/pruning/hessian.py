@@ -21,10 +21,11 @@ class HessianAccumulator:
     """Running mean of x xᵀ over every token fed to :meth:`add`, in fp32 on the inputs' device.
 
     Only the upper triangle is accumulated (H is symmetric), in row panels of about ``panel`` features
-    (:func:`secateurs.kernels.matmul.gram_upper_`); :attr:`hessian` mirrors it into the full matrix when read.
+    (:func:`secateurs.kernels.matmul.gram_upper_`, whose default suits the library it uses); :attr:`hessian`
+    mirrors it into the full matrix when read.
     """
 
-    def __init__(self, columns: int, device: torch.device | str, *, panel: int = 384) -> None:
+    def __init__(self, columns: int, device: torch.device | str, *, panel: int | None = None) -> None:
         self._upper = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in]
         self._full: torch.Tensor | None = None
         self.panel = panel
