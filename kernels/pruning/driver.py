@@ -21,6 +21,7 @@ device, only one block and its activations. This driver is generic over architec
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -593,26 +594,87 @@ def prune_model_(
     return PruneResult(tuple(results), time.perf_counter() - started, int(calibration.numel()))
 
 
+_NO_LOGITS_TO_KEEP = "%s.forward has no logits_to_keep: evaluation holds the full [batch, len, vocab] logits"
+
+Head = Callable[[torch.Tensor | None], torch.Tensor]
+"""``head(positions)``: the logits [batch, len(positions), vocab] of one chunk at the 1-D positions given
+(``None``: every position, [batch, len, vocab]); see :func:`heads_by_block` and :func:`heads_whole_model`."""
+
+
+def keeps_logits_selectively(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs: ``lm_head`` and any
+    post-processing, e.g. Gemma's final logit soft-capping, then run on the kept positions only)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def _head_replay(
+    model: nn.Module, blocks: nn.ModuleList, device: torch.device, wrapped: bool
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor], Head]]:
+    """``bind(ids, final)`` → a :data:`Head` for one chunk: a forward of the modules outside the blocks
+    (embeddings, final norm, head) with every block stubbed out, the last stub handing over ``final`` (the
+    last block's output for ``ids``, [batch, len, hidden]), and ``logits_to_keep`` selecting positions."""
+    last = len(blocks) - 1
+    current: list[torch.Tensor] = []
+    selective = keeps_logits_selectively(model)
+
+    def make_stub(index: int) -> Callable[..., Any]:
+        def stub(*args: Any, **kwargs: Any) -> Any:
+            state = current[0] if index == last else (args[0] if args else kwargs["hidden_states"])
+            return (state,) if wrapped else state
+
+        return stub
+
+    def bind(ids: torch.Tensor, final: torch.Tensor) -> Head:
+        full: list[torch.Tensor] = []  # without logits_to_keep: the full logits, computed once per chunk
+
+        def forward(**kwargs: Any) -> torch.Tensor:
+            current[:] = [final]
+            try:
+                return model(input_ids=ids, use_cache=False, **kwargs).logits
+            finally:
+                current.clear()
+
+        def head(positions: torch.Tensor | None) -> torch.Tensor:
+            if positions is None:
+                return forward()  # [batch, len, vocab]
+            if selective:
+                return forward(logits_to_keep=positions.to(device))  # [batch, kept, vocab]
+            if not full:
+                full.append(forward())
+            return full[0][:, positions.to(device)]
+
+        return head
+
+    with _stubbed_blocks(blocks, make_stub), _on_device(_outside(model, blocks), device), fast_linears(model):
+        yield bind
+
+
 @torch.no_grad()
-def logits_by_block(
+def heads_by_block(
     model: nn.Module,
     chunks: list[torch.Tensor],
     device: torch.device | str,
     *,
     on_block: Callable[[int, int], None] | None = None,
-) -> Generator[torch.Tensor, None, None]:
-    """The model's logits for each chunk of token ids [batch, len], one decoder block on ``device`` at a time.
+) -> Generator[Head, None, None]:
+    """A :data:`Head` per chunk of token ids [batch, len], computed one decoder block on ``device`` at a time.
 
     The same capture and replay as :func:`prune_model_` (so a model far larger than the device can be
     evaluated): block inputs are captured for every chunk, every block runs on all chunks in turn (hidden
-    states wait on the CPU between blocks), then one last forward per chunk runs the modules outside the
-    blocks (embeddings, final norm, head) with every block replaced by a stub: the last one hands over the
-    precomputed final hidden states. ``on_block(done, total)`` after each block. Yields [batch, len, vocab]
-    on ``device``, chunk by chunk.
+    states wait on the CPU between blocks), then each chunk's head replays the modules outside the blocks
+    (embeddings, final norm, head) with every block replaced by a stub: the last one hands over the
+    precomputed final hidden states. ``on_block(done, total)`` after each block. Each head is valid until
+    the generator advances; its logits are on ``device``.
     """
     compute = torch.device(device)
     _, blocks = find_decoder_blocks(model)
     store = torch.device("cpu")
+    if not keeps_logits_selectively(model):
+        log.warning(_NO_LOGITS_TO_KEEP, type(model).__name__)
     with _inference_mode(model):
         hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
         hidden = [h.to(store) for h in hidden]
@@ -624,18 +686,76 @@ def logits_by_block(
                     hidden[chunk] = out.to(store)  # [batch, len, hidden]
             if on_block:
                 on_block(index + 1, len(blocks))
-        last = len(blocks) - 1
-        current: list[torch.Tensor] = []
-
-        def make_stub(index: int) -> Callable[..., Any]:
-            def stub(*args: Any, **kwargs: Any) -> Any:
-                state = current[0] if index == last else (args[0] if args else kwargs["hidden_states"])
-                return (state,) if wrapped else state
-
-            return stub
-
-        with _stubbed_blocks(blocks, make_stub), _on_device(_outside(model, blocks), compute), fast_linears(model):
+        with _head_replay(model, blocks, compute, wrapped) as bind:
             for chunk, ids in enumerate(chunks):
-                current[:] = [hidden[chunk].to(compute)]
+                final = hidden[chunk].to(compute)
                 hidden[chunk] = torch.empty(0)  # done with it: free the CPU copy as we go
-                yield model(input_ids=ids.to(compute), use_cache=False).logits
+                yield bind(ids.to(compute), final)
+
+
+@torch.no_grad()
+def heads_whole_model(
+    model: nn.Module, chunks: list[torch.Tensor], device: torch.device | str
+) -> Generator[Head, None, None]:
+    """A :data:`Head` per chunk of token ids [batch, len] for a model that sits on ``device`` as a whole.
+
+    One ordinary forward per chunk with ``logits_to_keep`` empty (no logits at all) records the last block's
+    output; each head then replays only what follows the blocks, as :func:`heads_by_block` does. Without
+    ``logits_to_keep`` the head is the full forward's logits, sliced (a warning says so).
+    """
+    compute = torch.device(device)
+    _, blocks = find_decoder_blocks(model)
+    selective = keeps_logits_selectively(model)
+    with _inference_mode(model), fast_linears(model):
+        if not selective:
+            log.warning(_NO_LOGITS_TO_KEEP, type(model).__name__)
+            for chunk in chunks:
+                yield _full_logits_head(model(input_ids=chunk.to(compute), use_cache=False).logits)
+            return
+        for chunk in chunks:
+            ids = chunk.to(compute)
+            final, wrapped = _last_block_output(model, blocks[-1], ids)  # [batch, len, hidden]
+            with _head_replay(model, blocks, compute, wrapped) as bind:
+                yield bind(ids, final)
+
+
+def _full_logits_head(logits: torch.Tensor) -> Head:
+    """A :data:`Head` over logits already computed for every position ([batch, len, vocab])."""
+
+    def head(positions: torch.Tensor | None) -> torch.Tensor:
+        return logits if positions is None else logits[:, positions.to(logits.device)]
+
+    return head
+
+
+def _last_block_output(model: nn.Module, last: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The output hidden states of the model's last block for ``ids`` (a forward that computes no logits),
+    and whether the block returns them inside a tuple."""
+    outputs: list[Any] = []
+    handle = last.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
+    finally:
+        handle.remove()
+    if len(outputs) != 1:
+        raise RuntimeError(f"the last decoder block ran {len(outputs)} times in one forward; secateurs needs once")
+    out = outputs[0]
+    wrapped = isinstance(out, tuple | list)
+    return (out[0] if wrapped else out), wrapped
+
+
+def logits_by_block(
+    model: nn.Module,
+    chunks: list[torch.Tensor],
+    device: torch.device | str,
+    *,
+    on_block: Callable[[int, int], None] | None = None,
+) -> Generator[torch.Tensor, None, None]:
+    """The model's full logits [batch, len, vocab] for each chunk (see :func:`heads_by_block`); for callers
+    that need every position at once (evaluation does not: :mod:`secateurs.kernels.measure.perplexity`)."""
+    heads = heads_by_block(model, chunks, device, on_block=on_block)
+    try:
+        for head in heads:
+            yield head(None)
+    finally:
+        heads.close()
