@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.kernels.pruning.driver import Head, heads_by_block, heads_whole_model
+from secateurs.kernels.pruning.driver import BlockSource, Head, heads_by_block, heads_whole_model
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ def perplexity(
     by_block: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     slice_bytes: int = SLICE_BYTES,
+    source: BlockSource | None = None,
 ) -> Perplexity:
     """Perplexity of ``model`` on ``windows`` [count, seqlen] (see module docstring for the convention).
 
@@ -66,6 +67,7 @@ def perplexity(
     device. Either way the logits are never held for a whole batch: the final hidden states are computed once,
     then the head (final norm, ``lm_head``, any logit post-processing) and an fp32 cross-entropy run on slices
     of positions that take at most ~``slice_bytes`` each. ``on_batch(done, total)`` reports progress in windows.
+    ``source`` (by block only) materializes each block's weights while it runs (streamed weights).
     """
     target = torch.device(device) if device is not None else next(model.parameters()).device
     count, seqlen = windows.shape
@@ -82,7 +84,11 @@ def perplexity(
     was_training = model.training
     model.eval()
     inputs = [ids for ids, _labels in batches]
-    heads = heads_by_block(model, inputs, target) if by_block else heads_whole_model(model, inputs, target)
+    if source is not None and not by_block:
+        raise ValueError("streamed block weights (source) need by_block evaluation")
+    heads = (
+        heads_by_block(model, inputs, target, source=source) if by_block else heads_whole_model(model, inputs, target)
+    )
     try:
         done = 0
         for (ids, labels), head in zip(batches, heads, strict=True):

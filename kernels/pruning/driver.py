@@ -27,9 +27,9 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -123,6 +123,31 @@ class PruneResult:
     layers: tuple[LayerResult, ...]
     seconds: float
     calibration_tokens: int
+
+
+class BlockSource(Protocol):
+    """Where a decoder block's tensors live when they are not on the block (the I/O-free hook for streaming).
+
+    The driver enters ``weights(index, block)`` around everything it does with block ``index``: inside, the
+    block's parameters and buffers are real tensors (on the CPU); on exit they may be released again (e.g.
+    back to the meta device). While pruning, ``pruned(index, block)`` is called inside that context once the
+    block is pruned and back on the CPU, with what was done to its layers, before it is released (e.g. to write
+    its tensors out).
+    """
+
+    def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]: ...
+
+    def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None: ...
+
+
+class ResidentBlocks:
+    """The :class:`BlockSource` of a model whose blocks hold their weights all along (nothing to do)."""
+
+    def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None:
+        return None
 
 
 class _StopForward(Exception):
@@ -507,20 +532,24 @@ def _prune_without_calibration(
     per_block: list[list[PrunableLayer]],
     config: PruneConfig,
     device: torch.device,
+    *,
     on_block: Callable[[BlockProgress], None] | None,
+    source: BlockSource,
 ) -> list[LayerResult]:
     results: list[LayerResult] = []
     for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
         started = time.perf_counter()
-        with _on_device(list(block.modules()), device), torch.no_grad():
-            block_results = []
-            for layer in layers:
-                weight = layer.weight().to(torch.float32).clone()
-                magnitude_(weight, config.pattern)
-                layer.set_weight_(weight)
-                block_results.append(
-                    LayerResult(layer.name, (layer.out_features, layer.in_features), sparsity_of(weight), None)
-                )
+        with source.weights(index, block):
+            with _on_device(list(block.modules()), device), torch.no_grad():
+                block_results = []
+                for layer in layers:
+                    weight = layer.weight().to(torch.float32).clone()
+                    magnitude_(weight, config.pattern)
+                    layer.set_weight_(weight)
+                    block_results.append(
+                        LayerResult(layer.name, (layer.out_features, layer.in_features), sparsity_of(weight), None)
+                    )
+            source.pruned(index, block, tuple(block_results))
         results.extend(block_results)
         if on_block:
             on_block(BlockProgress(index, len(blocks), tuple(block_results), time.perf_counter() - started))
@@ -535,21 +564,24 @@ def prune_model_(
     *,
     device: torch.device | str | None = None,
     on_block: Callable[[BlockProgress], None] | None = None,
+    source: BlockSource | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, and return what was done to every layer.
 
     calibration: token ids [samples, seqlen] (None only for magnitude pruning). ``device`` is where each
     block is computed (default: where the model's parameters are); the model itself stays where it is.
-    ``on_block`` is called after every block with a :class:`BlockProgress`.
+    ``on_block`` is called after every block with a :class:`BlockProgress`. ``source`` materializes each
+    block's weights only while the driver works on it (:class:`BlockSource`; default: they are resident).
     """
     started = time.perf_counter()
+    source = source or ResidentBlocks()
     compute = torch.device(device) if device is not None else next(model.parameters()).device
     _, blocks, per_block = plan_layers(model, config)
     if calibration is None:
         if config.method != "magnitude":
             raise ValueError(f"{config.method} needs calibration tokens")
         with _inference_mode(model):
-            results = _prune_without_calibration(blocks, per_block, config, compute, on_block)
+            results = _prune_without_calibration(blocks, per_block, config, compute, on_block=on_block, source=source)
         return PruneResult(tuple(results), time.perf_counter() - started, 0)
     if calibration.ndim != 2:
         raise ValueError(f"calibration must be token ids [samples, seqlen], got shape {tuple(calibration.shape)}")
@@ -563,28 +595,30 @@ def prune_model_(
         for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
             block_started = time.perf_counter()
             precision = config.calibration_precision
-            with _on_device(list(block.modules()), compute), fast_linears(block):
-                block_calls = [call[index] for call in calls]  # captured on the compute device
-                dense_inputs: dict[str, torch.Tensor] = {}
-                if dense_hidden is not None:
-                    with _recording_inputs(layers, dense_inputs), _calibration_precision(compute, precision):
-                        dense_hidden = _run_block(block, dense_hidden, block_calls[0])
-                pruner = _BlockPruner(layers, config, dense_inputs)
-                if one_pass:
-                    with pruner.hooks(prune_on_first_call=True), _calibration_precision(compute, precision):
-                        hidden = [_run_block(block, hidden.pop(), block_calls[0])]
-                else:
-                    with pruner.hooks(prune_on_first_call=False):
-                        for h, call in zip(hidden, block_calls, strict=True):
+            with source.weights(index, block):
+                with _on_device(list(block.modules()), compute), fast_linears(block):
+                    block_calls = [call[index] for call in calls]  # captured on the compute device
+                    dense_inputs: dict[str, torch.Tensor] = {}
+                    if dense_hidden is not None:
+                        with _recording_inputs(layers, dense_inputs), _calibration_precision(compute, precision):
+                            dense_hidden = _run_block(block, dense_hidden, block_calls[0])
+                    pruner = _BlockPruner(layers, config, dense_inputs)
+                    if one_pass:
+                        with pruner.hooks(prune_on_first_call=True), _calibration_precision(compute, precision):
+                            hidden = [_run_block(block, hidden.pop(), block_calls[0])]
+                    else:
+                        with pruner.hooks(prune_on_first_call=False):
+                            for h, call in zip(hidden, block_calls, strict=True):
+                                with _calibration_precision(compute, precision):
+                                    _run_block(block, h, call)
+                        pruner.prune_remaining()
+                        for chunk, call in enumerate(block_calls):  # each chunk's input is replaced by its output
                             with _calibration_precision(compute, precision):
-                                _run_block(block, h, call)
-                    pruner.prune_remaining()
-                    for chunk, call in enumerate(block_calls):  # each chunk's input is replaced by its output
-                        with _calibration_precision(compute, precision):
-                            hidden[chunk] = _run_block(block, hidden[chunk], call)
-            block_results = pruner.results()
-            pruner.release()
-            dense_inputs.clear()
+                                hidden[chunk] = _run_block(block, hidden[chunk], call)
+                block_results = pruner.results()
+                pruner.release()
+                dense_inputs.clear()
+                source.pruned(index, block, tuple(block_results))
             results.extend(block_results)
             for result in block_results:
                 if result.error is not None and not math.isfinite(result.error):
@@ -660,6 +694,7 @@ def heads_by_block(
     device: torch.device | str,
     *,
     on_block: Callable[[int, int], None] | None = None,
+    source: BlockSource | None = None,
 ) -> Generator[Head, None, None]:
     """A :data:`Head` per chunk of token ids [batch, len], computed one decoder block on ``device`` at a time.
 
@@ -667,8 +702,9 @@ def heads_by_block(
     evaluated): block inputs are captured for every chunk, every block runs on all chunks in turn (hidden
     states wait on the CPU between blocks), then each chunk's head replays the modules outside the blocks
     (embeddings, final norm, head) with every block replaced by a stub: the last one hands over the
-    precomputed final hidden states. ``on_block(done, total)`` after each block. Each head is valid until
-    the generator advances; its logits are on ``device``.
+    precomputed final hidden states. ``on_block(done, total)`` after each block; ``source`` materializes
+    each block's weights only while it runs (:class:`BlockSource`). Each head is valid until the generator
+    advances; its logits are on ``device``.
     """
     compute = torch.device(device)
     _, blocks = find_decoder_blocks(model)
@@ -679,8 +715,9 @@ def heads_by_block(
         hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
         hidden = [h.to(store) for h in hidden]
         wrapped = False
+        source = source or ResidentBlocks()
         for index, block in enumerate(blocks):
-            with _on_device(list(block.modules()), compute), fast_linears(block):
+            with source.weights(index, block), _on_device(list(block.modules()), compute), fast_linears(block):
                 for chunk, call in enumerate(calls):
                     out, wrapped = _call_block(block, hidden[chunk].to(compute), call[index])
                     hidden[chunk] = out.to(store)  # [batch, len, hidden]
