@@ -73,6 +73,13 @@ class OutputExistsError(SecateursError):
     code = "output_exists"
 
 
+class StorageError(SecateursError):
+    """An output could not be written (a full disk, a read-only folder); nothing partial is left visible."""
+
+    status_code = 507
+    code = "storage_failed"
+
+
 class AssetError(SecateursError):
     """An offline asset could not be fetched or converted."""
 

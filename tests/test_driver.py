@@ -322,3 +322,67 @@ def test_an_error_during_evaluation_leaves_the_model_as_it_was(by_block: bool) -
     with pytest.raises(RuntimeError, match="stop"):
         perplexity(model, windows, batch_size=2, by_block=by_block, on_batch=stop)
     assert not any("forward" in m.__dict__ for m in model.modules())  # no stub, no fast_linears override
+
+
+def _reference_nll(model: nn.Module, windows: torch.Tensor, bos: int | None) -> tuple[float, int]:
+    """Summed NLL and predicted tokens from plain ``model(ids).logits`` (the full [batch, len, vocab])."""
+    if bos is not None:
+        ids = torch.cat([torch.full((windows.shape[0], 1), bos), windows], dim=1)
+        logits, labels = model(ids).logits[:, :-1], windows
+    else:
+        logits, labels = model(windows).logits[:, :-1], windows[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1), reduction="sum")
+    return float(nll), labels.numel()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("bos", [None, 1])
+@pytest.mark.parametrize("by_block", [False, True])
+def test_sliced_nll_equals_the_full_logits_reference(arch: str, bos: int | None, by_block: bool) -> None:
+    # Gemma 3 with final logit soft-capping: the head's post-processing must apply to every slice.
+    overrides = {"final_logit_softcapping": 5.0} if arch == "gemma3" else {}
+    model = tiny_model(arch, num_layers=2, **overrides)
+    windows = torch.randint(4, VOCAB, (5, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        nll, tokens = _reference_nll(model, windows, bos)
+    # 2 rows x 128 vocab x 12 bytes per position: slices of 5 positions, a short last slice included.
+    result = perplexity(model, windows, batch_size=2, bos_token_id=bos, by_block=by_block, slice_bytes=2 * 128 * 12 * 5)
+    assert result.predicted_tokens == tokens
+    assert result.nll == pytest.approx(nll / tokens, rel=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_evaluation_never_asks_for_the_logits_of_every_position() -> None:
+    model = tiny_model("llama")
+    windows = torch.randint(4, VOCAB, (4, 32), generator=torch.Generator().manual_seed(3))
+    widths: list[int] = []
+    handle = model.lm_head.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[1]))
+    try:
+        perplexity(model, windows, batch_size=4, slice_bytes=4 * 128 * 12 * 8)
+    finally:
+        handle.remove()
+    assert max(widths) <= 8 and sum(widths) == 31  # 31 predicted positions per window, in slices of <= 8
+
+
+class _NoLogitsToKeep(nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (evaluation falls back to full logits)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> Any:
+        return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("by_block", [False, True])
+def test_a_model_without_logits_to_keep_is_evaluated_on_full_logits(
+    by_block: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    inner = tiny_model("llama")
+    windows = torch.randint(4, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        nll, tokens = _reference_nll(inner, windows, None)
+    result = perplexity(_NoLogitsToKeep(inner), windows, batch_size=2, by_block=by_block, slice_bytes=2 * 128 * 12 * 4)
+    assert result.nll == pytest.approx(nll / tokens, rel=1e-5)
+    assert "no logits_to_keep" in caplog.text

@@ -41,6 +41,7 @@ from secateurs.kernels.sparse.packing import (
 )
 from secateurs.workers.cpu_kernel import configure_cpu_kernel  # registers the CPU kernel with PackedLinear
 from secateurs.workers.storage import atomic_output_dir
+from secateurs.workers.tensorfile import TensorWriter
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,152 @@ def write_packed(checkpoint: Path, dest: Path, targets: Mapping[str, bool], n: i
             shutil.copy2(path, dest / path.name)
             extra[path.name] = _sha256_file(path)
     checkpoint_packed = sum(t.numel() * t.element_size() for t in out.values())
-    manifest = {
+    manifest = _manifest(n, m, dtypes=dtypes, files=files, extra=extra, records=records, layers=layers)
+    manifest["totals"].update(checkpoint_dense_bytes=checkpoint_dense, checkpoint_packed_bytes=checkpoint_packed)
+    (dest / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return PackSummary(
+        folder=dest,
+        pattern=f"{n}:{m}",
+        index_bits=index_bits(m),
+        dtypes=tuple(sorted(dtypes)),
+        layers=tuple(layers),
+        checkpoint_dense_bytes=checkpoint_dense,
+        checkpoint_packed_bytes=checkpoint_packed,
+        file_bytes=(dest / PACKED_FILE).stat().st_size,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def packed_shapes(shape: tuple[int, int], n: int, m: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of ``::values`` and ``::indices`` for an [out, in] weight (:func:`pack_nm`'s layout)."""
+    out, inp = shape
+    kept = inp // m * n
+    return (out, kept), (out, -(-kept * index_bits(m) // 8))
+
+
+class PackedStream:
+    """``packed/`` written while the checkpoint is: every tensor of ``plan`` (``[(name, dtype, shape)]``, in the
+    order :meth:`add` will deliver them) goes straight into the packed file, the weights named in
+    ``targets`` (name → stored transposed) packed on the way; the manifest is written by :meth:`finish`.
+
+    The same folder :func:`write_packed` makes from a finished checkpoint, without ever holding more than the
+    tensors of one shard. A weight that turns out not N:M (or a target left dense) raises
+    :class:`~secateurs.kernels.sparse.packing.PackingError`; the caller then drops the folder.
+    """
+
+    def __init__(
+        self,
+        dest: Path,
+        plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        targets: Mapping[str, bool],
+        n: int,
+        m: int,
+    ) -> None:
+        self.started = time.perf_counter()
+        index_bits(m)  # refuses M outside the format before any work
+        self.dest, self.targets, self.n, self.m = dest, dict(targets), n, m
+        packed_plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name, dtype, shape in plan:
+            if name in targets:
+                weight_shape = (shape[1], shape[0]) if targets[name] else (shape[0], shape[1])
+                values, indices = packed_shapes(weight_shape, n, m)
+                packed_plan += [(name + VALUES, dtype, values), (name + INDICES, torch.uint8, indices)]
+            elif name.endswith((VALUES, INDICES)):
+                raise ModelSourceError(f"the checkpoint has a tensor named {name!r}, reserved by the packed format")
+            else:
+                packed_plan.append((name, dtype, shape))
+        missing = sorted(set(targets) - {name for name, _, _ in plan})
+        if missing:
+            raise ModelSourceError(f"the checkpoint has no tensor named {missing[0]}")
+        dest.mkdir(parents=True)
+        self._writer = TensorWriter(dest / PACKED_FILE, packed_plan, metadata={"format": FORMAT})
+        self.records: dict[str, dict[str, Any]] = {}
+        self.files: list[dict[str, Any]] = []
+        self.layers: list[PackedLayerSize] = []
+        self.dtypes: set[str] = set()
+        self.dense_bytes = 0
+        self.packed_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor, file: str) -> None:
+        """The next tensor of the plan, stored in source file ``file``."""
+        nbytes = tensor.numel() * tensor.element_size()
+        record: dict[str, Any] = {
+            "file": file,
+            "shape": list(tensor.shape),
+            "dtype": _dtype_name(tensor.dtype),
+            "sha256": tensor_sha256(tensor),
+            "bytes": nbytes,
+            "packed": name in self.targets,
+        }
+        if name in self.targets:
+            transposed = self.targets[name]
+            packed = pack_nm(tensor.T if transposed else tensor, self.n, self.m, name=name)  # [out, in]
+            self._writer.write(name + VALUES, packed.values)
+            self._writer.write(name + INDICES, packed.indices)
+            self.packed_bytes += packed.values.numel() * packed.values.element_size() + packed.indices.numel()
+            self.layers.append(PackedLayerSize(name, packed.shape, packed.dense_nbytes, packed.nbytes))
+            self.dtypes.add(record["dtype"])
+            record.update(
+                transposed=transposed,
+                values_shape=list(packed.values.shape),
+                indices_shape=list(packed.indices.shape),
+                packed_bytes=packed.nbytes,
+            )
+        else:
+            self._writer.write(name, tensor)
+            self.packed_bytes += nbytes
+        self.dense_bytes += nbytes
+        self.records[name] = record
+
+    def file_done(self, path: Path, metadata: dict[str, str], names: list[str]) -> None:
+        """A source file is complete: its path, safetensors metadata and tensors (listed sorted, as
+        :func:`write_packed` lists a file's tensors)."""
+        self.files.append(
+            {"name": path.name, "sha256": _sha256_file(path), "metadata": metadata, "tensors": sorted(names)}
+        )
+
+    def abort(self) -> None:
+        self._writer.abort()
+        shutil.rmtree(self.dest, ignore_errors=True)
+
+    def finish(self, checkpoint: Path) -> PackSummary:
+        """Close the packed file, copy ``checkpoint``'s other files (config, tokenizer), write the manifest."""
+        self._writer.close()
+        extra: dict[str, str] = {}
+        for path in sorted(checkpoint.iterdir()):
+            if path.is_file() and path.suffix != ".safetensors" and path.name not in _NOT_COPIED:
+                shutil.copy2(path, self.dest / path.name)
+                extra[path.name] = _sha256_file(path)
+        n, m = self.n, self.m
+        manifest = _manifest(
+            n, m, dtypes=self.dtypes, files=self.files, extra=extra, records=self.records, layers=self.layers
+        )
+        manifest["totals"].update(checkpoint_dense_bytes=self.dense_bytes, checkpoint_packed_bytes=self.packed_bytes)
+        (self.dest / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        return PackSummary(
+            folder=self.dest,
+            pattern=f"{n}:{m}",
+            index_bits=index_bits(m),
+            dtypes=tuple(sorted(self.dtypes)),
+            layers=tuple(self.layers),
+            checkpoint_dense_bytes=self.dense_bytes,
+            checkpoint_packed_bytes=self.packed_bytes,
+            file_bytes=(self.dest / PACKED_FILE).stat().st_size,
+            seconds=time.perf_counter() - self.started,
+        )
+
+
+def _manifest(
+    n: int,
+    m: int,
+    *,
+    dtypes: set[str],
+    files: list[dict[str, Any]],
+    extra: dict[str, str],
+    records: dict[str, dict[str, Any]],
+    layers: list[PackedLayerSize],
+) -> dict[str, Any]:
+    return {
         "format": FORMAT,
         "pattern": f"{n}:{m}",
         "n": n,
@@ -208,22 +354,8 @@ def write_packed(checkpoint: Path, dest: Path, targets: Mapping[str, bool], n: i
             "packed_layers": len(layers),
             "packed_layers_dense_bytes": sum(s.dense_bytes for s in layers),
             "packed_layers_bytes": sum(s.packed_bytes for s in layers),
-            "checkpoint_dense_bytes": checkpoint_dense,
-            "checkpoint_packed_bytes": checkpoint_packed,
         },
     }
-    (dest / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return PackSummary(
-        folder=dest,
-        pattern=f"{n}:{m}",
-        index_bits=index_bits(m),
-        dtypes=tuple(sorted(dtypes)),
-        layers=tuple(layers),
-        checkpoint_dense_bytes=checkpoint_dense,
-        checkpoint_packed_bytes=checkpoint_packed,
-        file_bytes=(dest / PACKED_FILE).stat().st_size,
-        seconds=time.perf_counter() - started,
-    )
 
 
 # --- Reading ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ act on leaves as an :class:`secateurs.app.errors.SecateursError`; the output fol
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -22,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from secateurs.app.errors import (
     DataSourceError,
@@ -54,17 +54,32 @@ from secateurs.app.sources import check_model_folder
 from secateurs.kernels.errors import FactorizationError, PatternError
 from secateurs.kernels.matmul import cpu_gemm_backend
 from secateurs.kernels.measure.perplexity import Perplexity, eval_windows, perplexity
+from secateurs.kernels.measure.speed import sparse_paths
 from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
 from secateurs.kernels.pruning.discovery import PrunableLayer
-from secateurs.kernels.pruning.driver import BlockProgress, LayerResult, PruneConfig, plan_layers, prune_model_
+from secateurs.kernels.pruning.driver import (
+    BlockProgress,
+    BlockSource,
+    LayerResult,
+    PruneConfig,
+    plan_layers,
+    prune_model_,
+)
 from secateurs.kernels.sparse.packing import MAX_M
 from secateurs.workers.allocator import Heap, heap_allocations
 from secateurs.workers.data import LoadedText, calibration_windows, read_text, tokenize
 from secateurs.workers.dense_cache import DenseCache, cached_dense_perplexity
 from secateurs.workers.packed import FORMAT as PACKED_FORMAT
-from secateurs.workers.packed import PACKED_DIR, write_packed
-from secateurs.workers.speed import decode_speedup, not_measured, run_speed_step, speed_enabled
+from secateurs.workers.packed import PACKED_DIR, PackedStream, PackSummary
+from secateurs.workers.speed import (
+    decode_speedup,
+    default_settings,
+    not_measured,
+    run_speed_step,
+    speed_enabled,
+)
 from secateurs.workers.storage import atomic_output_dir, check_output_dir
+from secateurs.workers.streaming import CheckpointWriter, PrunedBlocks, StreamedModel, plan_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +188,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, Path]:
-    """Model (on CPU, eval mode), tokenizer and the folder they came from."""
+def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[StreamedModel, Any, Path]:
+    """The model with streamed weights (:class:`secateurs.workers.streaming.StreamedModel`: built on the meta
+    device, non-block tensors loaded, each block read when the driver reaches it), tokenizer, and the folder."""
     folder = _model_folder(spec)
     _check_folder(folder)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
@@ -187,16 +203,13 @@ def load_model(spec: JobSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, Any,
             hint="save the tokenizer into the model folder (tokenizer.save_pretrained(dir))",
         ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=False, use_safetensors=True, low_cpu_mem_usage=True
-        )
+        streamed = StreamedModel(folder, dtype)
     except _LOAD_ERRORS as exc:
         raise ModelSourceError(
             f"transformers could not load {folder}: {_first_line(exc)}",
             hint="check that the folder is a complete Hugging Face checkpoint whose weights match config.json",
         ) from None
-    model.eval()
-    return model, tokenizer, folder
+    return streamed, tokenizer, folder
 
 
 def _bos_id(spec: JobSpec, tokenizer: Any) -> int | None:
@@ -305,26 +318,28 @@ def _evaluate(
     emit: ProgressCallback,
     stage: Stage,
     label: str,
+    source: BlockSource,
 ) -> tuple[Perplexity | None, float | None]:
     """Perplexity and the seconds it took, announced as ``stage``; ``(None, None)`` without evaluation text.
 
-    The whole model visits ``device`` when it fits there with room for the activations; otherwise one decoder
-    block at a time does (the same numbers, as pruning does it).
+    One decoder block at a time is read from ``source`` (the source checkpoint, or the pruned one being
+    written) and visits ``device``; the logits are computed in slices (:mod:`secateurs.kernels.measure.perplexity`).
     """
     if windows is None:
         return None, None
-    whole = _fits_whole(model, device)
-    how = "" if whole else ", one block at a time on the device"
-    emit(ProgressEvent(stage=stage, message=f"{label} perplexity on {windows.shape[0]} windows{how}"))
+    emit(ProgressEvent(stage=stage, message=f"{label} perplexity on {windows.shape[0]} windows, one block at a time"))
     started = time.perf_counter()
-    if whole:
-        model.to(device)
     try:
         result = perplexity(
-            model, windows, batch_size=spec.eval_batch_size, bos_token_id=bos, device=device, by_block=not whole
+            model,
+            windows,
+            batch_size=spec.eval_batch_size,
+            bos_token_id=bos,
+            device=device,
+            by_block=True,
+            source=source,
         )
     finally:
-        model.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     seconds = time.perf_counter() - started
@@ -332,28 +347,65 @@ def _evaluate(
     return result, seconds
 
 
-def _fits_whole(model: nn.Module, device: torch.device, *, share: float = 0.6) -> bool:
-    """Whether the model's weights take less than ``share`` of the device's free memory (always on CPU)."""
-    if device.type != "cuda":
-        return True
-    free, _total = torch.cuda.mem_get_info(device)
-    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return size < share * free
+# The pruned model is loaded whole for the speed step (end to end decode needs it) only when it takes at most
+# this share of the memory available; otherwise one layer per distinct shape is (per-layer figures only).
+_SPEED_WHOLE_SHARE = 0.25
+
+
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 when unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _speed_subject(folder: Path, streamed: StreamedModel, names: list[str]) -> tuple[nn.Module, list[str], bool]:
+    """What the speed step measures, loaded from the pruned checkpoint just written in ``folder``: the whole
+    model when it is small next to the memory available (then end to end too), else one real pruned layer per
+    distinct shape (per-layer figures only). Returns (module, layer names inside it, whole)."""
+    size = sum(t.numel() * t.element_size() for t in streamed.model.state_dict().values())
+    if size <= _SPEED_WHOLE_SHARE * _available_memory():
+        from transformers import AutoModelForCausalLM
+
+        whole = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=streamed.dtype, trust_remote_code=False, use_safetensors=True, low_cpu_mem_usage=True
+        )
+        return whole.eval(), names, True
+    modules = dict(streamed.model.named_modules())
+    layers = nn.ModuleDict()
+    seen: set[tuple[int, int]] = set()
+    for name in names:
+        layer = PrunableLayer(name, modules[name])
+        shape = (layer.out_features, layer.in_features)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        weight = streamed.files.get(streamed.stored_name(f"{name}.weight")).to(streamed.dtype)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta", dtype=streamed.dtype)
+        linear.weight = nn.Parameter(weight.T.contiguous() if layer.transposed else weight, requires_grad=False)
+        layers[str(len(layers))] = linear
+    return layers, list(layers.keys()), False
 
 
 def _measure_speed(
-    model: nn.Module,
+    folder: Path,
+    streamed: StreamedModel,
     layers: list[LayerResult],
     pattern: SparsityPattern,
     spec: JobSpec,
-    device: torch.device,
     *,
+    device: torch.device,
     emit: ProgressCallback,
     should_stop: Callable[[], bool] | None,
 ) -> tuple[SpeedReport | None, DecodeSpeedup]:
     """The speed section (:mod:`secateurs.workers.speed`) and the decode speedup the report leads with; without a
-    measurement, ``(None, why not)``."""
-    dtype = next(model.parameters()).dtype
+    measurement, ``(None, why not)``. The pruned layers are read back from ``folder`` (:func:`_speed_subject`)."""
+    dtype = streamed.dtype
     if not speed_enabled(spec, device):
         reason = "turned off for this job (measure_speed=false, --no-measure-speed)"
         return None, not_measured(reason, device, dtype)
@@ -366,9 +418,12 @@ def _measure_speed(
         if should_stop is not None and should_stop():
             raise JobCancelled("cancelled while measuring speed")
 
-    names = [r.name for r in layers if not r.skipped]
     try:
-        report = run_speed_step(model, names, pattern, device, on_point=on_point)
+        subject, names, whole = _speed_subject(folder, streamed, [r.name for r in layers if not r.skipped])
+        settings = None
+        if not whole:
+            settings = dataclasses.replace(default_settings(device, dtype, sparse_paths()), end_to_end=False)
+        report = run_speed_step(subject, names, pattern, device, on_point=on_point, settings=settings)
     except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:  # the pruned model is still good
         log.exception("the speed step failed")
         return None, not_measured(f"the speed step failed: {type(exc).__name__}: {_first_line(exc)}", device, dtype)
@@ -378,20 +433,29 @@ def _measure_speed(
     return report, decode
 
 
-def _write_packed(
-    model: nn.Module, folder: Path, layers: list[LayerResult], pattern: SparsityPattern, verified: bool
-) -> PackedReport:
-    """Write ``folder/packed/`` (:mod:`secateurs.workers.packed`) for N:M patterns; say why not otherwise."""
+def _packing_plan(
+    streamed: StreamedModel,
+    per_block: list[list[PrunableLayer]],
+    pattern: SparsityPattern,
+    folder: Path,
+    plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+) -> tuple[PackedStream | None, str | None]:
+    """The packed copy to write beside the checkpoint (:class:`secateurs.workers.packed.PackedStream`), or why
+    there is none."""
     if not pattern.is_nm:
-        return PackedReport(written=False, reason=f"pattern {pattern} is unstructured: packing stores N:M only")
+        return None, f"pattern {pattern} is unstructured: packing stores N:M only"
     assert pattern.n is not None and pattern.m is not None
     if pattern.m > MAX_M:
-        return PackedReport(written=False, reason=f"the packed format stores N:M with M <= {MAX_M}, not {pattern}")
-    if not verified:
-        return PackedReport(written=False, reason="the saved weights do not satisfy the pattern (not verified)")
-    modules = dict(model.named_modules())
-    targets = {f"{r.name}.weight": PrunableLayer(r.name, modules[r.name]).transposed for r in layers if not r.skipped}
-    summary = write_packed(folder, folder / PACKED_DIR, targets, pattern.n, pattern.m)
+        return None, f"the packed format stores N:M with M <= {MAX_M}, not {pattern}"
+    targets = {
+        streamed.stored_name(f"{layer.name}.weight"): layer.transposed for layers in per_block for layer in layers
+    }
+    return PackedStream(folder / PACKED_DIR, plan, targets, pattern.n, pattern.m), None
+
+
+def _packed_report(summary: PackSummary | None, reason: str | None) -> PackedReport:
+    if summary is None:
+        return PackedReport(written=False, reason=reason)
     return PackedReport(
         written=True,
         path=PACKED_DIR,
@@ -488,8 +552,48 @@ def _run(
     )
 
     emit(ProgressEvent(stage=Stage.LOAD, message=f"loading {spec.model}"))
-    model, tokenizer, folder = load_model(spec, dtype)
-    _, blocks, _ = plan_layers(model, config)  # shape errors surface here, before any heavy work
+    streamed, tokenizer, folder = load_model(spec, dtype)
+    try:
+        return _run_streamed(
+            spec,
+            emit=emit,
+            output_dir=output_dir,
+            overwrite=overwrite,
+            streamed=streamed,
+            tokenizer=tokenizer,
+            config=config,
+            should_stop=should_stop,
+            heap=heap,
+            clock=clock,
+            folder=folder,
+            cache=cache,
+            job_id=job_id,
+        )
+    finally:
+        streamed.close()
+
+
+def _run_streamed(
+    spec: JobSpec,
+    *,
+    emit: ProgressCallback,
+    output_dir: Path,
+    overwrite: bool,
+    streamed: StreamedModel,
+    tokenizer: Any,
+    config: PruneConfig,
+    should_stop: Callable[[], bool] | None,
+    heap: Heap,
+    clock: _Clock,
+    folder: Path,
+    cache: DenseCache | None,
+    job_id: str | None,
+) -> Report:
+    device = resolve_device(spec.device)
+    dtype = streamed.dtype
+    pattern = config.pattern
+    model = streamed.model
+    _, blocks, per_block = plan_layers(model, config)  # shape errors surface here, before any heavy work
     load_seconds = clock.since()
     bos = _bos_id(spec, tokenizer)
 
@@ -522,7 +626,9 @@ def _run(
 
     dense, eval_dense_seconds, dense_hit = cached_dense_perplexity(
         cache,
-        lambda: _evaluate(model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_DENSE, label="dense"),
+        lambda: _evaluate(
+            model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_DENSE, label="dense", source=streamed
+        ),
         model_folder=folder,
         text_sha256=eval_text.sha256 if eval_text else None,
         windows=windows,
@@ -558,95 +664,106 @@ def _run(
         if should_stop is not None and should_stop():
             raise JobCancelled(f"cancelled after block {progress.index + 1} of {progress.total}")
 
-    result = prune_model_(model, calibration, config, device=device, on_block=on_block)
-    prune_seconds = result.seconds
-    layers = list(result.layers)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    pruned, eval_pruned_seconds = _evaluate(
-        model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_PRUNED, label="pruned"
-    )
-    speed, decode = _measure_speed(model, layers, pattern, spec, device, emit=emit, should_stop=should_stop)
-
-    emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
-    save_started = time.perf_counter()
-    verified = _verify(model, layers, pattern)
-    done = [r for r in layers if not r.skipped]
-    pruned_weights = sum(r.shape[0] * r.shape[1] for r in done)
-    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in done)
-    total_params = sum(p.numel() for p in model.parameters())
-    protocol = None
-    if dense is not None and eval_text is not None:
-        protocol = PerplexityProtocol(
-            text=eval_text.source,
-            text_sha256=eval_text.sha256,
-            text_tokens=eval_tokens,
-            window=dense.seqlen,
-            windows=dense.windows,
-            predicted_tokens=dense.predicted_tokens,
-            bos=dense.bos,
-            batch_size=spec.eval_batch_size,
-        )
-    config_obj = getattr(model, "config", None)
-    report_args: dict[str, Any] = {
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "spec": spec,
-        "model": ModelInfo(
-            source=spec.model,
-            revision=spec.revision,
-            architecture=type(model).__name__,
-            model_type=str(getattr(config_obj, "model_type", "unknown")),
-            parameters=total_params,
-            decoder_blocks=len(blocks),
-            dtype=str(dtype).removeprefix("torch."),
-        ),
-        "perplexity": PerplexityReport(
-            dense=dense.value if dense else None,
-            pruned=pruned.value if pruned else None,
-            protocol=protocol,
-            dense_cached=dense_hit,
-        ),
-        "sparsity": SparsityReport(
-            pattern=str(pattern),
-            method=spec.method,
-            verified=verified,
-            layers_pruned=len(done),
-            layers_skipped=len(layers) - len(done),
-            pruned_fraction=zeros / pruned_weights if pruned_weights else 0.0,
-            model_fraction=zeros / total_params if total_params else 0.0,
-        ),
-        "layers": [_layer_report(r) for r in layers],
-        "calibration": CalibrationReport(
-            source=calib_text.source if calib_text else None,
-            sha256=calib_text.sha256 if calib_text else None,
-            samples=int(calibration.shape[0]) if calibration is not None else 0,
-            seqlen=int(calibration.shape[1]) if calibration is not None else 0,
-            seed=spec.seed,
-            text_tokens=calib_tokens,
-            bos=bos is not None and calibration is not None,
-            batch_size=spec.calibration_batch_size,
-            precision=spec.calibration_precision,
-        ),
-        "environment": _environment(device),
-    }
+    # Everything is written into a fresh temporary folder of this attempt (atomic_output_dir): the checkpoint
+    # block by block as the driver prunes, then the pruned evaluation reads its blocks back from there.
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        plan = plan_checkpoint(streamed)
+        packed, packed_reason = _packing_plan(streamed, per_block, pattern, tmp, plan)
+        writer = CheckpointWriter(tmp, plan)
+        sink = PrunedBlocks(streamed, writer, check=lambda layers: _verify(model, list(layers), pattern), packed=packed)
+        sink.write(streamed.outside_tensors())
+        result = prune_model_(model, calibration, config, device=device, on_block=on_block, source=sink)
+        writer.finish()
+        prune_seconds = result.seconds
+        layers = list(result.layers)
+        verified = sink.verified
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        save_started = time.perf_counter()
+        streamed.save_config(tmp)
         tokenizer.save_pretrained(tmp)
-        packed = _write_packed(model, tmp, layers, pattern, verified)
+        summary = sink.packed.finish(tmp) if sink.packed is not None else None
+        packed_report = _packed_report(summary, sink.packing_failed or packed_reason)
         save_seconds = time.perf_counter() - save_started
+
+        streamed.read_from(tmp)
+        pruned, eval_pruned_seconds = _evaluate(
+            model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_PRUNED, label="pruned", source=streamed
+        )
+        speed, decode = _measure_speed(
+            tmp, streamed, layers, pattern, spec, device=device, emit=emit, should_stop=should_stop
+        )
+
+        emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
+        report_started = time.perf_counter()
+        done = [r for r in layers if not r.skipped]
+        pruned_weights = sum(r.shape[0] * r.shape[1] for r in done)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in done)
+        total_params = sum(p.numel() for p in model.parameters())
+        protocol = None
+        if dense is not None and eval_text is not None:
+            protocol = PerplexityProtocol(
+                text=eval_text.source,
+                text_sha256=eval_text.sha256,
+                text_tokens=eval_tokens,
+                window=dense.seqlen,
+                windows=dense.windows,
+                predicted_tokens=dense.predicted_tokens,
+                bos=dense.bos,
+                batch_size=spec.eval_batch_size,
+            )
+        config_obj = getattr(model, "config", None)
         report = Report(
-            **report_args,
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            spec=spec,
+            model=ModelInfo(
+                source=spec.model,
+                revision=spec.revision,
+                architecture=type(model).__name__,
+                model_type=str(getattr(config_obj, "model_type", "unknown")),
+                parameters=total_params,
+                decoder_blocks=len(blocks),
+                dtype=str(dtype).removeprefix("torch."),
+            ),
+            perplexity=PerplexityReport(
+                dense=dense.value if dense else None,
+                pruned=pruned.value if pruned else None,
+                protocol=protocol,
+                dense_cached=dense_hit,
+            ),
+            sparsity=SparsityReport(
+                pattern=str(pattern),
+                method=spec.method,
+                verified=verified,
+                layers_pruned=len(done),
+                layers_skipped=len(layers) - len(done),
+                pruned_fraction=zeros / pruned_weights if pruned_weights else 0.0,
+                model_fraction=zeros / total_params if total_params else 0.0,
+            ),
+            layers=[_layer_report(r) for r in layers],
+            calibration=CalibrationReport(
+                source=calib_text.source if calib_text else None,
+                sha256=calib_text.sha256 if calib_text else None,
+                samples=int(calibration.shape[0]) if calibration is not None else 0,
+                seqlen=int(calibration.shape[1]) if calibration is not None else 0,
+                seed=spec.seed,
+                text_tokens=calib_tokens,
+                bos=bos is not None and calibration is not None,
+                batch_size=spec.calibration_batch_size,
+                precision=spec.calibration_precision,
+            ),
+            environment=_environment(device),
             timings=Timings(
                 load_seconds=load_seconds,
                 data_seconds=data_seconds,
                 eval_dense_seconds=eval_dense_seconds,
                 prune_seconds=prune_seconds,
                 eval_pruned_seconds=eval_pruned_seconds,
-                save_seconds=save_seconds,
+                save_seconds=save_seconds + time.perf_counter() - report_started,
                 total_seconds=clock.since(),
             ),
-            packed=packed,
+            packed=packed_report,
             speed=speed,
             decode=decode,
         )

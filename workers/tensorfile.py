@@ -1,4 +1,5 @@
-"""Read single tensors out of a safetensors file into plain process memory, one at a time.
+"""Read single tensors out of a safetensors file into plain process memory, one at a time; write one a tensor at
+a time (:class:`TensorWriter`).
 
 ``safetensors.safe_open`` memory-maps the whole file: every page a read touches stays resident (and counted in
 the process's RSS) until the file is closed, so reading a whole checkpoint through it holds the file's bytes
@@ -11,6 +12,8 @@ then the data, offsets relative to its start.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import math
@@ -21,7 +24,7 @@ from typing import Any, Self
 
 import torch
 
-from secateurs.app.errors import ModelSourceError
+from secateurs.app.errors import ModelSourceError, StorageError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -131,3 +134,117 @@ class TensorFile:
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
+
+
+NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    """A :class:`StorageError` naming the file a write failed on, and what to do about it."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "the disk is full" if full else (exc.strerror or type(exc).__name__)
+    return StorageError(
+        f"could not write {path}: {reason}",
+        hint="free disk space where the output goes, or choose another --output"
+        if full
+        else "check that the output folder is writable",
+    )
+
+
+# The reference writer (safetensors ``serialize``) lays tensors out by descending dtype, then by name; this is its
+# dtype order (checked against safetensors 0.8 ``save_file``), so files written here are byte-identical to it.
+_LAYOUT_RANK = {
+    name: rank
+    for rank, name in enumerate(
+        ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+    )
+}
+
+
+class TensorWriter:
+    """A safetensors file written one tensor at a time, in any order: ``plan`` (``[(name, dtype, shape)]``) fixes
+    the header up front, laid out as the reference writer does (descending dtype, then name; the header padded
+    with spaces to 8 bytes), and :meth:`write` puts each tensor at its offset. So the file is byte-identical to
+    ``safetensors.torch.save_file`` of the same tensors while memory stays at one tensor.
+
+    Every ``OSError`` becomes a :class:`StorageError` naming the file. :meth:`close` checks that every planned
+    tensor was written.
+    """
+
+    def __init__(
+        self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ) -> None:
+        self.path = path
+        layout = sorted(plan, key=lambda entry: (-_LAYOUT_RANK[NAMES[entry[1]]], entry[0]))
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        self._slots: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name, dtype, shape in layout:
+            if name in self._slots:
+                raise ValueError(f"{path}: tensor {name} is planned twice")
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._slots[name] = (offset, dtype, tuple(shape))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer does
+        self._data_start = 8 + len(raw)
+        self._written: set[str] = set()
+        try:
+            self._stream: io.BufferedWriter = path.open("wb")
+        except OSError as exc:
+            raise storage_error(path, exc) from None
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        try:
+            self._stream.write(data)
+        except OSError as exc:
+            self.abort()
+            raise storage_error(self.path, exc) from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (its dtype and shape must be the plan's)."""
+        if name not in self._slots or name in self._written:
+            raise ValueError(f"{self.path}: {name} is {'written already' if name in self._written else 'not planned'}")
+        offset, dtype, shape = self._slots[name]
+        if (dtype, shape) != (tensor.dtype, tuple(tensor.shape)):
+            raise ValueError(
+                f"{self.path}: {name} is planned as {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        self._written.add(name)
+        if tensor.numel():
+            try:
+                self._stream.seek(self._data_start + offset)
+            except OSError as exc:
+                self.abort()
+                raise storage_error(self.path, exc) from None
+            self._write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        """Finish the file (every planned tensor written, else ``ValueError``)."""
+        missing = [name for name in self._slots if name not in self._written]
+        if missing:
+            self.abort()
+            raise ValueError(f"{self.path}: closed before {missing[0]} (and {len(missing) - 1} more) was written")
+        try:
+            self._stream.close()
+        except OSError as exc:
+            raise storage_error(self.path, exc) from None
+
+    def abort(self) -> None:
+        """Close without the completeness check (the caller removes the partial file's folder)."""
+        with contextlib.suppress(OSError):
+            self._stream.close()
+
+
+def write_tensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file (the layout of ``safetensors.torch.save_file``)."""
+    writer = TensorWriter(path, [(name, t.dtype, tuple(t.shape)) for name, t in tensors], metadata)
+    try:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()

@@ -21,14 +21,15 @@ device, only one block and its activations. This driver is generic over architec
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -122,6 +123,31 @@ class PruneResult:
     layers: tuple[LayerResult, ...]
     seconds: float
     calibration_tokens: int
+
+
+class BlockSource(Protocol):
+    """Where a decoder block's tensors live when they are not on the block (the I/O-free hook for streaming).
+
+    The driver enters ``weights(index, block)`` around everything it does with block ``index``: inside, the
+    block's parameters and buffers are real tensors (on the CPU); on exit they may be released again (e.g.
+    back to the meta device). While pruning, ``pruned(index, block)`` is called inside that context once the
+    block is pruned and back on the CPU, with what was done to its layers, before it is released (e.g. to write
+    its tensors out).
+    """
+
+    def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]: ...
+
+    def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None: ...
+
+
+class ResidentBlocks:
+    """The :class:`BlockSource` of a model whose blocks hold their weights all along (nothing to do)."""
+
+    def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None:
+        return None
 
 
 class _StopForward(Exception):
@@ -506,20 +532,24 @@ def _prune_without_calibration(
     per_block: list[list[PrunableLayer]],
     config: PruneConfig,
     device: torch.device,
+    *,
     on_block: Callable[[BlockProgress], None] | None,
+    source: BlockSource,
 ) -> list[LayerResult]:
     results: list[LayerResult] = []
     for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
         started = time.perf_counter()
-        with _on_device(list(block.modules()), device), torch.no_grad():
-            block_results = []
-            for layer in layers:
-                weight = layer.weight().to(torch.float32).clone()
-                magnitude_(weight, config.pattern)
-                layer.set_weight_(weight)
-                block_results.append(
-                    LayerResult(layer.name, (layer.out_features, layer.in_features), sparsity_of(weight), None)
-                )
+        with source.weights(index, block):
+            with _on_device(list(block.modules()), device), torch.no_grad():
+                block_results = []
+                for layer in layers:
+                    weight = layer.weight().to(torch.float32).clone()
+                    magnitude_(weight, config.pattern)
+                    layer.set_weight_(weight)
+                    block_results.append(
+                        LayerResult(layer.name, (layer.out_features, layer.in_features), sparsity_of(weight), None)
+                    )
+            source.pruned(index, block, tuple(block_results))
         results.extend(block_results)
         if on_block:
             on_block(BlockProgress(index, len(blocks), tuple(block_results), time.perf_counter() - started))
@@ -534,21 +564,24 @@ def prune_model_(
     *,
     device: torch.device | str | None = None,
     on_block: Callable[[BlockProgress], None] | None = None,
+    source: BlockSource | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, and return what was done to every layer.
 
     calibration: token ids [samples, seqlen] (None only for magnitude pruning). ``device`` is where each
     block is computed (default: where the model's parameters are); the model itself stays where it is.
-    ``on_block`` is called after every block with a :class:`BlockProgress`.
+    ``on_block`` is called after every block with a :class:`BlockProgress`. ``source`` materializes each
+    block's weights only while the driver works on it (:class:`BlockSource`; default: they are resident).
     """
     started = time.perf_counter()
+    source = source or ResidentBlocks()
     compute = torch.device(device) if device is not None else next(model.parameters()).device
     _, blocks, per_block = plan_layers(model, config)
     if calibration is None:
         if config.method != "magnitude":
             raise ValueError(f"{config.method} needs calibration tokens")
         with _inference_mode(model):
-            results = _prune_without_calibration(blocks, per_block, config, compute, on_block)
+            results = _prune_without_calibration(blocks, per_block, config, compute, on_block=on_block, source=source)
         return PruneResult(tuple(results), time.perf_counter() - started, 0)
     if calibration.ndim != 2:
         raise ValueError(f"calibration must be token ids [samples, seqlen], got shape {tuple(calibration.shape)}")
@@ -562,28 +595,30 @@ def prune_model_(
         for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
             block_started = time.perf_counter()
             precision = config.calibration_precision
-            with _on_device(list(block.modules()), compute), fast_linears(block):
-                block_calls = [call[index] for call in calls]  # captured on the compute device
-                dense_inputs: dict[str, torch.Tensor] = {}
-                if dense_hidden is not None:
-                    with _recording_inputs(layers, dense_inputs), _calibration_precision(compute, precision):
-                        dense_hidden = _run_block(block, dense_hidden, block_calls[0])
-                pruner = _BlockPruner(layers, config, dense_inputs)
-                if one_pass:
-                    with pruner.hooks(prune_on_first_call=True), _calibration_precision(compute, precision):
-                        hidden = [_run_block(block, hidden.pop(), block_calls[0])]
-                else:
-                    with pruner.hooks(prune_on_first_call=False):
-                        for h, call in zip(hidden, block_calls, strict=True):
+            with source.weights(index, block):
+                with _on_device(list(block.modules()), compute), fast_linears(block):
+                    block_calls = [call[index] for call in calls]  # captured on the compute device
+                    dense_inputs: dict[str, torch.Tensor] = {}
+                    if dense_hidden is not None:
+                        with _recording_inputs(layers, dense_inputs), _calibration_precision(compute, precision):
+                            dense_hidden = _run_block(block, dense_hidden, block_calls[0])
+                    pruner = _BlockPruner(layers, config, dense_inputs)
+                    if one_pass:
+                        with pruner.hooks(prune_on_first_call=True), _calibration_precision(compute, precision):
+                            hidden = [_run_block(block, hidden.pop(), block_calls[0])]
+                    else:
+                        with pruner.hooks(prune_on_first_call=False):
+                            for h, call in zip(hidden, block_calls, strict=True):
+                                with _calibration_precision(compute, precision):
+                                    _run_block(block, h, call)
+                        pruner.prune_remaining()
+                        for chunk, call in enumerate(block_calls):  # each chunk's input is replaced by its output
                             with _calibration_precision(compute, precision):
-                                _run_block(block, h, call)
-                    pruner.prune_remaining()
-                    for chunk, call in enumerate(block_calls):  # each chunk's input is replaced by its output
-                        with _calibration_precision(compute, precision):
-                            hidden[chunk] = _run_block(block, hidden[chunk], call)
-            block_results = pruner.results()
-            pruner.release()
-            dense_inputs.clear()
+                                hidden[chunk] = _run_block(block, hidden[chunk], call)
+                block_results = pruner.results()
+                pruner.release()
+                dense_inputs.clear()
+                source.pruned(index, block, tuple(block_results))
             results.extend(block_results)
             for result in block_results:
                 if result.error is not None and not math.isfinite(result.error):
@@ -593,7 +628,159 @@ def prune_model_(
     return PruneResult(tuple(results), time.perf_counter() - started, int(calibration.numel()))
 
 
+_NO_LOGITS_TO_KEEP = "%s.forward has no logits_to_keep: evaluation holds the full [batch, len, vocab] logits"
+
+Head = Callable[[torch.Tensor | None], torch.Tensor]
+"""``head(positions)``: the logits [batch, len(positions), vocab] of one chunk at the 1-D positions given
+(``None``: every position, [batch, len, vocab]); see :func:`heads_by_block` and :func:`heads_whole_model`."""
+
+
+def keeps_logits_selectively(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs: ``lm_head`` and any
+    post-processing, e.g. Gemma's final logit soft-capping, then run on the kept positions only)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def _head_replay(
+    model: nn.Module, blocks: nn.ModuleList, device: torch.device, wrapped: bool
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor], Head]]:
+    """``bind(ids, final)`` → a :data:`Head` for one chunk: a forward of the modules outside the blocks
+    (embeddings, final norm, head) with every block stubbed out, the last stub handing over ``final`` (the
+    last block's output for ``ids``, [batch, len, hidden]), and ``logits_to_keep`` selecting positions."""
+    last = len(blocks) - 1
+    current: list[torch.Tensor] = []
+    selective = keeps_logits_selectively(model)
+
+    def make_stub(index: int) -> Callable[..., Any]:
+        def stub(*args: Any, **kwargs: Any) -> Any:
+            state = current[0] if index == last else (args[0] if args else kwargs["hidden_states"])
+            return (state,) if wrapped else state
+
+        return stub
+
+    def bind(ids: torch.Tensor, final: torch.Tensor) -> Head:
+        full: list[torch.Tensor] = []  # without logits_to_keep: the full logits, computed once per chunk
+
+        def forward(**kwargs: Any) -> torch.Tensor:
+            current[:] = [final]
+            try:
+                return model(input_ids=ids, use_cache=False, **kwargs).logits
+            finally:
+                current.clear()
+
+        def head(positions: torch.Tensor | None) -> torch.Tensor:
+            if positions is None:
+                return forward()  # [batch, len, vocab]
+            if selective:
+                return forward(logits_to_keep=positions.to(device))  # [batch, kept, vocab]
+            if not full:
+                full.append(forward())
+            return full[0][:, positions.to(device)]
+
+        return head
+
+    with _stubbed_blocks(blocks, make_stub), _on_device(_outside(model, blocks), device), fast_linears(model):
+        yield bind
+
+
 @torch.no_grad()
+def heads_by_block(
+    model: nn.Module,
+    chunks: list[torch.Tensor],
+    device: torch.device | str,
+    *,
+    on_block: Callable[[int, int], None] | None = None,
+    source: BlockSource | None = None,
+) -> Generator[Head, None, None]:
+    """A :data:`Head` per chunk of token ids [batch, len], computed one decoder block on ``device`` at a time.
+
+    The same capture and replay as :func:`prune_model_` (so a model far larger than the device can be
+    evaluated): block inputs are captured for every chunk, every block runs on all chunks in turn (hidden
+    states wait on the CPU between blocks), then each chunk's head replays the modules outside the blocks
+    (embeddings, final norm, head) with every block replaced by a stub: the last one hands over the
+    precomputed final hidden states. ``on_block(done, total)`` after each block; ``source`` materializes
+    each block's weights only while it runs (:class:`BlockSource`). Each head is valid until the generator
+    advances; its logits are on ``device``.
+    """
+    compute = torch.device(device)
+    _, blocks = find_decoder_blocks(model)
+    store = torch.device("cpu")
+    if not keeps_logits_selectively(model):
+        log.warning(_NO_LOGITS_TO_KEEP, type(model).__name__)
+    with _inference_mode(model):
+        hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
+        hidden = [h.to(store) for h in hidden]
+        wrapped = False
+        source = source or ResidentBlocks()
+        for index, block in enumerate(blocks):
+            with source.weights(index, block), _on_device(list(block.modules()), compute), fast_linears(block):
+                for chunk, call in enumerate(calls):
+                    out, wrapped = _call_block(block, hidden[chunk].to(compute), call[index])
+                    hidden[chunk] = out.to(store)  # [batch, len, hidden]
+            if on_block:
+                on_block(index + 1, len(blocks))
+        with _head_replay(model, blocks, compute, wrapped) as bind:
+            for chunk, ids in enumerate(chunks):
+                final = hidden[chunk].to(compute)
+                hidden[chunk] = torch.empty(0)  # done with it: free the CPU copy as we go
+                yield bind(ids.to(compute), final)
+
+
+@torch.no_grad()
+def heads_whole_model(
+    model: nn.Module, chunks: list[torch.Tensor], device: torch.device | str
+) -> Generator[Head, None, None]:
+    """A :data:`Head` per chunk of token ids [batch, len] for a model that sits on ``device`` as a whole.
+
+    One ordinary forward per chunk with ``logits_to_keep`` empty (no logits at all) records the last block's
+    output; each head then replays only what follows the blocks, as :func:`heads_by_block` does. Without
+    ``logits_to_keep`` the head is the full forward's logits, sliced (a warning says so).
+    """
+    compute = torch.device(device)
+    _, blocks = find_decoder_blocks(model)
+    selective = keeps_logits_selectively(model)
+    with _inference_mode(model), fast_linears(model):
+        if not selective:
+            log.warning(_NO_LOGITS_TO_KEEP, type(model).__name__)
+            for chunk in chunks:
+                yield _full_logits_head(model(input_ids=chunk.to(compute), use_cache=False).logits)
+            return
+        for chunk in chunks:
+            ids = chunk.to(compute)
+            final, wrapped = _last_block_output(model, blocks[-1], ids)  # [batch, len, hidden]
+            with _head_replay(model, blocks, compute, wrapped) as bind:
+                yield bind(ids, final)
+
+
+def _full_logits_head(logits: torch.Tensor) -> Head:
+    """A :data:`Head` over logits already computed for every position ([batch, len, vocab])."""
+
+    def head(positions: torch.Tensor | None) -> torch.Tensor:
+        return logits if positions is None else logits[:, positions.to(logits.device)]
+
+    return head
+
+
+def _last_block_output(model: nn.Module, last: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The output hidden states of the model's last block for ``ids`` (a forward that computes no logits),
+    and whether the block returns them inside a tuple."""
+    outputs: list[Any] = []
+    handle = last.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
+    finally:
+        handle.remove()
+    if len(outputs) != 1:
+        raise RuntimeError(f"the last decoder block ran {len(outputs)} times in one forward; secateurs needs once")
+    out = outputs[0]
+    wrapped = isinstance(out, tuple | list)
+    return (out[0] if wrapped else out), wrapped
+
+
 def logits_by_block(
     model: nn.Module,
     chunks: list[torch.Tensor],
@@ -601,41 +788,11 @@ def logits_by_block(
     *,
     on_block: Callable[[int, int], None] | None = None,
 ) -> Generator[torch.Tensor, None, None]:
-    """The model's logits for each chunk of token ids [batch, len], one decoder block on ``device`` at a time.
-
-    The same capture and replay as :func:`prune_model_` (so a model far larger than the device can be
-    evaluated): block inputs are captured for every chunk, every block runs on all chunks in turn (hidden
-    states wait on the CPU between blocks), then one last forward per chunk runs the modules outside the
-    blocks (embeddings, final norm, head) with every block replaced by a stub: the last one hands over the
-    precomputed final hidden states. ``on_block(done, total)`` after each block. Yields [batch, len, vocab]
-    on ``device``, chunk by chunk.
-    """
-    compute = torch.device(device)
-    _, blocks = find_decoder_blocks(model)
-    store = torch.device("cpu")
-    with _inference_mode(model):
-        hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
-        hidden = [h.to(store) for h in hidden]
-        wrapped = False
-        for index, block in enumerate(blocks):
-            with _on_device(list(block.modules()), compute), fast_linears(block):
-                for chunk, call in enumerate(calls):
-                    out, wrapped = _call_block(block, hidden[chunk].to(compute), call[index])
-                    hidden[chunk] = out.to(store)  # [batch, len, hidden]
-            if on_block:
-                on_block(index + 1, len(blocks))
-        last = len(blocks) - 1
-        current: list[torch.Tensor] = []
-
-        def make_stub(index: int) -> Callable[..., Any]:
-            def stub(*args: Any, **kwargs: Any) -> Any:
-                state = current[0] if index == last else (args[0] if args else kwargs["hidden_states"])
-                return (state,) if wrapped else state
-
-            return stub
-
-        with _stubbed_blocks(blocks, make_stub), _on_device(_outside(model, blocks), compute), fast_linears(model):
-            for chunk, ids in enumerate(chunks):
-                current[:] = [hidden[chunk].to(compute)]
-                hidden[chunk] = torch.empty(0)  # done with it: free the CPU copy as we go
-                yield model(input_ids=ids.to(compute), use_cache=False).logits
+    """The model's full logits [batch, len, vocab] for each chunk (see :func:`heads_by_block`); for callers
+    that need every position at once (evaluation does not: :mod:`secateurs.kernels.measure.perplexity`)."""
+    heads = heads_by_block(model, chunks, device, on_block=on_block)
+    try:
+        for head in heads:
+            yield head(None)
+    finally:
+        heads.close()
