@@ -141,6 +141,13 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
+def _tied(model: nn.Module) -> dict[str, str | None]:
+    """Tied parameter → the parameter it is tied to (transformers 5's ``_tied_weights_keys`` mapping; older
+    versions list only the tied names)."""
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return dict(keys) if isinstance(keys, dict) else dict.fromkeys(keys)
+
+
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name, once each (tied parameters under their first name)."""
     return dict(module.state_dict(keep_vars=True))
@@ -178,7 +185,7 @@ class StreamedModel:
 
     def _load_outside(self) -> None:
         inside = f"{self.prefix}."
-        tied = set(dict(getattr(self.model, "_tied_weights_keys", None) or {}))
+        tied = _tied(self.model)
         for name, tensor in _tensors(self.model).items():
             if name.startswith(inside) or (tensor.device.type != "meta" and name not in self._keys):
                 continue  # a block's, or a buffer computed at construction that the checkpoint does not hold
@@ -225,16 +232,11 @@ class StreamedModel:
     def outside_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The non-block tensors as a checkpoint stores them: tied copies once, under the name kept by
         transformers (the tie's source)."""
-        tied = dict(getattr(self.model, "_tied_weights_keys", None) or {})
         out: list[tuple[str, torch.Tensor]] = []
         seen: set[int] = set()
-        for name, tensor in _tensors(self.model).items():
-            if name.startswith(f"{self.prefix}."):
-                continue
-            if name in tied and tensor is self.model.get_parameter(tied[name]):
-                continue
-            if id(tensor) in seen:
-                continue
+        for name, tensor in sorted(_tensors(self.model).items(), key=lambda item: item[0] in _tied(self.model)):
+            if name.startswith(f"{self.prefix}.") or id(tensor) in seen:
+                continue  # a block's, or a tied copy (its source comes first: the one transformers saves)
             seen.add(id(tensor))
             out.append((self.stored_name(name), tensor.detach()))
         return out
