@@ -45,7 +45,7 @@ TARGETS = {"batch 1": 1.3, "batch 8": 1.15, "memory": 0.7}
 
 _MEMORY_PROBE = """
 import json, sys, torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 import secateurs
 from secateurs.workers.runtime import load_pruned  # every import before the baseline
 
@@ -53,16 +53,19 @@ def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
-AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, vocab_size=16))  # imports the modeling code
+kind, folder, warm = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def load(path):
+    if kind == "dense":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return secateurs.load(path, device="cpu")
+
+with torch.no_grad():  # a tiny model of the same kind, loaded and run once: the loader's and the kernels' code
+    load(warm)(input_ids=torch.arange(8).unsqueeze(0))  # pages (tens of MB, CPU-dependent) before the baseline
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) restarts from the current RSS
 base = status("VmRSS")
-kind, folder = sys.argv[1], sys.argv[2]
-if kind == "dense":
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-else:
-    model = secateurs.load(folder, device="cpu")
+model = load(folder)
 with torch.no_grad():
     total = sum(float(t.float().sum()) for t in (*model.parameters(), *model.buffers()))  # every weight read once
     loaded = {"peak": status("VmHWM") - base, "after": status("VmRSS") - base}
@@ -79,28 +82,59 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
 
 
+def _tiny_pruned(folder: Path) -> Path:
+    """A tiny LLaMA cut 2:4 by magnitude, saved dense and packed (the probes' warm-up)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from secateurs.workers.packed import PACKED_DIR, write_packed
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=128
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    targets = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+                weight = module.weight.view(-1, 4)  # [out·in/4, 4]
+                weight.scatter_(-1, weight.abs().argsort(dim=-1)[:, :2], 0.0)  # the 2 smallest of every 4
+                targets[f"{name}.weight"] = False
+    model.save_pretrained(folder, safe_serialization=True)
+    write_packed(folder, folder / PACKED_DIR, targets, 2, 4)
+    return folder
+
+
 def _memory(folder: Path) -> dict[str, Any]:
     """Peak RSS added by loading the dense folder and the packed form, each in a fresh subprocess."""
     sides = {}
-    for kind in ("dense", "packed"):
-        done = subprocess.run(
-            [sys.executable, "-c", _MEMORY_PROBE, kind, str(folder)],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        )
-        sides[kind] = json.loads(done.stdout.strip().splitlines()[-1])
-        _say(f"  memory {kind}: {sides[kind]}")
+    with tempfile.TemporaryDirectory(prefix="secateurs-warm-") as scratch:
+        warm = _tiny_pruned(Path(scratch) / "tiny")
+        for kind in ("dense", "packed"):
+            sides[kind] = _probe(kind, folder, warm)
     return {
-        "protocol": "fresh subprocess each; baseline RSS after all imports; VmHWM reset via /proc/self/clear_refs; "
-        "'loaded' = after loading and reading every weight once (the dense weights are memory-mapped and count "
-        "once read), 'forward' = after one more 8-token forward; bytes",
+        "protocol": "fresh subprocess each; a tiny model of the same kind loaded and run once first, so that code "
+        "pages (the loader's, the kernels') are resident; then the baseline RSS, VmHWM reset via "
+        "/proc/self/clear_refs; 'loaded' = after loading and reading every weight once (the dense weights are "
+        "memory-mapped and count once read), 'forward' = after one more 8-token forward; bytes",
         "dense": sides["dense"],
         "packed": sides["packed"],
         "ratio_loaded_peak": sides["packed"]["loaded"]["peak"] / sides["dense"]["loaded"]["peak"],
         "ratio_forward_peak": sides["packed"]["forward"]["peak"] / sides["dense"]["forward"]["peak"],
     }
+
+
+def _probe(kind: str, folder: Path, warm: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, kind, str(folder), str(warm)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    _say(f"  memory {kind}: {result}")
+    return result
 
 
 def main() -> None:
