@@ -402,6 +402,23 @@ class Timings(BaseModel):
     total_seconds: float
 
 
+class MemoryReport(BaseModel):
+    """Peak memory of the job, measured (not estimated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    peak_rss_bytes: int | None = Field(
+        description="Peak resident memory of the process that ran the job, from the job's start (Linux VmHWM, reset"
+        " when the job starts; null where /proc is not available)."
+    )
+    peak_rss_source: str = Field(description="How peak_rss_bytes was measured.")
+    peak_device_bytes: int | None = Field(
+        default=None,
+        description="CUDA jobs: torch.cuda.max_memory_allocated over the job (peak of tensors on the GPU; the"
+        " caching allocator may hold more). Null on CPU.",
+    )
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -656,6 +673,9 @@ class Report(BaseModel):
     layers: list[LayerReport]
     calibration: CalibrationReport
     timings: Timings
+    memory: MemoryReport | None = Field(
+        default=None, description="Peak memory of the job (absent from reports written before it existed)."
+    )
     environment: Environment
     packed: PackedReport | None = Field(default=None, description="The packed N:M copy in packed/ and its size.")
     speed: SpeedReport | None = Field(

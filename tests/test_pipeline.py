@@ -89,6 +89,10 @@ def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
         saved["timings"]["prune_seconds"] > 0 and saved["timings"]["total_seconds"] >= saved["timings"]["prune_seconds"]
     )
     assert {"torch", "transformers", "device", "threads"} <= set(saved["environment"])
+    assert saved["environment"]["cpu_capability"] and set(saved["environment"]["cpu_products"]) == {"linear", "gram"}
+    memory = saved["memory"]  # measured in this (test) process: more than the model, less than the machine
+    assert 10 * 2**20 < memory["peak_rss_bytes"] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory["peak_device_bytes"] is None and "reset when the job started" in memory["peak_rss_source"]
     blocks = [e for e in events if e.block is not None]
     assert [e.block for e in blocks] == [1, 2] and all(e.layers for e in blocks)
     assert events[-1].stage == "done"

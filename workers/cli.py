@@ -139,6 +139,11 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
     t = report["timings"]
     table.add_row("prune time", f"{t['prune_seconds']:.1f} s on {report['environment']['device']}")
     table.add_row("total time", f"{t['total_seconds']:.1f} s")
+    memory = report.get("memory")
+    if memory and memory.get("peak_rss_bytes"):
+        device = memory.get("peak_device_bytes")
+        gpu = f", device {device / 1e9:.2f} GB (max allocated)" if device is not None else ""
+        table.add_row("peak memory", f"{memory['peak_rss_bytes'] / 1e9:.2f} GB resident{gpu}")
     packed = report.get("packed")
     if packed and packed["written"]:
         table.add_row(

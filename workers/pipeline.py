@@ -37,6 +37,7 @@ from secateurs.app.schemas import (
     Environment,
     JobSpec,
     LayerReport,
+    MemoryReport,
     Method,
     ModelInfo,
     PackedLayer,
@@ -523,6 +524,37 @@ def run_job(
         ) from None
 
 
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Restart the peaks :func:`_peak_memory` reads: Linux's VmHWM (``/proc/self/clear_refs``) and, on CUDA,
+    torch's peak-allocation counter. False where the host peak cannot be reset (it then covers the process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_memory(device: torch.device, reset: bool) -> MemoryReport:
+    peak: int | None = None
+    try:
+        with _PROC_STATUS.open(encoding="ascii") as status:
+            peak = next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), None)
+    except (OSError, ValueError):
+        pass
+    source = "VmHWM of the job's process, reset when the job started" if reset else "VmHWM of the process's lifetime"
+    return MemoryReport(
+        peak_rss_bytes=peak,
+        peak_rss_source=source if peak is not None else "not available (no /proc/self/status)",
+        peak_device_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+    )
+
+
 def _run(
     spec: JobSpec,
     emit: ProgressCallback,
@@ -537,6 +569,7 @@ def _run(
     clock = _Clock(time.perf_counter())
     check_output_dir(output_dir, overwrite=overwrite)
     device = resolve_device(spec.device)
+    peaks_reset = _reset_peak_memory(device)
     dtype = resolve_dtype(spec.dtype, device)
     pattern = _pattern(spec)
     config = PruneConfig(
@@ -565,6 +598,7 @@ def _run(
             should_stop=should_stop,
             heap=heap,
             clock=clock,
+            peaks_reset=peaks_reset,
             folder=folder,
             cache=cache,
             job_id=job_id,
@@ -585,6 +619,7 @@ def _run_streamed(
     should_stop: Callable[[], bool] | None,
     heap: Heap,
     clock: _Clock,
+    peaks_reset: bool,
     folder: Path,
     cache: DenseCache | None,
     job_id: str | None,
@@ -763,6 +798,7 @@ def _run_streamed(
                 save_seconds=save_seconds + time.perf_counter() - report_started,
                 total_seconds=clock.since(),
             ),
+            memory=_peak_memory(device, peaks_reset),
             packed=packed_report,
             speed=speed,
             decode=decode,
