@@ -116,6 +116,21 @@ def _source_files(checkpoint: Path) -> list[Path]:
     return files
 
 
+def _pack_layer(
+    name: str, tensor: torch.Tensor, transposed: bool, n: int, m: int, *, record: dict[str, Any]
+) -> PackedWeight:
+    """Pack one pruned weight as stored (GPT-2 ``Conv1D``: [in, out], hence ``transposed``) and complete its
+    manifest record with the packed shapes and bytes."""
+    packed = pack_nm(tensor.T if transposed else tensor, n, m, name=name)  # [out, in]
+    record.update(
+        transposed=transposed,
+        values_shape=list(packed.values.shape),
+        indices_shape=list(packed.indices.shape),
+        packed_bytes=packed.nbytes,
+    )
+    return packed
+
+
 def write_packed(checkpoint: Path, dest: Path, targets: Mapping[str, bool], n: int, m: int) -> PackSummary:
     """Pack the weights named in ``targets`` (tensor name -> stored transposed, as GPT-2 ``Conv1D``) into ``dest``.
 
@@ -153,19 +168,10 @@ def write_packed(checkpoint: Path, dest: Path, targets: Mapping[str, bool], n: i
                 }
                 if name in targets:
                     seen.add(name)
-                    transposed = targets[name]
-                    weight = tensor.T if transposed else tensor  # [out, in]
-                    packed = pack_nm(weight, n, m, name=name)
+                    packed = _pack_layer(name, tensor, targets[name], n, m, record=record)
                     out[name + VALUES], out[name + INDICES] = packed.values, packed.indices
-                    size = PackedLayerSize(name, packed.shape, packed.dense_nbytes, packed.nbytes)
-                    layers.append(size)
+                    layers.append(PackedLayerSize(name, packed.shape, packed.dense_nbytes, packed.nbytes))
                     dtypes.add(record["dtype"])
-                    record.update(
-                        transposed=transposed,
-                        values_shape=list(packed.values.shape),
-                        indices_shape=list(packed.indices.shape),
-                        packed_bytes=packed.nbytes,
-                    )
                 else:
                     if name.endswith((VALUES, INDICES)):
                         raise ModelSourceError(
@@ -265,19 +271,12 @@ class PackedStream:
             "packed": name in self.targets,
         }
         if name in self.targets:
-            transposed = self.targets[name]
-            packed = pack_nm(tensor.T if transposed else tensor, self.n, self.m, name=name)  # [out, in]
+            packed = _pack_layer(name, tensor, self.targets[name], self.n, self.m, record=record)
             self._writer.write(name + VALUES, packed.values)
             self._writer.write(name + INDICES, packed.indices)
             self.packed_bytes += packed.values.numel() * packed.values.element_size() + packed.indices.numel()
             self.layers.append(PackedLayerSize(name, packed.shape, packed.dense_nbytes, packed.nbytes))
             self.dtypes.add(record["dtype"])
-            record.update(
-                transposed=transposed,
-                values_shape=list(packed.values.shape),
-                indices_shape=list(packed.indices.shape),
-                packed_bytes=packed.nbytes,
-            )
         else:
             self._writer.write(name, tensor)
             self.packed_bytes += nbytes
