@@ -231,8 +231,11 @@ def test_block_pruner_frees_its_hessians_without_the_garbage_collector() -> None
             pruner = _BlockPruner(layers, PruneConfig())
             with pruner.hooks(prune_on_first_call=True):
                 _run_block(blocks[0], hidden[0], calls[0][0])
-        hessians = [weakref.ref(group.hessian) for group in pruner.groups]
-        assert len(hessians) == 4  # q/k/v, o, gate/up, down
+        assert len(pruner.groups) == 4  # q/k/v, o, gate/up, down
+        live = [group.hessian for group in pruner.groups if group.hessian is not None]
+        assert len(live) == 1  # q/k/v, o and gate/up were let go as soon as the forward moved past them
+        hessians = [weakref.ref(accumulator) for accumulator in live]
+        del live
         pruner.results()
         pruner.release()
         del pruner
@@ -386,3 +389,40 @@ def test_a_model_without_logits_to_keep_is_evaluated_on_full_logits(
     result = perplexity(_NoLogitsToKeep(inner), windows, batch_size=2, by_block=by_block, slice_bytes=2 * 128 * 12 * 4)
     assert result.nll == pytest.approx(nll / tokens, rel=1e-5)
     assert "no logits_to_keep" in caplog.text
+
+
+class _Fork(nn.Module):
+    """b reads a's output, then c reads the block's input again, after the forward moved past it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) + self.c(x)
+
+
+def test_a_layer_reading_a_released_input_gets_the_same_hessian(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass drops a group's Hessian once the forward moves on; a later reader of that input recomputes it
+    and prunes to exactly what keeping it would have given."""
+    torch.manual_seed(0)
+    block = _Fork()
+    x = torch.randn(4, 64, 32)
+
+    def pruned(release: bool) -> dict[str, torch.Tensor]:
+        copy = _Fork()
+        copy.load_state_dict(block.state_dict())
+        if not release:
+            monkeypatch.setattr(_BlockPruner, "_release_done_groups", lambda self: None)
+        pruner = _BlockPruner(prunable_layers(copy, "f"), PruneConfig())
+        with torch.no_grad(), pruner.hooks(prune_on_first_call=True):
+            copy(x)
+        results = pruner.results()
+        assert {r.name: r.shares_input_with for r in results}["f.c"] == ("f.a",)
+        monkeypatch.undo()
+        return {name: p.detach().clone() for name, p in copy.named_parameters()}
+
+    kept, released = pruned(release=False), pruned(release=True)
+    assert kept.keys() == released.keys()
+    for name in kept:
+        assert torch.equal(kept[name], released[name]), name

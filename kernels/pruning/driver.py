@@ -137,6 +137,11 @@ class BlockSource(Protocol):
 
     def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]: ...
 
+    def outside(self) -> AbstractContextManager[None]:
+        """The tensors outside the blocks (embeddings, final norm, head) are real inside this context: the driver
+        enters it only to reach the first block (capture) and to leave the last one (the head)."""
+        ...
+
     def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None: ...
 
 
@@ -144,6 +149,9 @@ class ResidentBlocks:
     """The :class:`BlockSource` of a model whose blocks hold their weights all along (nothing to do)."""
 
     def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def outside(self) -> AbstractContextManager[None]:
         return nullcontext()
 
     def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None:
@@ -302,7 +310,7 @@ def _capture_block_calls(
 class _Group:
     """Linears that read one and the same input tensor: one Hessian, one factorization."""
 
-    hessian: HessianAccumulator
+    hessian: HessianAccumulator | None  # None once released (:meth:`_BlockPruner._release_done_groups`)
     first_input: weakref.ref[torch.Tensor] | None  # a weak reference: a freed input cannot be shared
     members: list[_LayerState] = field(default_factory=list)
     factor: tuple[torch.Tensor, float] | None = None
@@ -314,6 +322,12 @@ class _LayerState:
     layer: PrunableLayer
     group: _Group | None = None
     result: LayerResult | None = None
+
+
+def _quadratic_form(weight: torch.Tensor, hessian: torch.Tensor, rows: int = 1024) -> float:
+    """tr(W H Wᵀ) for weight [out, in] and a symmetric hessian [in, in], ``rows`` rows of W at a time (the
+    temporaries stay one [rows, in] product)."""
+    return sum(float((linear(part, hessian) * part).sum()) for part in weight.split(rows))
 
 
 def _same_input(first: weakref.ref[torch.Tensor] | None, b: torch.Tensor) -> bool:
@@ -368,6 +382,7 @@ class _BlockPruner:
                 if state.group is None:
                     state.group = self._join_group(state, x)
                 elif state.group.members[0] is state:
+                    assert state.group.hessian is not None  # groups are released only in one pass
                     state.group.hessian.add(x.detach())
                 if self.prune_on_first_call:
                     self._prune(state)
@@ -378,19 +393,37 @@ class _BlockPruner:
         for group in self.groups:
             if _same_input(group.first_input, x):
                 group.members.append(state)
+                if group.hessian is None:  # released (below), and yet one more layer reads the same input
+                    group.hessian = HessianAccumulator(state.layer.in_features, x.device)
+                    group.hessian.add(x.detach())
                 return group
-        group = _Group(HessianAccumulator(state.layer.in_features, x.device), weakref.ref(x), [state])
-        group.hessian.add(x.detach())
+        if self.prune_on_first_call:
+            self._release_done_groups()
+        accumulator = HessianAccumulator(state.layer.in_features, x.device)
+        accumulator.add(x.detach())
+        group = _Group(accumulator, weakref.ref(x), [state])
         dense = self.dense_inputs.get(state.layer.name)
         if dense is not None:  # C − H, both means over the same tokens: [in, in]
             for name in [name for name, tensor in self.dense_inputs.items() if tensor is dense]:
                 del self.dense_inputs[name]  # the group's dense input is needed only here: let it go
             ours = x.detach().reshape(-1, x.shape[-1])  # [tokens, in]
-            cross = torch.zeros_like(group.hessian.hessian)
+            cross = torch.zeros_like(accumulator.hessian)
             cross_(cross, dense.reshape(-1, dense.shape[-1]), ours, alpha=1.0 / ours.shape[0])
-            group.shift = cross.sub_(group.hessian.hessian)
+            group.shift = cross.sub_(accumulator.hessian)
         self.groups.append(group)
         return group
+
+    def _release_done_groups(self) -> None:
+        """One pass: a new input means the forward moved on, so the Hessians and factors of the groups whose
+        layers are all pruned are dropped now rather than at the end of the block (on a 7B block, 3 × 2 × 67 MB
+        while the 11008-wide MLP input is solved). A later layer that still reads one of those inputs (the
+        input tensor is alive and unchanged, :func:`_same_input`) gets its Hessian recomputed from it: the same
+        numbers, from the same tokens. Not with a dense target, whose C − H needs the dense inputs already let go.
+        """
+        for group in self.groups:
+            if group.shift is None and all(member.result is not None for member in group.members):
+                group.hessian = None
+                group.factor = None
 
     def prune_remaining(self) -> None:
         for state in self.states:
@@ -405,9 +438,9 @@ class _BlockPruner:
         # with 2 threads, 0.15–0.25 s with 1; the 7 sweeps of a SmolLM2 block 1.1–7.9 s vs 0.17–0.25 s.
         # The Hessian products, the refinement and the error (large products) keep every thread.
         group, layer, config = state.group, state.layer, self.config
-        assert group is not None
+        assert group is not None and group.hessian is not None
         hessian = group.hessian.hessian  # [in, in]
-        original = layer.weight().to(torch.float32).clone()  # [out, in]
+        original = layer.weight().to(torch.float32, copy=True)  # [out, in]
         weight = original.clone()
         cpu = weight.device.type == "cpu"
         if group.shift is not None:
@@ -418,9 +451,10 @@ class _BlockPruner:
             damped = hessian.clone()  # the solve's dampening λ (δ · mean diag H) also regularizes the re-solve
             torch.diagonal(damped).add_((dampening or config.dampening) * float(torch.diagonal(hessian).mean()))
             masked_refine_(weight, original, damped, config.refine_iterations)
-        delta = original - weight  # [out, in]
-        reference = float((linear(original, hessian) * original).sum())  # tr(W H Wᵀ); H is symmetric
-        error = float((linear(delta, hessian) * delta).sum()) / reference if reference > 0 else 0.0
+        reference = _quadratic_form(original, hessian)  # tr(W H Wᵀ)
+        delta = original.sub_(weight)  # W − Ŵ: [out, in], over the dense copy (no longer needed)
+        error = _quadratic_form(delta, hessian) / reference if reference > 0 else 0.0
+        del original, delta
         layer.set_weight_(weight)
         state.result = LayerResult(
             name=layer.name,
@@ -590,7 +624,8 @@ def prune_model_(
     one_pass = len(chunks) == 1
     results = []
     with _inference_mode(model):
-        hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
+        with source.outside():
+            hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
         dense_hidden = hidden[0] if config.dense_target else None  # the dense model's stream (one pass)
         for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
             block_started = time.perf_counter()
@@ -711,11 +746,12 @@ def heads_by_block(
     store = torch.device("cpu")
     if not keeps_logits_selectively(model):
         log.warning(_NO_LOGITS_TO_KEEP, type(model).__name__)
+    source = source or ResidentBlocks()
     with _inference_mode(model):
-        hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
+        with source.outside():
+            hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
         hidden = [h.to(store) for h in hidden]
         wrapped = False
-        source = source or ResidentBlocks()
         for index, block in enumerate(blocks):
             with source.weights(index, block), _on_device(list(block.modules()), compute), fast_linears(block):
                 for chunk, call in enumerate(calls):
@@ -723,7 +759,7 @@ def heads_by_block(
                     hidden[chunk] = out.to(store)  # [batch, len, hidden]
             if on_block:
                 on_block(index + 1, len(blocks))
-        with _head_replay(model, blocks, compute, wrapped) as bind:
+        with source.outside(), _head_replay(model, blocks, compute, wrapped) as bind:
             for chunk, ids in enumerate(chunks):
                 final = hidden[chunk].to(compute)
                 hidden[chunk] = torch.empty(0)  # done with it: free the CPU copy as we go

@@ -26,8 +26,8 @@ def sparsegpt_(
     *,
     blocksize: int = 128,
     dead: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Prune ``weight`` [rows, cols] in place (fp32) and return the OBS loss per weight [rows, cols].
+) -> None:
+    """Prune ``weight`` [rows, cols] in place (fp32).
 
     ``hinv_upper`` [cols, cols] is the upper Cholesky factor of the dampened inverse Hessian
     (:func:`secateurs.kernels.pruning.hessian.dampened_inverse_cholesky`); ``dead`` marks input columns never
@@ -41,12 +41,11 @@ def sparsegpt_(
         raise ValueError(f"blocksize {blocksize} is not a multiple of M={pattern.m}")
     if dead is not None:
         weight[:, dead] = 0
-    losses = torch.zeros_like(weight)  # [rows, cols]
     diag = torch.diagonal(hinv_upper)  # [cols]
     if pattern.is_nm:
         assert pattern.n is not None and pattern.m is not None
-        _nm_sweep_(weight, hinv_upper, pattern.n, pattern.m, blocksize=blocksize, losses=losses)
-        return losses
+        _nm_sweep_(weight, hinv_upper, pattern.n, pattern.m, blocksize=blocksize)
+        return
     assert pattern.ratio is not None
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -59,12 +58,10 @@ def sparsegpt_(
             errors[:, j] = err
             if j + 1 < end - start:  # OBS update of the block's remaining columns
                 block[:, j + 1 :].sub_(err.unsqueeze(1) * hinv[j, j + 1 :].unsqueeze(0))
-        losses[:, start:end] = errors.square() / 2  # (w - q)² / d² / 2, the OBS saliency of what was pruned
         block.masked_fill_(mask, 0.0)
         weight[:, start:end] = block
         if end < cols:
             weight[:, end:].addmm_(errors, hinv_upper[start:end, end:], alpha=-1.0)  # lazy update of the rest
-    return losses
 
 
 def _group_tables(hinv_upper: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +90,7 @@ def _group_tables(hinv_upper: torch.Tensor, n: int, m: int) -> tuple[torch.Tenso
     return tables.reshape(groups, m, len(patterns) * m), lut
 
 
-def _nm_sweep_(
-    weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, m: int, *, blocksize: int, losses: torch.Tensor
-) -> None:
+def _nm_sweep_(weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, m: int, *, blocksize: int) -> None:
     """The N:M column sweep of :func:`sparsegpt_`, a group of M columns at a time (§3.3, §3.4).
 
     At each group, the mask is chosen from the saliency w² / [H⁻¹]_jj² on the already-updated weights; the
@@ -128,7 +123,6 @@ def _nm_sweep_(
             errors[:, g:h] = every[row_index, pattern]  # [rows, m]
             mask[:, g:h].scatter_(1, drop, True)
             block[:, g:].addmm_(errors[:, g:h], hinv[g:h, g:], alpha=-1.0)  # [rows, m] @ [m, count − g]
-        losses[:, start:end] = errors.square() / 2  # (w − q)² / d² / 2, the OBS saliency of what was pruned
         # exact zeros (the update leaves pruned entries at rounding level); a product with the kept mask is
         # several times faster than masked_fill_ on CPU, and adding 0.0 turns its −0.0 into +0.0
         block.mul_(mask.logical_not()).add_(0.0)
