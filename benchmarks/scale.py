@@ -1,6 +1,6 @@
 """Scale: prune models far larger than RAM through the real job (streamed weights, issue 11 item 5).
 
-    python benchmarks/scale.py WORKDIR [--shape 7b|13b|both|tiny] [--blocks N] [--dtype bfloat16|float32]
+    python benchmarks/scale.py WORKDIR [--shape 7b|13b|both|tinyllama|tiny] [--blocks N] [--dtype bfloat16|float32]
                                        [--output FILE] [--keep]
 
 For each shape the script
@@ -22,9 +22,10 @@ For each shape the script
    ``benchmarks/results/scale-<shape>.json`` (or ``--output``) with the environment: CPU model and flags,
    core count, load average, torch / transformers versions, threads.
 
-``--blocks N`` builds the shape with only N decoder blocks (a smoke run); ``--shape tiny`` is a toy shape for the
-test of this script. The JSON also holds the projection of the per-block time to LLaMA-2-70B (see
-:func:`project_70b` and ``docs/engine.md``, "Scale").
+``--shape tinyllama --dtype float32`` is the issue's TinyLlama-shaped memory run (22 blocks of hidden 2048 / MLP
+5632, SparseGPT with 8 × 256 calibration tokens, no evaluation). ``--blocks N`` builds the shape with only N decoder
+blocks (a smoke run); ``--shape tiny`` is a toy shape for the test of this script. The JSON also holds the
+projection of the per-block time to LLaMA-2-70B (see :func:`project_70b` and ``docs/engine.md``, "Scale").
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ SHAPES: dict[str, dict[str, int]] = {
         "num_attention_heads": 64,
         "num_key_value_heads": 8,
     },
+    "tinyllama": {  # TinyLlama-1.1B's shape (22 blocks, hidden 2048, MLP 5632, grouped-query attention 32/4)
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+    },
     "tiny": {
         "hidden_size": 64,
         "intermediate_size": 256,
@@ -78,8 +86,14 @@ SHAPES: dict[str, dict[str, int]] = {
         "num_key_value_heads": 4,
     },
 }
-METHOD = {"7b": "sparsegpt", "13b": "magnitude", "tiny": "sparsegpt"}
-CALIBRATION = {"sparsegpt": (16, 512), "magnitude": (0, 0)}  # samples × tokens
+METHOD = {"7b": "sparsegpt", "13b": "magnitude", "tinyllama": "sparsegpt", "tiny": "sparsegpt"}
+CALIBRATION = {"sparsegpt": (16, 512), "magnitude": (0, 0)}  # samples × tokens, by method
+SHAPE_CALIBRATION = {"tinyllama": (8, 256)}  # the issue's TinyLlama-shape memory run (fp32, --dtype float32)
+
+
+def calibration_of(shape: str) -> tuple[int, int]:
+    """Calibration samples × tokens for ``shape``: its own when it has one, else its method's."""
+    return SHAPE_CALIBRATION.get(shape, CALIBRATION[METHOD[shape]])
 
 
 def _config(shape: str, blocks: int | None, vocab: int, bos: int | None, eos: int | None) -> Any:
@@ -144,13 +158,21 @@ def generate(folder: Path, shape: str, blocks: int | None, dtype_name: str, toke
     return {"bytes": total, "files": len(groups), "seconds": time.perf_counter() - started}
 
 
-def _job(model: Path, output: Path, method: str, dtype_name: str, c4: Path | None) -> dict[str, Any]:
+def _job(
+    model: Path,
+    output: Path,
+    method: str,
+    dtype_name: str,
+    c4: Path | None,
+    *,
+    calibration: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """The job in this process (``--run-job``): the real pipeline, peak RSS and per-block seconds."""
     from secateurs.app.schemas import JobSpec, ProgressEvent, TextSource
     from secateurs.workers.pipeline import quiet_libraries, run_job
 
     quiet_libraries()
-    samples, seqlen = CALIBRATION[method]
+    samples, seqlen = calibration or CALIBRATION[method]
     fields: dict[str, Any] = {"calibration": None}
     if samples:
         fields = {"calibration": TextSource(file=str(c4)), "calibration_samples": samples, "calibration_seqlen": seqlen}
@@ -330,8 +352,8 @@ def run_shape(shape: str, workdir: Path, args: argparse.Namespace, assets: Any) 
         "pattern": "2:4",
         "calibration": {
             "text": "exllamav2 c4.utf8",
-            "samples": CALIBRATION[method][0],
-            "seqlen": CALIBRATION[method][1],
+            "samples": calibration_of(shape)[0],
+            "seqlen": calibration_of(shape)[1],
         },
         "environment": environment(),
     }
@@ -347,6 +369,7 @@ def run_shape(shape: str, workdir: Path, args: argparse.Namespace, assets: Any) 
             method,
             args.dtype,
             str(assets.c4),
+            *map(str, calibration_of(shape)),
         ]
         job = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT)
         if job.returncode != 0:
@@ -357,7 +380,7 @@ def run_shape(shape: str, workdir: Path, args: argparse.Namespace, assets: Any) 
         per_block = result["job"]["seconds_per_block"]
         if per_block and shape in ("7b", "13b"):
             median = sorted(per_block)[len(per_block) // 2]
-            tokens = CALIBRATION[method][0] * CALIBRATION[method][1]
+            tokens = calibration_of(shape)[0] * calibration_of(shape)[1]
             result["projection_70b"] = project_70b(shape, median, method, tokens) | {"measured_median_s": median}
         result["environment"]["load_average_after"] = os.getloadavg()
         return result
@@ -371,11 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--run-job":
         model, output, method, dtype_name, c4 = argv[1:6]
-        print(json.dumps(_job(Path(model), Path(output), method, dtype_name, Path(c4))))
+        calibration = (int(argv[6]), int(argv[7])) if len(argv) > 7 else None
+        print(json.dumps(_job(Path(model), Path(output), method, dtype_name, Path(c4), calibration=calibration)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="where the generated model and the output go (deleted after)")
-    parser.add_argument("--shape", choices=("7b", "13b", "both", "tiny"), default="both")
+    parser.add_argument("--shape", choices=("7b", "13b", "both", "tinyllama", "tiny"), default="both")
     parser.add_argument("--blocks", type=int, default=None, help="only N decoder blocks (a smoke run)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (one shape) or folder")

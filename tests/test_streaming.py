@@ -219,17 +219,28 @@ def test_a_retried_job_leaves_exactly_one_complete_output(text_file: Path, tmp_p
     assert {p.name for p in out.glob("*.safetensors")} == {"model.safetensors"}
 
 
-def test_the_streamed_model_holds_no_block_weights_between_blocks(tmp_path: Path) -> None:
-    source = _sharded_dir("llama", tmp_path / "source")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # untied head; tied head (Conv1D)
+def test_the_streamed_model_holds_weights_only_while_the_driver_needs_them(tmp_path: Path, arch: str) -> None:
+    """Blocks are real only inside ``weights``; embeddings, final norm and head only inside ``outside`` (read
+    equal to the checkpoint and tied as transformers ties them), on the meta device everywhere else."""
+    source = _sharded_dir(arch, tmp_path / "source")
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
     streamed = StreamedModel(source, torch.float32)
+    model = streamed.model
     try:
-        assert all(t.device.type == "meta" for t in streamed.blocks.parameters())
-        assert all(t.device.type == "cpu" for n, t in streamed.model.named_parameters() if ".layers." not in n)
+        assert all(t.device.type == "meta" for t in model.parameters())
         with streamed.weights(1, streamed.blocks[1]):
             assert all(t.device.type == "cpu" for t in streamed.blocks[1].parameters())
             assert all(t.device.type == "meta" for t in streamed.blocks[0].parameters())
         assert all(t.device.type == "meta" for t in streamed.blocks.parameters())
-        assert streamed.model.lm_head.weight is not None
+        with streamed.outside(), streamed.outside():  # re-entrant
+            outside = {n: t for n, t in model.state_dict().items() if f"{streamed.prefix}." not in n}
+            assert outside and all(t.device.type == "cpu" for t in outside.values())
+            for name, tensor in outside.items():
+                assert torch.equal(tensor, reference[name]), name
+            tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+            assert tied == bool(model.config.tie_word_embeddings)
+        assert all(t.device.type == "meta" for t in model.parameters())
     finally:
         streamed.close()
 

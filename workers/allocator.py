@@ -59,6 +59,14 @@ class Heap:
         if self._libc is not None and self._settled % self._trim_every == 0:
             self._libc.malloc_trim(0)
 
+    def release(self) -> None:
+        """Between two stages of a job (evaluation, pruning, speed step): hand the heap's free pages back now.
+        Each stage allocates tensors of its own sizes, so what one stage freed mostly stays unused by the next
+        and would add to its peak (SmolLM2 quick start: the dense evaluation left ~1.2 GB of free heap that
+        the first pruned block did not reuse)."""
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+
 
 @contextmanager
 def heap_allocations(*, trim_every: int = 4) -> Iterator[Heap]:

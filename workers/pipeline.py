@@ -676,6 +676,7 @@ def _run_streamed(
         emit=emit,
     )
 
+    heap.release()
     emit(
         ProgressEvent(
             stage=Stage.PRUNE,
@@ -706,7 +707,8 @@ def _run_streamed(
         packed, packed_reason = _packing_plan(streamed, per_block, pattern, tmp, plan)
         writer = CheckpointWriter(tmp, plan)
         sink = PrunedBlocks(streamed, writer, check=lambda layers: _verify(model, list(layers), pattern), packed=packed)
-        sink.write(streamed.outside_tensors())
+        with streamed.outside():
+            sink.write(streamed.outside_tensors())
         result = prune_model_(model, calibration, config, device=device, on_block=on_block, source=sink)
         writer.finish()
         prune_seconds = result.seconds
@@ -722,10 +724,12 @@ def _run_streamed(
         packed_report = _packed_report(summary, sink.packing_failed or packed_reason)
         save_seconds = time.perf_counter() - save_started
 
+        heap.release()
         streamed.read_from(tmp)
         pruned, eval_pruned_seconds = _evaluate(
             model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_PRUNED, label="pruned", source=streamed
         )
+        heap.release()
         speed, decode = _measure_speed(
             tmp, streamed, layers, pattern, spec, device=device, emit=emit, should_stop=should_stop
         )
