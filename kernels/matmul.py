@@ -18,6 +18,12 @@ agree to rounding (tested).
 * :func:`fast_linears` – inside it, every ``nn.Linear`` and GPT-2 ``Conv1D`` of a module computes through
   :func:`linear` (a per-instance ``forward``, removed on exit; forward hooks still run).
 * :func:`mm` – ``a @ b`` for 2-D operands, the same way (the triangular inverse of the factorization).
+* 16-bit (bf16, fp16) linears on CPU: where this CPU has no 16-bit matrix arithmetic, PyTorch's bf16 product
+  converts inside its kernel and runs several times slower than fp32 (measured on the AVX2 EPYC, 2 threads:
+  [2048 × 4096] · [4096 × 11008] bf16 19.5 GFLOP/s, fp32 82). So :func:`linear` computes them as fp32 products
+  of fp32 copies, a slice of tokens at a time, rounded back to the input's dtype — the same products and fp32
+  accumulation, a different summation order — wherever that measured faster at first use
+  (:func:`upcast_pays`; on CPUs with AVX512-BF16 or AMX the native product wins and is kept).
 * :func:`gram_upper_` – accumulate the upper triangle of ``α XᵀX`` (the Hessian products, SparseGPT §3);
   :func:`cross_` – ``α AᵀB`` (the dense-target cross products).
 """
@@ -29,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import cache
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +67,10 @@ ProductKind = Literal["linear", "gram"]
 _forced: list[GemmBackend] = []  # the innermost use_cpu_gemm() wins
 
 
-def _best_seconds(runs: dict[GemmBackend, Callable[[], object]], repeats: int = 3) -> dict[GemmBackend, float]:
+_Key = TypeVar("_Key", bound=str)
+
+
+def _best_seconds(runs: dict[_Key, Callable[[], object]], repeats: int = 3) -> dict[_Key, float]:
     """Best-of-``repeats`` wall time of each run, interleaved (so a burst of load hits both alike)."""
     best = dict.fromkeys(runs, float("inf"))
     with torch.no_grad():
@@ -145,9 +154,87 @@ def _onednn_applies(*tensors: torch.Tensor, kind: ProductKind = "linear") -> boo
     )
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+_forced_upcast: list[bool] = []  # the innermost use_upcast() wins
+
+
+@cache
+def _measured_upcast(dtype: torch.dtype) -> bool:
+    """Whether fp32 products of fp32 copies beat this CPU's own ``dtype`` product, timed once at the current
+    thread count on a calibration-shaped product (x [1024, 1024] · Wᵀ [1024, 2048], ≈ 4 GFLOP, a fraction of a
+    second where the native product is slow); only where clearly (10 %) faster."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 1024, generator=generator).to(dtype)
+    w = torch.randn(2048, 1024, generator=generator).to(dtype)
+    runs: dict[str, Callable[[], object]] = {
+        "native": lambda: F.linear(x, w),
+        "upcast": lambda: _upcast_linear(x, w, None),
+    }
+    seconds = _best_seconds(runs)
+    choice = seconds["upcast"] < 0.9 * seconds["native"]
+    flops = 2 * 1024 * 1024 * 2048
+    log.info(
+        "CPU %s linears: %s (measured: native %.0f GFLOP/s, fp32 copies %.0f GFLOP/s, %d threads)",
+        dtype,
+        "fp32 copies" if choice else "native",
+        flops / seconds["native"] / 1e9,
+        flops / seconds["upcast"] / 1e9,
+        torch.get_num_threads(),
+    )
+    return choice
+
+
+def upcast_pays(dtype: torch.dtype) -> bool:
+    """Whether CPU linears in ``dtype`` (bf16, fp16) compute as fp32 products here (see the module docstring):
+    measured once per process and dtype at first call, unless :func:`use_upcast` forces it."""
+    if dtype not in HALF_DTYPES:
+        return False
+    return _forced_upcast[-1] if _forced_upcast else _measured_upcast(dtype)
+
+
+@contextmanager
+def use_upcast(upcast: bool) -> Iterator[None]:
+    """Force (or forbid) the fp32 computation of 16-bit CPU linears inside the block (tests, benchmarks)."""
+    _forced_upcast.append(upcast)
+    try:
+        yield
+    finally:
+        _forced_upcast.pop()
+
+
+def _upcast_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (
+        x.dtype in HALF_DTYPES
+        and all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and upcast_pays(x.dtype)
+    )
+
+
+def _upcast_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_bytes: int = 64 << 20
+) -> torch.Tensor:
+    """``F.linear`` of 16-bit operands as fp32 products: x [..., in], weight [out, in] → [..., out] in x's dtype.
+    The weight is converted once per call; the tokens ``chunk_bytes`` of fp32 at a time (input or output slice,
+    whichever is wider), so the fp32 copies stay bounded on long calibration inputs."""
+    w32 = weight.float()  # [out, in]
+    b32 = bias.float() if bias is not None else None
+    flat = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype)  # [tokens, out]
+    step = max(1, chunk_bytes // (4 * max(weight.shape)))
+    for start in range(0, flat.shape[0], step):
+        out[start : start + step] = linear(flat[start : start + step].float(), w32, b32)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in], weight [out, in] → [..., out]; through oneDNN where it
-    applies (CPU, fp32, no autograd, no autocast), through ``F.linear`` everywhere else."""
+    applies (CPU, fp32, no autograd, no autocast), as fp32 products for 16-bit operands where that pays
+    (:func:`upcast_pays`), through ``F.linear`` everywhere else."""
+    if x.ndim >= 2 and x.dtype in HALF_DTYPES and _upcast_applies(x, weight, bias):
+        return _upcast_linear(x, weight, bias)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if x.ndim < 2 or not _onednn_applies(*tensors):
         return F.linear(x, weight, bias)
@@ -237,11 +324,14 @@ def fast_linears(module: nn.Module) -> Iterator[None]:
 
     Each layer gets an instance ``forward`` that shadows its class's (hooks still run around it); on exit
     the attribute is removed. Layers on other devices or dtypes fall through to ``F.linear`` call by call.
-    Does nothing when this PyTorch build has no oneDNN linear or ``F.linear`` is the faster here
-    (:func:`cpu_gemm_backend`).
+    Does nothing when neither of :func:`linear`'s own routes applies to the module's CPU weights: oneDNN for
+    fp32 (this PyTorch build has it, and it is the faster here: :func:`cpu_gemm_backend`), fp32 products for
+    16-bit weights (:func:`upcast_pays`).
     """
     with ExitStack() as stack:
-        if _onednn_linear_op() is not None and cpu_gemm_backend() == "onednn":
+        dtypes = {p.dtype for p in module.parameters() if p.device.type == "cpu"}
+        onednn = torch.float32 in dtypes and _onednn_linear_op() is not None and cpu_gemm_backend() == "onednn"
+        if onednn or any(upcast_pays(dtype) for dtype in dtypes & set(HALF_DTYPES)):
             for layer in module.modules():
                 if "forward" in layer.__dict__:
                     continue  # already overridden (a nested fast_linears, or a capture stub)

@@ -14,7 +14,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from secateurs.kernels import matmul
-from secateurs.kernels.matmul import _onednn_linear_op, cross_, fast_linears, gram_upper_, linear, use_cpu_gemm
+from secateurs.kernels.matmul import (
+    _onednn_linear_op,
+    _upcast_linear,
+    cross_,
+    fast_linears,
+    gram_upper_,
+    linear,
+    upcast_pays,
+    use_cpu_gemm,
+    use_upcast,
+)
 from secateurs.workers.allocator import _glibc
 from tests.conftest import REPO_ROOT
 from tests.models import tiny_model
@@ -113,6 +123,49 @@ def test_fast_linears_covers_gpt2_conv1d(backend: str) -> None:
         with fast_linears(nn.Sequential(layer)):
             torch.testing.assert_close(layer(x), reference)
     assert "forward" not in layer.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_16_bit_linears_as_fp32_products_equal_the_native_product(dtype: torch.dtype, bias: bool) -> None:
+    """The same products with fp32 accumulation, rounded to the input's dtype: equal to the fp32 product of
+    the same 16-bit values rounded once, slice by slice of tokens (several slices here)."""
+    x = torch.randn(3, 37, 64).to(dtype)
+    weight = torch.randn(48, 64).to(dtype)
+    b = torch.randn(48).to(dtype) if bias else None
+    expected = F.linear(x.float(), weight.float(), b.float() if b is not None else None).to(dtype)
+    sliced = _upcast_linear(x, weight, b, chunk_bytes=16 * 4 * 64)  # 16 tokens a slice: 7 slices
+    assert sliced.dtype == dtype and sliced.shape == (3, 37, 48)
+    torch.testing.assert_close(sliced, expected)  # to rounding: the fp32 library may sum in its own order
+    with use_upcast(True):
+        torch.testing.assert_close(linear(x, weight, b), expected)
+    with use_upcast(False):
+        assert torch.equal(linear(x, weight, b), F.linear(x, weight, b))
+    torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b))  # whichever is measured faster
+
+
+def test_the_16_bit_choice_is_measured_once_per_dtype_and_never_for_fp32() -> None:
+    matmul._measured_upcast.cache_clear()
+    first = upcast_pays(torch.bfloat16)
+    assert upcast_pays(torch.bfloat16) is first
+    assert matmul._measured_upcast.cache_info().currsize == 1
+    assert not upcast_pays(torch.float32)
+    with use_upcast(not first):
+        assert upcast_pays(torch.bfloat16) is (not first)
+
+
+def test_fast_linears_computes_a_bf16_model_as_fp32_products_where_forced() -> None:
+    model = tiny_model("llama", num_layers=2).eval().to(torch.bfloat16)
+    ids = torch.randint(4, 128, (2, 16))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        with use_upcast(True), fast_linears(model):
+            assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear))
+            fast = model(input_ids=ids).logits
+        with use_upcast(False), use_cpu_gemm("aten"), fast_linears(model):
+            assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(fast.float(), reference.float(), rtol=0.05, atol=0.05)  # bf16 rounding per layer
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 _HEAP = """

@@ -306,6 +306,9 @@ def _capture_block_calls(
     return hidden, calls
 
 
+_SERIAL_SOLVE = 8 << 20  # weights per layer below which a CPU factorization and sweep run on one thread
+
+
 @dataclass
 class _Group:
     """Linears that read one and the same input tensor: one Hessian, one factorization."""
@@ -436,7 +439,9 @@ class _BlockPruner:
         # thread avoids an OpenMP barrier per call, which costs whole scheduler slices when the cores are
         # shared. Measured on the 2-core VM at load average ~3.7: a 1536-wide factorization took 0.18–11.3 s
         # with 2 threads, 0.15–0.25 s with 1; the 7 sweeps of a SmolLM2 block 1.1–7.9 s vs 0.17–0.25 s.
-        # The Hessian products, the refinement and the error (large products) keep every thread.
+        # The Hessian products, the refinement and the error (large products) keep every thread, and so do the
+        # factorization and sweep of large layers (at least _SERIAL_SOLVE weights: LLaMA-7B's, TinyLlama's MLP),
+        # whose lazy updates and triangular products are large enough to pay for the threads.
         group, layer, config = state.group, state.layer, self.config
         assert group is not None and group.hessian is not None
         hessian = group.hessian.hessian  # [in, in]
@@ -445,7 +450,8 @@ class _BlockPruner:
         cpu = weight.device.type == "cpu"
         if group.shift is not None:
             self._toward_dense_target(group, weight, hessian)
-        with _threads(1 if cpu else torch.get_num_threads()):
+        serial = cpu and layer.out_features * layer.in_features < _SERIAL_SOLVE
+        with _threads(1 if serial else torch.get_num_threads()):
             dampening = self._mask_and_solve(group, weight, hessian)
         if config.refine_iterations:
             damped = hessian.clone()  # the solve's dampening λ (δ · mean diag H) also regularizes the re-solve
