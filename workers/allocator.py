@@ -45,18 +45,24 @@ def _glibc() -> Any | None:
 class Heap:
     """The heap policy of one :func:`heap_allocations` context; :meth:`settle` is called between blocks."""
 
-    def __init__(self, libc: Any | None, trim_every: int) -> None:
+    def __init__(self, libc: Any | None, trim_every: int, slow_unit: float) -> None:
         self._libc = libc
         self._trim_every = trim_every
+        self._slow_unit = slow_unit
         self._settled = 0
 
-    def settle(self) -> None:
-        """Between two units of work (pruned blocks): every ``trim_every``-th call, hand the heap's free pages
+    def settle(self, seconds: float = 0.0) -> None:
+        """Between two units of work (pruned blocks; ``seconds`` the one just done took): every
+        ``trim_every``-th call, or after any unit of at least ``slow_unit`` seconds, hand the heap's free pages
         back to the kernel. Reusing freed memory in place is the point, but the heap also fragments a little
         per block; trimming now and then bounds that. Measured on SmolLM2 under P-CPU: 69.5 s and 2.6 GB peak
-        RSS never trimming, 81.3 s and 2.1 GB trimming after every block (``docs/engine.md``)."""
+        RSS never trimming, 81.3 s and 2.1 GB trimming after every block (``docs/engine.md``): ~0.4 s per trim,
+        paid again as the next block faults its pages in. Wide models' blocks take tens of seconds and free
+        hundreds of MB each (TinyLlama's shape, fp32: 2.6 GB peak RSS trimming every 4 blocks), so there the
+        trim is worth it after every block."""
         self._settled += 1
-        if self._libc is not None and self._settled % self._trim_every == 0:
+        due = self._settled % self._trim_every == 0 or seconds >= self._slow_unit
+        if self._libc is not None and due:
             self._libc.malloc_trim(0)
 
     def release(self) -> None:
@@ -69,18 +75,19 @@ class Heap:
 
 
 @contextmanager
-def heap_allocations(*, trim_every: int = 4) -> Iterator[Heap]:
+def heap_allocations(*, trim_every: int = 4, slow_unit: float = 10.0) -> Iterator[Heap]:
     """Serve large allocations from the reusable heap for the duration (see the module docstring); the
-    :class:`Heap` it yields trims the heap every ``trim_every`` calls of :meth:`Heap.settle`."""
+    :class:`Heap` it yields trims the heap every ``trim_every`` calls of :meth:`Heap.settle`, and after every
+    unit of work of at least ``slow_unit`` seconds."""
     libc = _glibc()
     if libc is None:
-        yield Heap(None, trim_every)
+        yield Heap(None, trim_every, slow_unit)
         return
     changed = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     if not changed:
         log.debug("mallopt refused the heap settings; large allocations stay on mmap")
     try:
-        yield Heap(libc, trim_every)
+        yield Heap(libc, trim_every, slow_unit)
     finally:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)

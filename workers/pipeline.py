@@ -686,7 +686,7 @@ def _run_streamed(
     )
 
     def on_block(progress: BlockProgress) -> None:
-        heap.settle()
+        heap.settle(progress.seconds)
         emit(
             ProgressEvent(
                 stage=Stage.PRUNE,
