@@ -28,6 +28,7 @@ _UPLOAD_ID = re.compile(r"^upl_[0-9a-f]{20}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 NAME_MAX = 255  # bytes in one path component (Linux, macOS, Windows)
 PATH_MAX = 4095  # bytes in a whole path (Linux's 4096 with its terminating NUL)
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # the standard index of a sharded checkpoint (transformers)
 _WHITESPACE_SCAN = 64 << 20  # a longer text is not read to its end at the door: the worker checks it anyway
 
 
@@ -140,6 +141,12 @@ def _check_model_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder} has no config.json", hint="pass a Hugging Face model folder")
     if not any(folder.glob("*.safetensors")):
+        shard = _missing_shard(folder)
+        if shard is not None:
+            raise ModelSourceError(
+                f"{folder}: {SAFETENSORS_INDEX} names {shard}, which is not there",
+                hint="the checkpoint is incomplete: download it again, with every shard its index lists",
+            )
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
         found = f" (found pickle weights: {', '.join(pickles[:3])})" if pickles else ""
         raise ModelSourceError(
@@ -162,6 +169,21 @@ def _check_model_folder(folder: Path) -> None:
             f"{folder}/config.json carries a quantization_config; secateurs prunes plain checkpoints",
             hint="dequantize the model first",
         )
+
+
+def _missing_shard(folder: Path) -> str | None:
+    """The first (by name) shard file that ``folder``'s safetensors index lists and the folder lacks; None without
+    a usable index. Only plain file names count: a name with a path in it is the worker's to judge."""
+    index = folder / SAFETENSORS_INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [str(file) for file in weight_map.values()]
+    except (ValueError, KeyError, TypeError, AttributeError):  # not an index: the plain message stands
+        return None
+    plain = [file for file in sorted(set(files)) if file not in {"", ".."} and file == PurePosixPath(file).name]
+    return next((file for file in plain if "\\" not in file and not (folder / file).is_file()), None)
 
 
 def allowed_path(raw: str, roots: list[Path], what: str) -> Path:

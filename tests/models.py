@@ -1,4 +1,5 @@
-"""Builders for tiny random-weight causal language models, one per supported architecture.
+"""Builders for tiny random-weight causal language models, one per supported architecture, and small shared helpers
+of the tests (a random model of any config pruned 2:4 and packed, a small CPU job spec, broken model folders).
 
 Every model has 2:4-friendly shapes (hidden 64, MLP 256, 4 heads, 2 KV heads where the architecture has GQA,
 vocab 128, 64 positions), so every linear layer inside a decoder block has ``in_features % 4 == 0``.
@@ -28,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from secateurs.app.schemas import JobSpec, TextSource
 
 HIDDEN = 64
 INTERMEDIATE = 256
@@ -153,6 +156,50 @@ def tiny_model(arch: str, *, seed: int = 0, num_layers: int = 2, **overrides: An
     return model.eval()
 
 
+def random_model(config: PretrainedConfig, *, seed: int = 0) -> PreTrainedModel:
+    """A random-weight fp32 causal LM built from any ``config`` (its default attention), reproducible from ``seed``."""
+    torch.manual_seed(seed)
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def save_pruned_2of4(config: PretrainedConfig, out: Path, *, seed: int = 0) -> Path:
+    """A :func:`random_model` of a LLaMA-style ``config`` with every block linear (``model.layers.*``) cut to 2:4 by
+    magnitude, saved dense (safetensors) into ``out`` and packed into ``out/packed``; returns ``out``."""
+    from secateurs.workers.packed import PACKED_DIR, write_packed
+
+    model = random_model(config, seed=seed)
+    targets: dict[str, bool] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+                weight = module.weight.view(-1, 4)  # [out·in/4, 4]
+                drop = weight.abs().argsort(dim=-1)[:, :2]  # the 2 smallest of every 4
+                weight.scatter_(-1, drop, 0.0)
+                targets[f"{name}.weight"] = False
+    model.save_pretrained(out, safe_serialization=True)
+    del model  # the memory tests save big models: the dense copy goes before packing
+    write_packed(out, out / PACKED_DIR, targets, 2, 4)
+    return out
+
+
+def job_spec(model: Path, text: Path, **changes: Any) -> JobSpec:
+    """A small CPU job on ``model``: calibrated and evaluated on ``text`` (4 calibration samples and 3 evaluation
+    windows of 32 tokens), speed not measured (on by default; tested in test_speed.py); ``changes`` override."""
+    base: dict[str, Any] = {
+        "model": str(model),
+        "calibration": TextSource(file=str(text)),
+        "calibration_samples": 4,
+        "calibration_seqlen": 32,
+        "evaluation": TextSource(file=str(text)),
+        "eval_seqlen": 32,
+        "eval_windows": 3,
+        "device": "cpu",
+        "measure_speed": False,
+    }
+    return JobSpec(**{**base, **changes})
+
+
 # Printable ASCII plus the usual whitespace: the tokenizer's alphabet, so ASCII text never maps to <unk>.
 _ALPHABET = string.printable
 _TRAINING_TEXT = (
@@ -240,7 +287,8 @@ def linear_in_features(module: torch.nn.Module) -> int | None:
 
 
 def bad_model_dir(tmp_path: Path, tiny: Path, kind: str) -> Path:
-    """A broken copy of the tiny model folder ``tiny``: pickle, remote, encoder, odd or mismatch."""
+    """A broken copy of the tiny model folder ``tiny``: pickle, remote, encoder, odd, mismatch or shardless (an
+    index naming two shards, neither of them there)."""
     folder = tmp_path / kind
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -248,6 +296,11 @@ def bad_model_dir(tmp_path: Path, tiny: Path, kind: str) -> Path:
     config = json.loads((tiny / "config.json").read_text())
     if kind == "pickle":
         (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    elif kind == "shardless":  # e.g. a download that fetched the index but none of the shards
+        shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+        weight_map = {"lm_head.weight": shards[1], "model.embed_tokens.weight": shards[0]}  # sorted by tensor name
+        index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     else:
         (folder / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
     if kind == "remote":

@@ -13,14 +13,15 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from secateurs.app.errors import DataSourceError, OutputExistsError
-from secateurs.app.schemas import JobSpec, ProgressEvent, Report, TextSource
+from secateurs.app.errors import DataSourceError, ModelSourceError, OutputExistsError
+from secateurs.app.schemas import ProgressEvent, Report, TextSource
+from secateurs.app.sources import check_model_folder
 from secateurs.kernels.patterns import satisfies_nm
 from secateurs.workers.cli import cli
 from secateurs.workers.pipeline import JobCancelled, run_job
 from secateurs.workers.storage import TMP_PREFIX
 from tests.conftest import TinyDir
-from tests.models import bad_model_dir
+from tests.models import bad_model_dir, job_spec
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -33,21 +34,6 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def _spec(model: Path, text: Path, **changes: object) -> JobSpec:
-    base: dict[str, object] = {
-        "model": str(model),
-        "calibration": TextSource(file=str(text)),
-        "calibration_samples": 4,
-        "calibration_seqlen": 32,
-        "evaluation": TextSource(file=str(text)),
-        "eval_seqlen": 32,
-        "eval_windows": 3,
-        "device": "cpu",
-        "measure_speed": False,  # on by default; tested in test_speed.py
-    }
-    return JobSpec(**{**base, **changes})  # type: ignore[arg-type]
-
-
 def _no_leftovers(parent: Path) -> bool:
     return not any(p.name.startswith(TMP_PREFIX) for p in parent.iterdir())
 
@@ -58,7 +44,7 @@ def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
 ) -> None:
     out = tmp_path / "out"
     events = []
-    report = run_job(_spec(tiny_dir(arch), text_file), events.append, output_dir=out)
+    report = run_job(job_spec(tiny_dir(arch), text_file), events.append, output_dir=out)
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     model = AutoModelForCausalLM.from_pretrained(out)
     names = {layer.name for layer in report.layers}
@@ -101,13 +87,13 @@ def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
 
 def test_evaluation_streams_one_block_at_a_time(tiny_dir: TinyDir, text_file: Path, tmp_path: Path) -> None:
     events: list[ProgressEvent] = []
-    run_job(_spec(tiny_dir("llama"), text_file), events.append, output_dir=tmp_path / "out")
+    run_job(job_spec(tiny_dir("llama"), text_file), events.append, output_dir=tmp_path / "out")
     evaluations = [e for e in events if e.stage in ("evaluate_dense", "evaluate_pruned") and "windows" in e.message]
     assert len(evaluations) == 2 and all("one block at a time" in e.message for e in evaluations)
 
 
 def test_zeros_are_stored_in_place_in_safetensors(tiny_dir: TinyDir, text_file: Path, tmp_path: Path) -> None:
-    run_job(_spec(tiny_dir("qwen2"), text_file, evaluation=None), output_dir=tmp_path / "out")
+    run_job(job_spec(tiny_dir("qwen2"), text_file, evaluation=None), output_dir=tmp_path / "out")
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     q = tensors["model.layers.0.self_attn.q_proj.weight"]
     assert satisfies_nm(q, 2, 4) and float((q == 0).float().mean()) == pytest.approx(0.5)
@@ -120,7 +106,7 @@ def test_an_existing_output_is_refused_before_any_work_unless_overwrite(
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    spec = _spec(tiny_dir("llama"), text_file, evaluation=None)
+    spec = job_spec(tiny_dir("llama"), text_file, evaluation=None)
     with pytest.raises(OutputExistsError, match="not empty"):
         run_job(spec, output_dir=out)
     assert (out / "keep.txt").read_text() == "mine"
@@ -131,7 +117,7 @@ def test_an_existing_output_is_refused_before_any_work_unless_overwrite(
 
 def test_cancel_between_blocks_leaves_nothing(tiny_dir: TinyDir, text_file: Path, tmp_path: Path) -> None:
     with pytest.raises(JobCancelled, match="after block 1 of 2"):
-        run_job(_spec(tiny_dir("llama"), text_file), output_dir=tmp_path / "out", should_stop=lambda: True)
+        run_job(job_spec(tiny_dir("llama"), text_file), output_dir=tmp_path / "out", should_stop=lambda: True)
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
 
 
@@ -140,7 +126,7 @@ def test_too_short_evaluation_text_fails_before_pruning(tiny_dir: TinyDir, text_
     short.write_text("only a few words here")
     with pytest.raises(DataSourceError, match="fewer than one window"):
         run_job(
-            _spec(tiny_dir("llama"), text_file, evaluation=TextSource(file=str(short))),
+            job_spec(tiny_dir("llama"), text_file, evaluation=TextSource(file=str(short))),
             output_dir=tmp_path / "o",
         )
 
@@ -161,6 +147,7 @@ def _prune_args(model: Path, text: Path, out: Path) -> list[str]:
     ("change", "message"),
     [
         ({"model": "pickle"}, "no *.safetensors weights (found pickle weights: pytorch_model.bin)"),
+        ({"model": "shardless"}, "model.safetensors.index.json names model-00001-of-00002.safetensors, which is not"),
         ({"model": "remote"}, "needs remote code"),
         ({"model": "encoder"}, "not a causal language model"),
         ({"model": "odd"}, "has 250 input features, not a multiple of M=4"),
@@ -193,6 +180,27 @@ def test_bad_input_gets_one_clear_message_and_no_output(
     assert message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
     assert not out.exists() and _no_leftovers(tmp_path)
+
+
+def test_a_folder_without_safetensors_names_the_first_missing_shard_of_its_index(
+    tiny_dir: TinyDir, tmp_path: Path
+) -> None:
+    """The door names what the index promises (the streamed loader's own message would come later); with no index,
+    or one that is no safetensors index, the folder simply has no *.safetensors weights."""
+    folder = bad_model_dir(tmp_path, tiny_dir("llama"), "shardless")
+    with pytest.raises(ModelSourceError) as err:
+        check_model_folder(folder)
+    assert err.value.message == (
+        f"{folder}: model.safetensors.index.json names model-00001-of-00002.safetensors, which is not there"
+    )
+    assert err.value.hint and "download it again" in err.value.hint
+    for index in ("not json", json.dumps({"weight_map": []}), None):
+        if index is None:
+            (folder / "model.safetensors.index.json").unlink()
+        else:
+            (folder / "model.safetensors.index.json").write_text(index)
+        with pytest.raises(ModelSourceError, match=r"has no \*\.safetensors weights; secateurs never loads pickle"):
+            check_model_folder(folder)
 
 
 def test_the_documented_prune_command_works_as_a_console_script(tiny_dir: TinyDir, tmp_path: Path) -> None:

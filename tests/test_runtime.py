@@ -30,10 +30,10 @@ from secateurs.kernels.sparse.packing import (
     register_packed_kernel,
     unregister_packed_kernel,
 )
-from secateurs.workers.packed import MANIFEST_NAME, PACKED_DIR, PACKED_FILE, write_packed
+from secateurs.workers.packed import MANIFEST_NAME, PACKED_DIR, PACKED_FILE
 from secateurs.workers.pipeline import run_job
 from secateurs.workers.runtime import paths_that_ran
-from tests.models import tiny_model_dir
+from tests.models import save_pruned_2of4, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 Pruned = Callable[[str], Path]
@@ -189,23 +189,6 @@ _RSS_PROBE = textwrap.dedent(
 )
 
 
-def _save_packed_2of4(config: object, out: Path) -> None:
-    """A random model of ``config`` with every block linear cut to 2:4 by magnitude, saved dense and packed."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    targets: dict[str, bool] = {}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-                weight = module.weight.view(-1, 4)  # [out·in/4, 4]
-                drop = weight.abs().argsort(dim=-1)[:, :2]  # the 2 smallest of every 4
-                weight.scatter_(-1, drop, 0.0)
-                targets[f"{name}.weight"] = False
-    model.save_pretrained(out, safe_serialization=True)
-    del model
-    write_packed(out, out / PACKED_DIR, targets, 2, 4)
-
-
 def test_loading_never_materializes_the_dense_pruned_weights(tmp_path: Path) -> None:
     """A ~100 MB fp32 model whose bytes are nearly all in pruned linears: loading its packed form (17/32 of
     those bytes) must add well under the dense checkpoint's size to the process, peak included. Generous (0.8x),
@@ -224,8 +207,8 @@ def test_loading_never_materializes_the_dense_pruned_weights(tmp_path: Path) -> 
         max_position_embeddings=64,
     )
     out, tiny = tmp_path / "out", tmp_path / "tiny"
-    _save_packed_2of4(config, out)
-    _save_packed_2of4(LlamaConfig(**{**config.to_dict(), "hidden_size": 64, "intermediate_size": 128}), tiny)
+    save_pruned_2of4(config, out)
+    save_pruned_2of4(LlamaConfig(**{**config.to_dict(), "hidden_size": 64, "intermediate_size": 128}), tiny)
     dense_bytes = (out / "model.safetensors").stat().st_size
     probe = subprocess.run(
         [sys.executable, "-c", _RSS_PROBE, str(out), str(tiny)],

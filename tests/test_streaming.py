@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from secateurs.app.errors import ModelSourceError, StorageError
-from secateurs.app.schemas import JobSpec, TextSource
+from secateurs.app.schemas import JobSpec
 from secateurs.kernels.measure.perplexity import eval_windows, perplexity
 from secateurs.kernels.pruning.driver import PruneConfig, prune_model_
 from secateurs.workers import pipeline, streaming, tensorfile
@@ -28,7 +28,7 @@ from secateurs.workers.packed import PACKED_DIR, PACKED_FILE, load_dense_model, 
 from secateurs.workers.pipeline import run_job
 from secateurs.workers.storage import TMP_PREFIX
 from secateurs.workers.streaming import INDEX_NAME, StreamedModel
-from tests.models import tiny_model, tiny_tokenizer
+from tests.models import job_spec, random_model, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,21 +48,6 @@ def _sharded_dir(arch: str, path: Path, *, num_layers: int = 3, shard: str = "40
     tiny_tokenizer().save_pretrained(path)
     assert (path / INDEX_NAME).is_file() and len(list(path.glob("*.safetensors"))) > 2
     return path
-
-
-def _spec(model: Path, text: Path, **changes: Any) -> JobSpec:
-    base: dict[str, Any] = {
-        "model": str(model),
-        "calibration": TextSource(file=str(text)),
-        "calibration_samples": 4,
-        "calibration_seqlen": 32,
-        "evaluation": TextSource(file=str(text)),
-        "eval_seqlen": 32,
-        "eval_windows": 3,
-        "device": "cpu",
-        "measure_speed": False,
-    }
-    return JobSpec(**{**base, **changes})
 
 
 def _in_memory(folder: Path, spec: JobSpec) -> tuple[dict[str, torch.Tensor], float, float]:
@@ -95,7 +80,7 @@ def test_a_streamed_job_writes_the_in_memory_paths_tensors_bit_for_bit(
     arch: str, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = _sharded_dir(arch, tmp_path / "source")
-    spec = _spec(source, text_file)
+    spec = job_spec(source, text_file)
     state, dense, pruned = _in_memory(source, spec)
     monkeypatch.setattr(streaming, "MAX_SHARD_BYTES", 60_000)  # the output is sharded too
     out = tmp_path / "out"
@@ -119,7 +104,7 @@ def test_the_streamed_packed_copy_equals_the_one_packed_from_the_finished_folder
 ) -> None:
     monkeypatch.setattr(streaming, "MAX_SHARD_BYTES", 60_000)
     out = tmp_path / "out"
-    run_job(_spec(_sharded_dir("gpt2", tmp_path / "source"), text_file), output_dir=out)
+    run_job(job_spec(_sharded_dir("gpt2", tmp_path / "source"), text_file), output_dir=out)
     streamed = json.loads((out / PACKED_DIR / "manifest.json").read_text())
     targets = {name: bool(record["transposed"]) for name, record in streamed["tensors"].items() if record["packed"]}
     write_packed(out, tmp_path / "again", targets, 2, 4)
@@ -139,7 +124,7 @@ def test_the_streamed_packed_copy_equals_the_one_packed_from_the_finished_folder
 
 def test_a_magnitude_job_streams_without_calibration(text_file: Path, tmp_path: Path) -> None:
     source = _sharded_dir("llama", tmp_path / "source")
-    report = run_job(_spec(source, text_file, method="magnitude", evaluation=None), output_dir=tmp_path / "out")
+    report = run_job(job_spec(source, text_file, method="magnitude", evaluation=None), output_dir=tmp_path / "out")
     assert report.sparsity.verified and report.packed is not None and report.packed.written
 
 
@@ -155,7 +140,7 @@ def test_an_index_naming_a_missing_shard_is_named(text_file: Path, tmp_path: Pat
     shard = sorted(source.glob("*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(ModelSourceError, match=rf"{INDEX_NAME} puts tensor .* in shard {shard.name}, which is not"):
-        run_job(_spec(source, text_file), output_dir=tmp_path / "out")
+        run_job(job_spec(source, text_file), output_dir=tmp_path / "out")
     assert _no_output(tmp_path, tmp_path / "out")
 
 
@@ -165,7 +150,7 @@ def test_a_shard_whose_shapes_disagree_with_the_config_is_named(text_file: Path,
     config["intermediate_size"] = 128
     (source / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelSourceError, match=r"model-\d+-of-\d+\.safetensors: tensor model\.layers\.0\.mlp\.") as err:
-        run_job(_spec(source, text_file), output_dir=tmp_path / "out")
+        run_job(job_spec(source, text_file), output_dir=tmp_path / "out")
     assert "config.json implies [128, 64]" in str(err.value)
     assert _no_output(tmp_path, tmp_path / "out")
 
@@ -188,7 +173,7 @@ def test_a_disk_that_fills_up_mid_write_fails_the_job_and_leaves_nothing(
     monkeypatch.setattr(tensorfile.TensorWriter, "_write", filling)
     out = tmp_path / "out"
     with pytest.raises(StorageError, match=r"could not write .*model-\d+-of-\d+\.safetensors: the disk is full") as err:
-        run_job(_spec(source, text_file), output_dir=out)
+        run_job(job_spec(source, text_file), output_dir=out)
     assert err.value.hint and "free disk space" in err.value.hint
     assert _no_output(tmp_path, out)
 
@@ -213,7 +198,7 @@ def test_a_retried_job_leaves_exactly_one_complete_output(text_file: Path, tmp_p
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
     remove_stale_temps(out)  # what the worker does before each attempt
-    run_job(_spec(source, text_file, evaluation=None), output_dir=out, overwrite=True)
+    run_job(job_spec(source, text_file, evaluation=None), output_dir=out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)] == []
     AutoModelForCausalLM.from_pretrained(out)
     assert {p.name for p in out.glob("*.safetensors")} == {"model.safetensors"}
@@ -290,8 +275,7 @@ def test_peak_memory_of_a_streamed_job_does_not_grow_with_the_model(tmp_path: Pa
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = random_model(config)
     mid = tmp_path / "mid"
     model.save_pretrained(mid, max_shard_size="8MB")
     tiny_tokenizer().save_pretrained(mid)
