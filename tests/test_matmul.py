@@ -198,3 +198,37 @@ def test_heap_allocations_keep_large_tensors_on_the_heap_and_give_the_pages_back
     on_heap, released = map(int, done.stdout.split())
     assert on_heap == 1
     assert released > 48 << 20
+
+
+_LARGE = """
+import resource, torch
+from secateurs.workers.allocator import heap_allocations
+
+def heap_range():
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            return [int(part, 16) for part in line.split()[0].split("-")]
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+with heap_allocations() as heap:
+    heap.map_large_allocations()
+    small = torch.ones(1 << 20)  # 4 MiB: still served by the heap
+    low, high = heap_range()
+    small_on_heap = low <= small.data_ptr() < high
+    tensor = torch.ones(16 << 20)  # 64 MiB: a mapping of its own
+    large_on_heap = low <= tensor.data_ptr() < high
+    before = resident()
+    del tensor
+    released = before - resident()  # given back at once, no trim needed
+print(int(small_on_heap), int(large_on_heap), released)
+"""
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
+def test_large_block_mode_maps_large_tensors_and_gives_them_back_when_freed() -> None:
+    done = subprocess.run([sys.executable, "-c", _LARGE], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    small_on_heap, large_on_heap, released = map(int, done.stdout.split())
+    assert (small_on_heap, large_on_heap) == (1, 0)
+    assert released > 48 << 20

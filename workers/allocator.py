@@ -24,8 +24,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # mallopt(3) parameters and glibc's defaults for them
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 128 * 1024, 65536
+_LARGE_MAPPED = 32 << 20  # large-block mode: allocations from this size get their own mapping (glibc's maximum)
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int: ~2 GiB of free heap top is kept before trimming
 
 
@@ -50,6 +51,18 @@ class Heap:
         self._trim_every = trim_every
         self._slow_unit = slow_unit
         self._settled = 0
+
+    def map_large_allocations(self) -> None:
+        """For the rest of the context (models with large blocks): allocations of 32 MiB and more get their own
+        mapping again, given back the moment they are freed; smaller ones keep reusing the heap, which is trimmed
+        after every unit. Reusing the heap in place fragments it by hundreds of MB per block when each block
+        allocates Hessians of 0.5 GB and weights of 100+ MB (a LLaMA-7B-shaped job: 4.26 GB peak RSS against
+        3.2 GB of live tensors), while faulting those pages in again costs about a second of a block's minutes."""
+        self._trim_every = 1
+        if self._libc is not None:
+            self._libc.mallopt(_M_MMAP_THRESHOLD, _LARGE_MAPPED)
+            self._libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            self._libc.malloc_trim(0)
 
     def settle(self, seconds: float = 0.0) -> None:
         """Between two units of work (pruned blocks; ``seconds`` the one just done took): every
@@ -90,6 +103,7 @@ def heap_allocations(*, trim_every: int = 4, slow_unit: float = 10.0) -> Iterato
         yield Heap(libc, trim_every, slow_unit)
     finally:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
 

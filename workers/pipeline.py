@@ -607,6 +607,12 @@ def _run(
         streamed.close()
 
 
+# One block's weights (at the job's dtype) from which the job maps its large allocations instead of reusing the
+# heap (:meth:`secateurs.workers.allocator.Heap.map_large_allocations`): TinyLlama's shape in fp32 (176 MB) and
+# LLaMA-7B's in bf16 (404 MB) are above, SmolLM2's (14 MB) and Gemma-3-270M's (~20 MB) below.
+_LARGE_BLOCK_BYTES = 64 << 20
+
+
 def _run_streamed(
     spec: JobSpec,
     *,
@@ -629,6 +635,8 @@ def _run_streamed(
     pattern = config.pattern
     model = streamed.model
     _, blocks, per_block = plan_layers(model, config)  # shape errors surface here, before any heavy work
+    if sum(t.numel() * t.element_size() for t in blocks[0].parameters()) >= _LARGE_BLOCK_BYTES:
+        heap.map_large_allocations()
     load_seconds = clock.since()
     bos = _bos_id(spec, tokenizer)
 
