@@ -226,6 +226,17 @@ def test_the_streamed_model_holds_weights_only_while_the_driver_needs_them(tmp_p
             tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
             assert tied == bool(model.config.tie_word_embeddings)
         assert all(t.device.type == "meta" for t in model.parameters())
+        with streamed.outside(head=False):  # what the capture enters: an untied head stays released
+            assert model.get_input_embeddings().weight.device.type == "cpu"
+            assert model.get_output_embeddings().weight.device.type == ("cpu" if tied else "meta")
+            if not tied:
+                with pytest.raises(RuntimeError, match="head was not read"), streamed.outside():
+                    pass
+        assert all(t.device.type == "meta" for t in model.parameters())
+        written = dict(streamed.read_outside_tensors())  # one at a time, what the job writes
+        assert [name for name, _ in streamed.outside_tensors()] == list(written)
+        for name, tensor in written.items():
+            assert torch.equal(tensor, reference[name]), name
     finally:
         streamed.close()
 

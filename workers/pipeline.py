@@ -715,8 +715,7 @@ def _run_streamed(
         packed, packed_reason = _packing_plan(streamed, per_block, pattern, tmp, plan)
         writer = CheckpointWriter(tmp, plan)
         sink = PrunedBlocks(streamed, writer, check=lambda layers: _verify(model, list(layers), pattern), packed=packed)
-        with streamed.outside():
-            sink.write(streamed.outside_tensors())
+        sink.write(streamed.read_outside_tensors())  # one tensor in memory at a time
         result = prune_model_(model, calibration, config, device=device, on_block=on_block, source=sink)
         writer.finish()
         prune_seconds = result.seconds

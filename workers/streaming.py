@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,7 @@ class StreamedModel:
         self.files = CheckpointFiles(folder)
         self._keys = _renamed_keys(self.model, self.files.names())  # model name → checkpoint name
         self._outside_depth = 0  # nesting of :meth:`outside`
+        self._outside_head = True  # whether the outermost :meth:`outside` read the head
         try:
             self._check_outside()
             self._check_blocks()
@@ -223,10 +224,14 @@ class StreamedModel:
             tie()
 
     @contextmanager
-    def outside(self) -> Iterator[None]:
+    def outside(self, *, head: bool = True) -> Iterator[None]:
         """The non-block tensors read from the checkpoint (and tied as transformers ties them) for the duration,
-        back on the meta device after (re-entrant: only the outermost entry reads and releases)."""
+        back on the meta device after (re-entrant: only the outermost entry reads and releases). ``head=False``
+        leaves an untied output head (``lm_head``) on the meta device: entering the first block does not need it
+        (on TinyLlama's shape in fp32 it is 0.4 GB)."""
         if self._outside_depth:
+            if head and not self._outside_head:
+                raise RuntimeError("outside(head=True) inside outside(head=False): the head was not read")
             self._outside_depth += 1
             try:
                 yield
@@ -235,12 +240,18 @@ class StreamedModel:
             return
         inside = f"{self.prefix}."
         metas = {n: t for n, t in _tensors(self.model).items() if not n.startswith(inside) and t.device.type == "meta"}
-        self._outside_depth = 1
+        skipped = set() if head else self._head_names()
+        self._outside_depth, self._outside_head = 1, head
         try:
             for name, tensor in self._outside_to_read().items():
-                _set_tensor(self.model, name, self._read(name, tensor))
+                if name not in skipped:
+                    _set_tensor(self.model, name, self._read(name, tensor))
             self._tie()
-            left = [n for n, t in _tensors(self.model).items() if not n.startswith(inside) and t.device.type == "meta"]
+            left = [
+                n
+                for n, t in _tensors(self.model).items()
+                if not n.startswith(inside) and t.device.type == "meta" and n not in skipped
+            ]
             if left:
                 raise ModelSourceError(f"{self.folder} has no tensor {left[0]}", hint=_CHECKPOINT_HINT)
             yield
@@ -249,6 +260,17 @@ class StreamedModel:
             for name, meta in metas.items():  # tied copies too: no reference to a read tensor is left
                 _set_tensor(self.model, name, torch.empty_like(meta, device="meta"))
             self._tie()  # as built: tied on the meta device
+
+    def _head_names(self) -> set[str]:
+        """The tensors of the model's output head (``get_output_embeddings``), by model name."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        module = get() if callable(get) else None
+        if module is None:
+            return set()
+        for prefix, candidate in self.model.named_modules():
+            if candidate is module:
+                return {f"{prefix}.{name}" if prefix else name for name in _tensors(module)}
+        return set()
 
     def _check_blocks(self) -> None:
         """Every block tensor is in the checkpoint with the shape config.json implies (headers only: a bad
@@ -280,17 +302,29 @@ class StreamedModel:
         """Block ``index``'s (materialized) tensors under their checkpoint names."""
         return [(self.stored_name(f"{self.prefix}.{index}.{n}"), t.detach()) for n, t in _tensors(block).items()]
 
-    def outside_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """The non-block tensors as a checkpoint stores them: tied copies once, under the name kept by
-        transformers (the tie's source). Inside :meth:`outside` only (elsewhere they are on the meta device)."""
+    def _outside_entries(self) -> list[tuple[str, torch.Tensor]]:
+        """(model name, the model's tensor) of every non-block tensor a checkpoint stores: tied copies once,
+        under the name kept by transformers (the tie's source)."""
         out: list[tuple[str, torch.Tensor]] = []
         seen: set[int] = set()
         for name, tensor in sorted(_tensors(self.model).items(), key=lambda item: item[0] in _tied(self.model)):
             if name.startswith(f"{self.prefix}.") or id(tensor) in seen:
                 continue  # a block's, or a tied copy (its source comes first: the one transformers saves)
             seen.add(id(tensor))
-            out.append((self.stored_name(name), tensor.detach()))
+            out.append((name, tensor))
         return out
+
+    def outside_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The non-block tensors as a checkpoint stores them, under their stored names (on the meta device
+        outside :meth:`outside`: names, dtypes and shapes, as :func:`plan_checkpoint` needs)."""
+        return [(self.stored_name(name), tensor.detach()) for name, tensor in self._outside_entries()]
+
+    def read_outside_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The same tensors as :meth:`outside_tensors`, in the same order, each read from the checkpoint only
+        when the consumer asks for it (the writer holds one at a time, not all of them)."""
+        for name, tensor in self._outside_entries():
+            real = tensor if tensor.device.type != "meta" else self._read(name, tensor)
+            yield self.stored_name(name), real.detach()
 
     @contextmanager
     def weights(self, index: int, block: nn.Module, *, trim: bool = True) -> Iterator[None]:
@@ -361,8 +395,8 @@ class PrunedBlocks:
     def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]:
         return self.source.weights(index, block, trim=False)  # the job's Heap trims between pruned blocks
 
-    def outside(self) -> AbstractContextManager[None]:
-        return self.source.outside()
+    def outside(self, *, head: bool = True) -> AbstractContextManager[None]:
+        return self.source.outside(head=head)
 
     def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None:
         self.verified = self.check(layers) and self.verified
@@ -370,7 +404,7 @@ class PrunedBlocks:
             self.stop_packing("the saved weights do not satisfy the pattern (not verified)")
         self.write(self.source.block_tensors(index, block))
 
-    def write(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def write(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Tensors to the checkpoint (and the packed copy), in the plan's order."""
         for name, tensor in tensors:
             if self.packed is not None:

@@ -137,9 +137,10 @@ class BlockSource(Protocol):
 
     def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]: ...
 
-    def outside(self) -> AbstractContextManager[None]:
+    def outside(self, *, head: bool = True) -> AbstractContextManager[None]:
         """The tensors outside the blocks (embeddings, final norm, head) are real inside this context: the driver
-        enters it only to reach the first block (capture) and to leave the last one (the head)."""
+        enters it only to reach the first block (capture, ``head=False``: the output head may stay released) and
+        to leave the last one (the head)."""
         ...
 
     def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None: ...
@@ -151,7 +152,7 @@ class ResidentBlocks:
     def weights(self, index: int, block: nn.Module) -> AbstractContextManager[None]:
         return nullcontext()
 
-    def outside(self) -> AbstractContextManager[None]:
+    def outside(self, *, head: bool = True) -> AbstractContextManager[None]:
         return nullcontext()
 
     def pruned(self, index: int, block: nn.Module, layers: tuple[LayerResult, ...]) -> None:
@@ -207,18 +208,20 @@ def _inference_mode(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
-    """Move the *own* parameters and buffers of ``modules`` to ``device``, and back on exit."""
+    """Move the *own* parameters and buffers of ``modules`` to ``device``, and back on exit (tensors on the meta
+    device, released by a :class:`BlockSource`, stay there)."""
     homes: list[tuple[nn.Module, torch.device]] = []
     for module in modules:
         tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        tensors = [t for t in tensors if t.device.type != "meta"]
         if tensors:
             homes.append((module, tensors[0].device))
-            module._apply(lambda t: t.to(device), recurse=False)
+            module._apply(lambda t: t if t.device.type == "meta" else t.to(device), recurse=False)
     try:
         yield
     finally:
         for module, home in homes:
-            module._apply(lambda t, home=home: t.to(home), recurse=False)
+            module._apply(lambda t, home=home: t if t.device.type == "meta" else t.to(home), recurse=False)
 
 
 @contextmanager
@@ -630,7 +633,7 @@ def prune_model_(
     one_pass = len(chunks) == 1
     results = []
     with _inference_mode(model):
-        with source.outside():
+        with source.outside(head=False):
             hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
         dense_hidden = hidden[0] if config.dense_target else None  # the dense model's stream (one pass)
         for index, (block, layers) in enumerate(zip(blocks, per_block, strict=True)):
@@ -754,7 +757,7 @@ def heads_by_block(
         log.warning(_NO_LOGITS_TO_KEEP, type(model).__name__)
     source = source or ResidentBlocks()
     with _inference_mode(model):
-        with source.outside():
+        with source.outside(head=False):
             hidden, calls = _capture_block_calls(model, blocks, chunks, compute)
         hidden = [h.to(store) for h in hidden]
         wrapped = False
