@@ -435,7 +435,11 @@ def plan_checkpoint(streamed: StreamedModel) -> list[tuple[str, torch.dtype, tup
     return plan
 
 
-MAX_SHARD_BYTES = 50 * 10**9  # transformers' save_pretrained default ("50GB")
+# Shards of at most 5 GB (transformers 4's save_pretrained default, and what most hub checkpoints use; transformers
+# 5's default is 50 GB). safetensors memory-maps a whole file when transformers loads it, and a file larger than
+# the machine's memory may not map at all: the 13B-shaped run's single 26.4 GB file on the 24 GB VM failed with
+# "unable to mmap ... Cannot allocate memory" in from_pretrained, even on the meta device.
+MAX_SHARD_BYTES = 5 * 10**9
 
 
 class CheckpointWriter:
