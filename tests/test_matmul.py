@@ -168,7 +168,8 @@ def test_fast_linears_computes_a_bf16_model_as_fp32_products_where_forced() -> N
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-_HEAP = """
+# What both heap probes below need: where the heap lies and how much is resident.
+_PROBE = """
 import resource, torch
 from secateurs.workers.allocator import heap_allocations
 
@@ -179,7 +180,11 @@ def heap_range():
 
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+"""
 
+_HEAP = (
+    _PROBE
+    + """
 with heap_allocations():
     tensor = torch.ones(16 << 20)  # 64 MiB, above glibc's largest mmap threshold
     low, high = heap_range()
@@ -189,6 +194,7 @@ with heap_allocations():
 released = kept - resident()  # the heap was trimmed on exit
 print(int(on_heap), released)
 """
+)
 
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
@@ -200,18 +206,9 @@ def test_heap_allocations_keep_large_tensors_on_the_heap_and_give_the_pages_back
     assert released > 48 << 20
 
 
-_LARGE = """
-import resource, torch
-from secateurs.workers.allocator import heap_allocations
-
-def heap_range():
-    for line in open("/proc/self/maps"):
-        if line.rstrip().endswith("[heap]"):
-            return [int(part, 16) for part in line.split()[0].split("-")]
-
-def resident():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-
+_LARGE = (
+    _PROBE
+    + """
 with heap_allocations() as heap:
     heap.map_large_allocations()
     small = torch.ones(1 << 20)  # 4 MiB: still served by the heap
@@ -224,6 +221,7 @@ with heap_allocations() as heap:
     released = before - resident()  # given back at once, no trim needed
 print(int(small_on_heap), int(large_on_heap), released)
 """
+)
 
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
