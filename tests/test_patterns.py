@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from secateurs.kernels import patterns
 from secateurs.kernels.errors import PatternError
 from secateurs.kernels.patterns import SparsityPattern, nm_prune_mask, prune_mask, satisfies_nm, sparsity_of
 
@@ -30,6 +31,19 @@ def test_pattern_check_rejects_dense_groups() -> None:
     weight[:, ::2] = 0
     assert satisfies_nm(weight, 2, 4)
     assert not satisfies_nm(torch.zeros(4, 6), 2, 4)  # width not a multiple of M
+
+
+def test_pattern_check_reads_every_slice_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check walks the rows a slice at a time (no int64 temporary of the weight's size): a dense group in the
+    last row of the last slice is still found, and the zero count equals the one-shot reference."""
+    monkeypatch.setattr(patterns, "_CHUNK_ELEMENTS", 3 * 16)  # slices of 3 rows of 16 inputs
+    weight = torch.randn(10, 16)
+    weight.masked_fill_(nm_prune_mask(weight.abs(), 2, 4), 0)
+    weight[3, 5] = -0.0  # a negative zero is a zero
+    assert satisfies_nm(weight, 2, 4)
+    assert sparsity_of(weight) == float((weight == 0).sum()) / weight.numel()
+    weight[9, 12:16] = 1.0
+    assert not satisfies_nm(weight, 2, 4)
 
 
 @pytest.mark.parametrize(("n", "m"), [(3, 2), (0, 4), (4, 4)])

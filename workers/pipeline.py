@@ -56,7 +56,7 @@ from secateurs.kernels.errors import FactorizationError, PatternError
 from secateurs.kernels.matmul import cpu_gemm_backend
 from secateurs.kernels.measure.perplexity import Perplexity, eval_windows, perplexity
 from secateurs.kernels.measure.speed import sparse_paths
-from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
+from secateurs.kernels.patterns import SparsityPattern, satisfies_nm, sparsity_of
 from secateurs.kernels.pruning.discovery import PrunableLayer
 from secateurs.kernels.pruning.driver import (
     BlockProgress,
@@ -304,7 +304,7 @@ def _verify(model: nn.Module, results: list[LayerResult], pattern: SparsityPatte
             assert pattern.n is not None and pattern.m is not None
             if not satisfies_nm(weight, pattern.n, pattern.m):
                 return False
-        elif float((weight == 0).float().mean()) < pattern.sparsity - 0.01:
+        elif sparsity_of(weight) < pattern.sparsity - 0.01:
             return False
     return True
 
