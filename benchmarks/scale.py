@@ -327,7 +327,9 @@ def environment() -> dict[str, Any]:
     memory = 0
     with contextlib.suppress(OSError, IndexError, ValueError):
         memory = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     return {
+        "code": commit.stdout.strip() or "unknown (not a git checkout)",
         "cpu": cpu,
         "cpu_flags": flags,
         "cores": os.cpu_count(),
