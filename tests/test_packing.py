@@ -79,6 +79,20 @@ def test_the_same_weight_always_packs_to_the_same_bytes() -> None:
     assert torch.equal(bits(a.values), bits(b.values)) and torch.equal(a.indices, b.indices)
 
 
+def test_packing_a_slice_of_rows_at_a_time_gives_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing walks the rows in slices (temporaries of a slice, not of the weight): slices of 3 rows, the last one
+    short, give the bytes of one pass, and a refusal found in a late slice still counts the whole weight."""
+    weight = nm_weight((11, 64), 2, 4, torch.float32)
+    whole = pack_nm(weight)
+    monkeypatch.setattr(packing, "_PACK_CHUNK_ELEMENTS", 3 * 64)
+    sliced = pack_nm(weight)
+    assert torch.equal(bits(sliced.values), bits(whole.values)) and torch.equal(sliced.indices, whole.indices)
+    weight[6, 0:4] = 1.0  # found in the third slice (rows 6..8)
+    weight[10, 60:64] = 1.0  # in the last one, never reached: still counted
+    with pytest.raises(PackingError, match=r"2 of 176 groups .* row 6, columns 0\.\.3 hold 4"):
+        pack_nm(weight)
+
+
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("k", [1, 7, 8, 33])
 def test_bit_packing_round_trips(width: int, k: int) -> None:

@@ -124,6 +124,9 @@ def _check_pattern(name: str, shape: tuple[int, ...], n: int, m: int) -> None:
         raise PackingError(f"{name}: {shape[1]} input columns is not a multiple of M={m}; {n}:{m} cannot apply")
 
 
+_PACK_CHUNK_ELEMENTS = 1 << 20  # weights per slice of rows while packing
+
+
 @functools.lru_cache(maxsize=32)
 def _kept_table(n: int, m: int) -> torch.Tensor:
     """For every group bitmask (bit j set = position j non-zero), the n positions kept: [2**m, n] uint8.
@@ -151,17 +154,25 @@ def pack_nm(weight: torch.Tensor, n: int = 2, m: int = 4, *, name: str = "weight
     out, inp = weight.shape
     groups = inp // m
     dense = weight.detach().contiguous().reshape(out, groups, m)  # [out, g, m]
-    nonzero = dense.view(_BIT_VIEWS[weight.element_size()]) != 0  # [out, g, m], on the bits
+    bits = dense.view(_BIT_VIEWS[weight.element_size()])  # [out, g, m]: non-zero is decided on the bits
     place = torch.tensor([1 << j for j in range(m)], dtype=torch.int32, device=weight.device)  # [m]
-    mask = (nonzero.to(torch.int32) * place).sum(dim=-1, dtype=torch.int32)  # [out, g], bit j = position j
-    count = nonzero.sum(dim=-1)  # [out, g]
-    if bool((count > n).any()):
-        _refuse(name, weight, dense, count, n=n, m=m)
     table = _kept_table(n, m).to(weight.device)  # [2**m, n]
-    kept = table.index_select(0, mask.reshape(-1)).reshape(out, groups, n)  # [out, g, n] uint8
-    values = torch.gather(dense, -1, kept.long()).reshape(out, groups * n)  # [out, g·n]
-    indices = pack_bits(kept.reshape(out, groups * n), index_bits(m))  # [out, bytes]
-    return PackedWeight(values.contiguous(), indices, (int(out), int(inp)), n, m)
+    values_shape, indices_shape = packed_shapes((out, inp), n, m)
+    values = torch.empty(values_shape, dtype=weight.dtype, device=weight.device)  # [out, g·n]
+    indices = torch.empty(indices_shape, dtype=torch.uint8, device=weight.device)  # [out, bytes]
+    # A slice of rows at a time: the per-group temporaries (int32 masks, int64 counts and gather indices) would
+    # otherwise be 2-4x the weight's bytes at once (a 5632 x 2048 fp32 weight: ~150 MB on top of its 46 MB).
+    step = max(1, _PACK_CHUNK_ELEMENTS // max(inp, 1))
+    for lo in range(0, out, step):
+        hi = min(out, lo + step)
+        nonzero = bits[lo:hi] != 0  # [rows, g, m]
+        if bool((nonzero.sum(dim=-1) > n).any()):
+            _refuse(name, weight, dense, (bits != 0).sum(dim=-1), n=n, m=m)  # the message counts the whole weight
+        mask = (nonzero.to(torch.int32) * place).sum(dim=-1, dtype=torch.int32)  # [rows, g], bit j = position j
+        kept = table.index_select(0, mask.reshape(-1)).reshape(hi - lo, groups, n)  # [rows, g, n] uint8
+        values[lo:hi] = torch.gather(dense[lo:hi], -1, kept.long()).reshape(hi - lo, groups * n)  # [rows, g·n]
+        indices[lo:hi] = pack_bits(kept.reshape(hi - lo, groups * n), index_bits(m))  # [rows, bytes]
+    return PackedWeight(values, indices, (int(out), int(inp)), n, m)
 
 
 def _refuse(name: str, weight: torch.Tensor, dense: torch.Tensor, count: torch.Tensor, *, n: int, m: int) -> None:
