@@ -327,9 +327,12 @@ def environment() -> dict[str, Any]:
     memory = 0
     with contextlib.suppress(OSError, IndexError, ValueError):
         memory = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    code = ""
+    with contextlib.suppress(OSError):
+        describe = ["git", "describe", "--always", "--dirty"]
+        code = subprocess.run(describe, check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {
-        "code": commit.stdout.strip() or "unknown (not a git checkout)",
+        "code": code or "unknown (not a git checkout)",
         "cpu": cpu,
         "cpu_flags": flags,
         "cores": os.cpu_count(),
