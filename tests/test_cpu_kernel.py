@@ -130,6 +130,9 @@ def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
                 x = torch.randn(tokens, shape[1])
                 y = cpu.packed_product(x, packed.values, packed.indices, serial_work=0)  # always through the pool
                 assert mismatch(y, F.linear(x, weight)) is None, (shape, tokens)
+        if torch.backends.openmp.is_available():  # the pool really runs: one piece per thread, not one in all
+            assert built.module.parallel_pieces(8) == 2
+            assert "-fopenmp" in cpu_build.dispatch_flags()
         big = pack_nm(weight_24((512, 1024), torch.float32, 9))  # 1.1 MB: above the one-thread size
         found = cpu.measure_crossover(big.values, big.indices, torch.float32)
         assert found.serial_work in {kernel.SERIAL_WORK, kernel.ONE_THREAD} and "1 token: 2 threads" in found.how

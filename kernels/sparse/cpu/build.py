@@ -100,6 +100,16 @@ def _compiler() -> tuple[str, str]:
     return compiler, (lines[0].strip() if lines else compiler)
 
 
+def dispatch_flags() -> tuple[str, ...]:
+    """Flags of the dispatcher: OpenMP where torch runs its intra-op threads on it. ``at::parallel_for`` is a header
+    template whose OpenMP body compiles only under ``_OPENMP``; without ``-fopenmp`` it runs the whole range on the
+    calling thread, so ``torch.set_num_threads`` would govern nothing. The process already holds torch's
+    ``libgomp.so.1``, which the extension's reference to that soname resolves to: one thread pool."""
+    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        return ()
+    return ("-fopenmp",)
+
+
 def _units() -> tuple[Unit, ...]:
     return tuple(unit for unit in UNITS if _machine_is_x86() or not unit.x86_only)
 
@@ -111,7 +121,13 @@ def cache_key(compiler_version: str) -> str:
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes() + b"\0")
     for unit in _units():
         digest.update(f"{unit.isa}:{' '.join(unit.flags)}\0".encode())
-    parts = (" ".join(COMMON_FLAGS), torch.__version__, compiler_version, sys.implementation.cache_tag)
+    parts = (
+        " ".join(COMMON_FLAGS),
+        " ".join(dispatch_flags()),
+        torch.__version__,
+        compiler_version,
+        sys.implementation.cache_tag,
+    )
     digest.update("\0".join((*parts, platform.machine())).encode())
     return digest.hexdigest()[:16]
 
@@ -167,8 +183,8 @@ def _build_into(name: str, folder: Path, compiler: str, log_lines: list[str]) ->
         module = load(
             name=name,
             sources=[str(CSRC / DISPATCH)],
-            extra_cflags=[*COMMON_FLAGS, *defines],
-            extra_ldflags=[str(path) for path in objects.values()],
+            extra_cflags=[*COMMON_FLAGS, *dispatch_flags(), *defines],
+            extra_ldflags=[*(str(path) for path in objects.values()), *dispatch_flags()],
             extra_include_paths=[str(CSRC)],
             build_directory=str(folder),
             verbose=False,

@@ -213,6 +213,14 @@ void decompress(const at::Tensor& values, const at::Tensor& codes, int64_t row_b
     });
 }
 
+// How many pieces at::parallel_for(0, n, 1, ...) ran as: one per thread when the build has torch's intra-op
+// threads (compiled with OpenMP), 1 when it silently runs everything on the calling thread. For the tests.
+int64_t parallel_pieces(int64_t n) {
+    std::atomic<int64_t> pieces{0};
+    at::parallel_for(0, n, 1, [&](int64_t, int64_t) { pieces.fetch_add(1); });
+    return pieces.load();
+}
+
 std::vector<std::string> isas_compiled() {
     std::vector<std::string> names;
     for (int64_t i = kScalar; i <= kAvx512Bf16; ++i)
@@ -231,6 +239,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "secateurs packed 2:4 CPU kernel (see secateurs.kernels.sparse.cpu)";
     m.def("linear", &linear, "y = x W^T (+ b) from the packed 2:4 form");
     m.def("decompress", &decompress, "rows of the dense weight from the packed 2:4 form");
+    m.def("parallel_pieces", &parallel_pieces, "pieces at::parallel_for(0, n, 1) ran as (1 = no threads)");
     m.def("isas_compiled", &isas_compiled, "instruction sets compiled into this build, in order of preference");
     m.def("isas_runnable", &isas_runnable, "the compiled instruction sets this CPU runs");
     m.def("cpu_flags", &cpu_flags, "the CPU features the kernels look at");
