@@ -7,6 +7,7 @@ A mask here is boolean and marks weights to *prune* (``True`` = set to zero).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,15 @@ class SparsityPattern:
             )
 
 
-_CHUNK_ELEMENTS = 1 << 20  # weights per slice when a check needs per-group temporaries
+_CHUNK_ELEMENTS = 1 << 20  # weights per slice of rows (row_slices)
+
+
+def row_slices(rows: int, cols: int) -> Iterator[slice]:
+    """Slices of a [rows, cols] weight's rows, about :data:`_CHUNK_ELEMENTS` weights each (at least one row): for
+    checks and conversions whose per-group temporaries (int32/int64 counts, masks, indices) would be several times
+    the weight's bytes if taken over the whole weight at once."""
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    return (slice(lo, min(rows, lo + step)) for lo in range(0, rows, step))
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -114,10 +123,9 @@ def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     groups = weight.reshape(rows, cols // m, m)  # [rows, groups, m]
     # A slice of rows at a time: the per-group counts are int64, twice the bytes of an fp32 weight per group of 4
     # (92 MB on a 5632 x 2048 layer) if taken at once.
-    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     return all(
-        bool((torch.count_nonzero(groups[lo : lo + step], dim=-1) <= n).all())  # [step, groups]
-        for lo in range(0, rows, step)
+        bool((torch.count_nonzero(groups[part], dim=-1) <= n).all())  # [part rows, groups]
+        for part in row_slices(rows, cols)
     )
 
 

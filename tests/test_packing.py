@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from secateurs.app.schemas import JobSpec, Report
+from secateurs.kernels import patterns
 from secateurs.kernels.measure.speed import mismatch
 from secateurs.kernels.patterns import nm_prune_mask
 from secateurs.kernels.sparse import packing
@@ -84,7 +85,7 @@ def test_packing_a_slice_of_rows_at_a_time_gives_the_same_bytes(monkeypatch: pyt
     short, give the bytes of one pass, and a refusal found in a late slice still counts the whole weight."""
     weight = nm_weight((11, 64), 2, 4, torch.float32)
     whole = pack_nm(weight)
-    monkeypatch.setattr(packing, "_PACK_CHUNK_ELEMENTS", 3 * 64)
+    monkeypatch.setattr(patterns, "_CHUNK_ELEMENTS", 3 * 64)
     sliced = pack_nm(weight)
     assert torch.equal(bits(sliced.values), bits(whole.values)) and torch.equal(sliced.indices, whole.indices)
     weight[6, 0:4] = 1.0  # found in the third slice (rows 6..8)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateurs.kernels.errors import PatternError
+from secateurs.kernels.patterns import row_slices
 
 MAX_M = 16  # positions fit in 4 bits
 
@@ -124,9 +125,6 @@ def _check_pattern(name: str, shape: tuple[int, ...], n: int, m: int) -> None:
         raise PackingError(f"{name}: {shape[1]} input columns is not a multiple of M={m}; {n}:{m} cannot apply")
 
 
-_PACK_CHUNK_ELEMENTS = 1 << 20  # weights per slice of rows while packing
-
-
 @functools.lru_cache(maxsize=32)
 def _kept_table(n: int, m: int) -> torch.Tensor:
     """For every group bitmask (bit j set = position j non-zero), the n positions kept: [2**m, n] uint8.
@@ -160,18 +158,18 @@ def pack_nm(weight: torch.Tensor, n: int = 2, m: int = 4, *, name: str = "weight
     values_shape, indices_shape = packed_shapes((out, inp), n, m)
     values = torch.empty(values_shape, dtype=weight.dtype, device=weight.device)  # [out, g·n]
     indices = torch.empty(indices_shape, dtype=torch.uint8, device=weight.device)  # [out, bytes]
+    bits_per_code = index_bits(m)
     # A slice of rows at a time: the per-group temporaries (int32 masks, int64 counts and gather indices) would
     # otherwise be 2-4x the weight's bytes at once (a 5632 x 2048 fp32 weight: ~150 MB on top of its 46 MB).
-    step = max(1, _PACK_CHUNK_ELEMENTS // max(inp, 1))
-    for lo in range(0, out, step):
-        hi = min(out, lo + step)
-        nonzero = bits[lo:hi] != 0  # [rows, g, m]
+    for part in row_slices(out, inp):
+        rows = part.stop - part.start
+        nonzero = bits[part] != 0  # [rows, g, m]
         if bool((nonzero.sum(dim=-1) > n).any()):
             _refuse(name, weight, dense, (bits != 0).sum(dim=-1), n=n, m=m)  # the message counts the whole weight
         mask = (nonzero.to(torch.int32) * place).sum(dim=-1, dtype=torch.int32)  # [rows, g], bit j = position j
-        kept = table.index_select(0, mask.reshape(-1)).reshape(hi - lo, groups, n)  # [rows, g, n] uint8
-        values[lo:hi] = torch.gather(dense[lo:hi], -1, kept.long()).reshape(hi - lo, groups * n)  # [rows, g·n]
-        indices[lo:hi] = pack_bits(kept.reshape(hi - lo, groups * n), index_bits(m))  # [rows, bytes]
+        kept = table.index_select(0, mask.reshape(-1)).reshape(rows, groups, n)  # [rows, g, n] uint8
+        values[part] = torch.gather(dense[part], -1, kept.long()).reshape(rows, groups * n)  # [rows, g·n]
+        indices[part] = pack_bits(kept.reshape(rows, groups * n), bits_per_code)  # [rows, bytes]
     return PackedWeight(values, indices, (int(out), int(inp)), n, m)
 
 
