@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         default=None,
         description="Where the packed 2:4 CPU kernel is compiled on first use and cached; default <cache_dir>/kernels.",
     )
-    cpu_isa: Literal["auto", "scalar", "avx2", "avx512", "avx512bf16"] = Field(
+    cpu_isa: Literal["auto", "scalar", "avx2", "avx512", "avx512bf16", "amx"] = Field(
         default="auto",
         description="Instruction set of the packed 2:4 CPU kernel: auto (the best this CPU has), or one forced "
         "(refused when the CPU lacks it).",

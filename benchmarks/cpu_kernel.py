@@ -173,6 +173,7 @@ def shape_points(
             status="measured",
             path=layers[0].last_path,
             isa=cpu.isa_in_use(),
+            kernel=cpu.kernel_in_use(dtype, dtype, tokens) if layers[0].last_path == cpu.KERNEL_NAME else None,
             dense=dense_name,
             timings=timings,
             speedup=speedup,
@@ -183,7 +184,7 @@ def shape_points(
         points.append(point)
         _say(
             f"{threads}t {point['dtype']} {out}x{inp} x {tokens}: dense ({dense_name}) "
-            f"{timings[dense_name]['median_ms']:.4f} ms, packed ({point['path']}, {point['isa']}) "
+            f"{timings[dense_name]['median_ms']:.4f} ms, packed ({point['path']}, {point['kernel'] or point['isa']}) "
             f"{timings['packed']['median_ms']:.4f} ms: {speedup:.2f}x (memory limit {memory_limit:.2f}x)"
         )
     return points
@@ -199,7 +200,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=20)
     parser.add_argument("--span", type=float, default=1.5, help="weight copies span this many last-level caches")
     parser.add_argument("--max-copies", type=int, default=16384)
-    parser.add_argument("--isa", default="auto", help="auto, scalar, avx2, avx512, avx512bf16")
+    parser.add_argument("--isa", default="auto", help="auto, scalar, avx2, avx512, avx512bf16, amx")
     parser.add_argument("--kernel-dir", type=Path, default=None, help="build cache (default: the settings')")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()

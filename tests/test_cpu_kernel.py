@@ -94,6 +94,28 @@ def test_each_kernel_equals_the_dense_product(isa: str, w_dtype: torch.dtype, x_
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("isa", ["amx"], indirect=True)
+def test_the_amx_kernel_over_token_tiles_and_passes(isa: str) -> None:
+    """bf16 × bf16 from 5 tokens runs on the tile unit, in tiles of 16 tokens and passes of 64: token counts that
+    end a tile or a pass, or start a new one, over rows that are not a whole tile and inputs that are not a whole
+    step of 32; 1-3 tokens take the bf16-pair kernel, 4 and other dtypes the AVX-512 one."""
+    module = kernel._module()
+    names = {tokens: module.kernel_name(kernel._STATE.isa_index, True, True, tokens) for tokens in (1, 3, 4, 5, 80)}
+    assert names == {1: "avx512bf16", 3: "avx512bf16", 4: "avx512", 5: "amx", 80: "amx"}
+    assert module.kernel_name(kernel._STATE.isa_index, False, True, 16) == "avx512"
+    failures = []
+    for seed, shape in enumerate([(37, 100), (16, 64), (40, 1540)]):
+        weight = weight_24(shape, torch.bfloat16, seed)
+        packed = pack_nm(weight)
+        bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        for tokens in (5, 15, 16, 33, 64, 65, 130):
+            x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+            problem = mismatch(cpu.packed_product(x, packed.values, packed.indices, bias), reference(x, weight, bias))
+            if problem is not None:
+                failures.append(f"{shape} x {tokens} tokens: {problem}")
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("isa", list(kernel.ISAS), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decompression_is_bit_exact(isa: str, dtype: torch.dtype) -> None:
@@ -115,6 +137,8 @@ def test_packed_linear_runs_the_forced_kernel(isa: str) -> None:
     x = torch.randn(2, 1, 100)  # decode: [batch, 1 token, in]
     assert mismatch(layer(x), F.linear(x, weight)) is None
     assert layer.last_path == cpu.KERNEL_NAME and cpu.isa_in_use() == isa
+    general = isa if isa in ("scalar", "avx2", "avx512") else "avx512"  # the bf16 kernels take bf16 × bf16 only
+    assert cpu.kernel_in_use(torch.float32, torch.float32, 2) == general
     described = {d.name: d for d in describe_packed_kernels()}[cpu.KERNEL_NAME]
     assert described.available and f"instruction set {isa} (forced" in described.detail
 

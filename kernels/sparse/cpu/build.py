@@ -60,6 +60,7 @@ UNITS = (
     Unit("avx2", "avx2.cpp", ("-mavx2", "-mfma")),
     Unit("avx512", "avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl")),
     Unit("avx512bf16", "avx512bf16.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")),
+    Unit("amx", "amx.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi2", "-mamx-tile", "-mamx-bf16")),
 )
 
 

@@ -12,14 +12,16 @@ Two kernels are registered with :func:`~secateurs.kernels.sparse.packing.registe
 :class:`~secateurs.kernels.sparse.packing.PackedLinear` on the CPU uses them and its ``last_path`` names the one
 that ran:
 
-* ``cpu_packed`` (:data:`KERNEL_NAME`): the C++ kernel (``csrc/``), for 1..T tokens, T the crossover;
+* ``cpu_packed`` (:data:`KERNEL_NAME`): the C++ kernel (``csrc/``), for 1..T tokens, T the crossover; on a CPU with
+  AMX, bf16 × bf16 products from 5 tokens expand the weight into tiles and run on the tile unit
+  (``csrc/amx.cpp``; :func:`kernel_in_use` says which kernel a product takes);
 * ``cpu_dense_tiles`` (:data:`TILES_NAME`): the hand-over above T.
 
 Both take fp32 or bf16 weights and activations (output in the activation dtype, fp32 accumulation; mixed dtypes
 compute as if both were fp32). They decline (return None, so the reference forward runs) off the CPU, for other
 dtypes or patterns, under autograd or CPU autocast, and when the extension could not be built.
 
-The instruction set is chosen at run time from the CPU's flags (AVX-512 with BF16, AVX-512, AVX2 + FMA, scalar),
+The instruction set is chosen at run time from the CPU's flags (AMX, AVX-512 with BF16, AVX-512, AVX2 + FMA, scalar),
 or forced with :func:`configure` (``isa=``). The extension is built on first use, not at import, in the folder
 given to :func:`configure` (the workers pass the setting), else in torch's extension folder; see
 :mod:`secateurs.kernels.sparse.cpu.build`. The crossover T is measured at the first call for each (shape, dtypes,
@@ -57,14 +59,15 @@ log = logging.getLogger(__name__)
 
 KERNEL_NAME = "cpu_packed"
 TILES_NAME = "cpu_dense_tiles"
-ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # in order of preference, last best
-IsaChoice = Literal["auto", "scalar", "avx2", "avx512", "avx512bf16"]
-ISA_CHOICES: tuple[IsaChoice, ...] = ("auto", "scalar", "avx2", "avx512", "avx512bf16")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")  # in order of preference, last best
+IsaChoice = Literal["auto", "scalar", "avx2", "avx512", "avx512bf16", "amx"]
+ISA_CHOICES: tuple[IsaChoice, ...] = ("auto", "scalar", "avx2", "avx512", "avx512bf16", "amx")
 _ISA_NEEDS = {
     "scalar": (),
     "avx2": ("avx2", "fma"),
     "avx512": ("avx512f", "avx512bw", "avx512vl"),
     "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi"),
+    "amx": ("avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi", "avx512vbmi2", "amx_tile", "amx_bf16"),
 }
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -222,8 +225,8 @@ def packed_product(
     *,
     serial_work: int = SERIAL_WORK,
 ) -> torch.Tensor:
-    """The kernel itself: x [tokens, in] (fp32/bf16, any row stride) · W [out, in]ᵀ (+ bias) -> [tokens, out] in
-    x's dtype, for any token count (no hand-over). ``values`` [out, in/2] and ``codes`` [out, ceil(in/8)] are a
+    """The kernel itself: x [..., in] (fp32/bf16, any strides) · W [out, in]ᵀ (+ bias) -> [..., out] in x's dtype,
+    for any token count (no hand-over). ``values`` [out, in/2] and ``codes`` [out, ceil(in/8)] are a
     2:4 :class:`PackedWeight`'s tensors. ``serial_work``: below this many bytes streamed, one thread. Call
     :func:`ensure` first."""
     return _module().linear(x, values, codes, bias, _STATE.isa_index, serial_work, BLOCK_ROWS)
@@ -452,16 +455,15 @@ def _tensors(layer: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def cpu_packed_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
-    """The registered kernel: the C++ product for up to the crossover's token count, else None."""
+    """The registered kernel: the C++ product for up to the crossover's token count, else None. x [..., in] ->
+    [..., out]: the C++ side flattens the leading dimensions (cheaper there than two reshapes here)."""
     values, indices, bias = _tensors(layer)
     if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
         return None
-    x2 = x if x.dim() == 2 else x.reshape(-1, layer.in_features)  # [tokens, in]; a view when the layout allows
     found = crossover_for(x, layer, values)
-    if x2.shape[0] > found.tokens:
+    if x.numel() > found.tokens * layer.in_features:  # more tokens than the crossover
         return None
-    y = _module().linear(x2, values, indices, bias, _STATE.isa_index, found.serial_work, BLOCK_ROWS)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.out_features)  # [..., out]
+    return _module().linear(x, values, indices, bias, _STATE.isa_index, found.serial_work, BLOCK_ROWS)
 
 
 def cpu_dense_tiles_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
@@ -555,6 +557,15 @@ def measured_crossovers() -> list[dict[str, Any]]:
 def isa_in_use() -> str | None:
     """The instruction set the kernel runs (None before the first call, or when unavailable)."""
     return _STATE.isa
+
+
+def kernel_in_use(x_dtype: torch.dtype, w_dtype: torch.dtype, tokens: int) -> str | None:
+    """Which kernel of the instruction set in use computes such a product: ``amx`` (bf16 × bf16 from 5 tokens on an
+    AMX CPU), ``avx512bf16`` (bf16 × bf16, up to 3 tokens), else the instruction set's own; None when unavailable."""
+    if _STATE.isa is None:
+        return None
+    bf16 = torch.bfloat16
+    return str(_module().kernel_name(_STATE.isa_index, x_dtype == bf16, w_dtype == bf16, tokens))
 
 
 register_packed_kernel(KERNEL_NAME, cpu_packed_kernel, describe)

@@ -31,6 +31,7 @@ typedef struct {
     int64_t y_stride;
     int64_t tokens, out, in, code_bytes;
     int32_t values_bf16, y_bf16;
+    const uint32_t* x_vnni;  // the AMX kernel's copy of x_bf16 (sec24_amx_pack_x), else NULL
 } sec24_args;
 
 // y rows [0, tokens) × output columns [row_begin, row_end).
@@ -56,6 +57,13 @@ void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t v
 #if defined(SEC24_HAVE_AVX512BF16)
 // bf16 weights × bf16 activations only (args->x_bf16 set); everything else goes to sec24_rows_avx512.
 void sec24_rows_avx512bf16(const sec24_args* args, int64_t row_begin, int64_t row_end);
+#endif
+
+#if defined(SEC24_HAVE_AMX)
+// bf16 weights × bf16 activations on the AMX tile unit; args->x_vnni must hold sec24_amx_pack_x's copy of x.
+void sec24_rows_amx(const sec24_args* args, int64_t row_begin, int64_t row_end);
+int64_t sec24_amx_x_words(int64_t tokens, int64_t in);  // the 32-bit words sec24_amx_pack_x writes
+void sec24_amx_pack_x(const sec24_args* args, uint32_t* x_vnni);
 #endif
 
 #ifdef __cplusplus
