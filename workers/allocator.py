@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # mallopt(3) parameters and glibc's defaults for them
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 128 * 1024, 65536
-_LARGE_MAPPED = 32 << 20  # large-block mode: allocations from this size get their own mapping (glibc's maximum)
+_LARGE_MAPPED = 1 << 20  # large-block mode: allocations from this size get their own mapping
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int: ~2 GiB of free heap top is kept before trimming
 
 
@@ -53,11 +53,15 @@ class Heap:
         self._settled = 0
 
     def map_large_allocations(self) -> None:
-        """For the rest of the context (models with large blocks): allocations of 32 MiB and more get their own
+        """For the rest of the context (models with large blocks): allocations of 1 MiB and more get their own
         mapping again, given back the moment they are freed; smaller ones keep reusing the heap, which is trimmed
         after every unit. Reusing the heap in place fragments it by hundreds of MB per block when each block
         allocates Hessians of 0.5 GB and weights of 100+ MB (a LLaMA-7B-shaped job: 4.26 GB peak RSS against
-        3.2 GB of live tensors), while faulting those pages in again costs about a second of a block's minutes."""
+        3.2 GB of live tensors), while faulting those pages in again costs about a second of a block's minutes.
+        Why 1 MiB and not glibc's 32 MiB maximum: on TinyLlama's shape in fp32 the attention's 16.8 MB weights,
+        Hessians and solve temporaries stayed on the heap, and at the block's peak 0.47 GB of it was free but
+        resident (mallinfo2); the peak RSS then depended on the machine's load (1.40 GB quiet, 1.63-1.69 GB with
+        the two cores shared, where more of the OpenMP threads' allocations land in arenas of their own)."""
         self._trim_every = 1
         if self._libc is not None:
             self._libc.mallopt(_M_MMAP_THRESHOLD, _LARGE_MAPPED)
