@@ -30,15 +30,6 @@ struct TileConfig {
     uint8_t rows[16];
 };
 
-struct MaskTable {
-    uint8_t mask[256];  // code byte (two groups of 4 inputs) -> the 8-bit mask of its kept positions
-    constexpr MaskTable() : mask() {
-        for (int b = 0; b < 256; ++b)
-            mask[b] = (uint8_t)((1 << (b & 3)) | (1 << ((b >> 2) & 3)) | (16 << ((b >> 4) & 3)) | (16 << ((b >> 6) & 3)));
-    }
-};
-constexpr MaskTable kMasks;
-
 int64_t padded_pairs(int64_t in) { return (in + 31) / 32 * 16; }  // input pairs, rounded up to whole tiles
 
 // Rows [r, r + m) × inputs [k, k + 32) of W, expanded into tile[i * stride + 0..31] for rows i < 16 (rows m..15 and
@@ -49,8 +40,8 @@ inline void expand_tile(const sec24_args* a, int64_t r, int m, int64_t k, uint16
     const uint8_t* c = a->codes + r * a->code_bytes + k / 8;
     if (rest >= 32) {
         for (int i = 0; i < m; ++i, v += kept, c += a->code_bytes) {
-            const uint32_t mask = (uint32_t)kMasks.mask[c[0]] | ((uint32_t)kMasks.mask[c[1]] << 8) |
-                                  ((uint32_t)kMasks.mask[c[2]] << 16) | ((uint32_t)kMasks.mask[c[3]] << 24);
+            const uint32_t mask = (uint32_t)sec24_masks.mask[c[0]] | ((uint32_t)sec24_masks.mask[c[1]] << 8) |
+                                  ((uint32_t)sec24_masks.mask[c[2]] << 16) | ((uint32_t)sec24_masks.mask[c[3]] << 24);
             const __m512i w = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)v));
             _mm512_store_si512((void*)(tile + stride * i), _mm512_maskz_expand_epi16((__mmask32)mask, w));
         }
@@ -59,7 +50,7 @@ inline void expand_tile(const sec24_args* a, int64_t r, int m, int64_t k, uint16
         const uint32_t valid = (1u << rest) - 1;
         for (int i = 0; i < m; ++i, v += kept, c += a->code_bytes) {
             uint32_t mask = 0;
-            for (int b = 0; b < bytes; ++b) mask |= (uint32_t)kMasks.mask[c[b]] << (8 * b);
+            for (int b = 0; b < bytes; ++b) mask |= (uint32_t)sec24_masks.mask[c[b]] << (8 * b);
             const __m256i w = _mm256_maskz_loadu_epi16((__mmask16)((1u << (rest / 2)) - 1), v);
             _mm512_store_si512((void*)(tile + stride * i),
                                _mm512_maskz_expand_epi16((__mmask32)(mask & valid), _mm512_castsi256_si512(w)));

@@ -147,15 +147,6 @@ void rows(const sec24_args* a, int64_t r0, int64_t r1) {
     }
 }
 
-struct MaskTable {
-    uint8_t mask[256];
-    constexpr MaskTable() : mask() {
-        for (int b = 0; b < 256; ++b)
-            mask[b] = (uint8_t)((1 << (b & 3)) | (1 << ((b >> 2) & 3)) | (16 << ((b >> 4) & 3)) | (16 << ((b >> 6) & 3)));
-    }
-};
-constexpr MaskTable kMasks;
-
 }  // namespace
 
 extern "C" void sec24_rows_avx512(const sec24_args* a, int64_t row_begin, int64_t row_end) {
@@ -176,7 +167,7 @@ extern "C" void sec24_decompress_avx512(const void* values, const uint8_t* codes
             const uint16_t* v = (const uint16_t*)values + r * kept;
             uint16_t* d = (uint16_t*)dense + (r - row_begin) * in;
             for (; k + 16 <= in; k += 16) {
-                const __mmask16 m = (__mmask16)(kMasks.mask[c[k / 8]] | (kMasks.mask[c[k / 8 + 1]] << 8));
+                const __mmask16 m = (__mmask16)(sec24_masks.mask[c[k / 8]] | (sec24_masks.mask[c[k / 8 + 1]] << 8));
                 const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(v + k / 2)));
                 const __m512i e = _mm512_maskz_expand_epi32(m, _mm512_castsi256_si512(w));
                 _mm256_storeu_si256((__m256i*)(d + k), _mm512_cvtepi32_epi16(e));
@@ -191,7 +182,7 @@ extern "C" void sec24_decompress_avx512(const void* values, const uint8_t* codes
             const float* v = (const float*)values + r * kept;
             float* d = (float*)dense + (r - row_begin) * in;
             for (; k + 16 <= in; k += 16) {
-                const __mmask16 m = (__mmask16)(kMasks.mask[c[k / 8]] | (kMasks.mask[c[k / 8 + 1]] << 8));
+                const __mmask16 m = (__mmask16)(sec24_masks.mask[c[k / 8]] | (sec24_masks.mask[c[k / 8 + 1]] << 8));
                 const __m512 w = _mm512_castps256_ps512(_mm256_loadu_ps(v + k / 2));
                 _mm512_storeu_ps(d + k, _mm512_maskz_expand_ps(m, w));
             }

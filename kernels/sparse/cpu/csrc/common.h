@@ -37,9 +37,18 @@ static inline void sec24_store(const sec24_args* a, int64_t token, int64_t row, 
 static inline int64_t sec24_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // For a code byte (two groups of 4 inputs): the 8-bit mask of the kept positions (bit p = input p kept).
-static inline uint32_t sec24_byte_mask(uint32_t b) {
+static inline constexpr uint32_t sec24_byte_mask(uint32_t b) {
     return (1u << (b & 3u)) | (1u << ((b >> 2) & 3u)) | (16u << ((b >> 4) & 3u)) | (16u << ((b >> 6) & 3u));
 }
+
+// The same for every byte, as a table: the expanding kernels build a lane mask from 2-4 code bytes per step.
+struct sec24_mask_table {
+    uint8_t mask[256];
+    constexpr sec24_mask_table() : mask() {
+        for (uint32_t b = 0; b < 256; ++b) mask[b] = (uint8_t)sec24_byte_mask(b);
+    }
+};
+static constexpr sec24_mask_table sec24_masks;
 
 // Pulls the next tile's packed bytes into the cache while this tile computes. A tile reads R rows side by side, and
 // for small layers each row is short (576 inputs: 1.2 KB of fp32 values, 18 cache lines): too short for the
