@@ -211,11 +211,14 @@ _LARGE = (
     + """
 with heap_allocations() as heap:
     heap.map_large_allocations()
-    small = torch.ones(1 << 20)  # 4 MiB: still served by the heap
+    small = torch.ones(1 << 16)  # 256 KiB: still served by the heap
     low, high = heap_range()
     small_on_heap = low <= small.data_ptr() < high
+    medium = torch.ones(1 << 20)  # 4 MiB: above the 1 MiB bound, mapped
+    low, high = heap_range()
+    medium_on_heap = low <= medium.data_ptr() < high
     tensor = torch.ones(16 << 20)  # 64 MiB: a mapping of its own
-    large_on_heap = low <= tensor.data_ptr() < high
+    large_on_heap = medium_on_heap or low <= tensor.data_ptr() < high
     before = resident()
     del tensor
     released = before - resident()  # given back at once, no trim needed

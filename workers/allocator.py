@@ -60,8 +60,9 @@ class Heap:
         3.2 GB of live tensors), while faulting those pages in again costs about a second of a block's minutes.
         Why 1 MiB and not glibc's 32 MiB maximum: on TinyLlama's shape in fp32 the attention's 16.8 MB weights,
         Hessians and solve temporaries stayed on the heap, and at the block's peak 0.47 GB of it was free but
-        resident (mallinfo2); the peak RSS then depended on the machine's load (1.40 GB quiet, 1.63-1.69 GB with
-        the two cores shared, where more of the OpenMP threads' allocations land in arenas of their own)."""
+        resident (mallinfo2); the peak RSS then depended on the machine's load (1.40-1.44 GB quiet, 1.63 GB with a
+        busy loop on the other core, where more of the OpenMP threads' allocations land in arenas of their own;
+        1 MiB: 1.34 and 1.39 GB)."""
         self._trim_every = 1
         if self._libc is not None:
             self._libc.mallopt(_M_MMAP_THRESHOLD, _LARGE_MAPPED)
