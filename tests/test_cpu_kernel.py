@@ -195,6 +195,13 @@ def test_a_forced_instruction_set_the_cpu_lacks_is_refused_with_what_it_has() ->
         kernel._choose_isa(fake, "avx512bf16")  # type: ignore[arg-type]
     with pytest.raises(cpu.CpuKernelError, match="unknown CPU instruction set"):
         cpu.configure(isa="neon")  # type: ignore[arg-type]
+    amx_flags = list(kernel._ISA_NEEDS["amx"])  # every flag there, yet not runnable: the OS refused the tile state
+    refused = SimpleNamespace(
+        module=SimpleNamespace(isas_runnable=lambda: ["scalar", "avx512"], cpu_flags=lambda: amx_flags),
+        isas=tuple(kernel.ISAS),
+    )
+    with pytest.raises(cpu.CpuKernelError, match="did not grant this process the AMX tile state"):
+        kernel._choose_isa(refused, "amx")  # type: ignore[arg-type]
 
 
 def test_the_worker_side_passes_the_settings_down_and_names_the_setting(

@@ -153,7 +153,10 @@ def _choose_isa(built: Built, requested: IsaChoice) -> str:
         why = f"this build has no {requested} kernel (the compiler could not build it; it has {', '.join(built.isas)})"
     else:
         missing = [flag for flag in _ISA_NEEDS[requested] if flag not in flags]
-        why = f"this CPU lacks {', '.join(missing)} (it has {', '.join(flags) or 'no SIMD flag the kernels use'})"
+        if missing:
+            why = f"this CPU lacks {', '.join(missing)} (it has {', '.join(flags) or 'no SIMD flag the kernels use'})"
+        else:  # the flags are there: the OS refused the AMX tile state (ARCH_REQ_XCOMP_PERM)
+            why = "the operating system did not grant this process the AMX tile state (Linux 5.16 or later grants it)"
     raise CpuKernelError(
         f"the {requested} CPU kernel was requested, but {why}; request one of: auto, {', '.join(runnable)}"
     )
