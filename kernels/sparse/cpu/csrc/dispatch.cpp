@@ -117,8 +117,8 @@ void check_isa(int64_t isa) {
     TORCH_CHECK(runs[isa], "the ", kIsaNames[isa], " kernel is not compiled into this build or this CPU cannot run it");
 }
 
-// The kernel for a product: `kind` is kAmx (bf16 × bf16 on the tile unit), kAvx512Bf16 (bf16 × bf16, few tokens) or
-// the instruction set's general kernel.
+// The kernel for a product (kernel_name decides): the AMX one when `amx`, the bf16-pair one when `bf16_pair`, else the
+// instruction set's general kernel.
 sec24_rows_fn rows_fn(int64_t isa, bool bf16_pair, bool amx) {
     switch (isa) {
 #if defined(SEC24_HAVE_AMX) && defined(SEC24_HAVE_AVX512BF16)
