@@ -233,3 +233,27 @@ def test_large_block_mode_maps_large_tensors_and_gives_them_back_when_freed() ->
     small_on_heap, large_on_heap, released = map(int, done.stdout.split())
     assert (small_on_heap, large_on_heap) == (1, 0)
     assert released > 48 << 20
+
+
+_MAPPED = (
+    _PROBE
+    + """
+from secateurs.workers.allocator import mapped_allocations
+
+def on_heap(tensor):
+    low, high = heap_range()
+    return int(low <= tensor.data_ptr() < high)
+
+with heap_allocations():
+    with mapped_allocations():
+        inside = torch.empty(1 << 20)  # 4 MiB, never touched: what a model built on the meta device allocates
+    after = torch.empty(1 << 20)  # the job's policy again: mmap off, on the heap
+    print(on_heap(inside), on_heap(after))
+"""
+)
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
+def test_mapped_allocations_map_inside_and_restore_the_job_policy_after() -> None:
+    done = subprocess.run([sys.executable, "-c", _MAPPED], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert done.stdout.split() == ["0", "1"]

@@ -34,7 +34,7 @@ from secateurs.app.errors import ModelSourceError
 from secateurs.kernels.pruning.discovery import find_decoder_blocks
 from secateurs.kernels.pruning.driver import LayerResult
 from secateurs.kernels.sparse.packing import PackingError
-from secateurs.workers.allocator import trim_heap
+from secateurs.workers.allocator import mapped_allocations, trim_heap
 from secateurs.workers.packed import PackedStream
 from secateurs.workers.tensorfile import TensorFile, TensorWriter, storage_error
 
@@ -168,7 +168,7 @@ class StreamedModel:
         self.folder = folder
         self.dtype = dtype
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        with init_empty_weights(include_buffers=False):
+        with mapped_allocations(), init_empty_weights(include_buffers=False):  # weights pass through the CPU
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         self.model: nn.Module = model.eval()
         self.prefix, self.blocks = find_decoder_blocks(self.model)
