@@ -43,6 +43,15 @@ def _glibc() -> Any | None:
         return None
 
 
+_MAPPING = {"max": _DEFAULT_MMAP_MAX, "threshold": _DEFAULT_MMAP_THRESHOLD}  # what this module last set
+
+
+def _set_mapping(libc: Any, mmap_max: int, threshold: int) -> bool:
+    """glibc's M_MMAP_MAX and M_MMAP_THRESHOLD, remembered (mallopt has no getter) for :func:`mapped_allocations`."""
+    _MAPPING.update(max=mmap_max, threshold=threshold)
+    return bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
 class Heap:
     """The heap policy of one :func:`heap_allocations` context; :meth:`settle` is called between blocks."""
 
@@ -109,15 +118,6 @@ def heap_allocations(*, trim_every: int = 4, slow_unit: float = 10.0) -> Iterato
         _set_mapping(libc, _DEFAULT_MMAP_MAX, _DEFAULT_MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
-
-
-_MAPPING = {"max": _DEFAULT_MMAP_MAX, "threshold": _DEFAULT_MMAP_THRESHOLD}  # what this module last set
-
-
-def _set_mapping(libc: Any, mmap_max: int, threshold: int) -> bool:
-    """glibc's M_MMAP_MAX and M_MMAP_THRESHOLD, remembered (mallopt has no getter) for :func:`mapped_allocations`."""
-    _MAPPING.update(max=mmap_max, threshold=threshold)
-    return bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 @contextmanager

@@ -117,7 +117,7 @@ void check_isa(int64_t isa) {
     TORCH_CHECK(runs[isa], "the ", kIsaNames[isa], " kernel is not compiled into this build or this CPU cannot run it");
 }
 
-// The kernel for a product (kernel_name decides): the AMX one when `amx`, the bf16-pair one when `bf16_pair`, else the
+// The kernel for a product (kernel_kind decides): the AMX one when `amx`, the bf16-pair one when `bf16_pair`, else the
 // instruction set's general kernel.
 sec24_rows_fn rows_fn(int64_t isa, bool bf16_pair, bool amx) {
     switch (isa) {
@@ -189,13 +189,24 @@ void check_packed(const at::Tensor& values, const at::Tensor& codes, int64_t in)
 
 }  // namespace
 
-// The kernel `linear` runs for these arguments: "amx", "avx512bf16" (the bf16-pair kernel) or the instruction set's.
+// Which kernel `linear` runs for these arguments: the AMX one, the bf16-pair one, or the instruction set's own.
+enum class Kind { kGeneral, kBf16Pair, kAmxTiles };
+
+Kind kernel_kind(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
+    const bool bf16 = x_bf16 && w_bf16;
+    if (bf16 && isa == kAmx && tokens >= kAmxMinTokens) return Kind::kAmxTiles;
+    if (bf16 && isa >= kAvx512Bf16 && tokens <= kBf16PairMaxTokens) return Kind::kBf16Pair;
+    return Kind::kGeneral;
+}
+
+// The same as a name: "amx", "avx512bf16" (the bf16-pair kernel) or the instruction set's.
 std::string kernel_name(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
     check_isa(isa);
-    const bool bf16 = x_bf16 && w_bf16;
-    if (bf16 && isa == kAmx && tokens >= kAmxMinTokens) return "amx";
-    if (bf16 && isa >= kAvx512Bf16 && tokens <= kBf16PairMaxTokens) return "avx512bf16";
-    return kIsaNames[std::min<int64_t>(isa, kAvx512)];
+    switch (kernel_kind(isa, x_bf16, w_bf16, tokens)) {
+        case Kind::kAmxTiles: return "amx";
+        case Kind::kBf16Pair: return "avx512bf16";
+        default: return kIsaNames[std::min<int64_t>(isa, kAvx512)];
+    }
 }
 
 // x [..., in] (fp32 or bf16, any strides) · W[out, in]ᵀ (+ bias) -> [..., out] in x's dtype. The leading dimensions
@@ -212,8 +223,8 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     check_packed(values, codes, in);
     const bool x_bf16 = x.scalar_type() == at::kBFloat16;
     const bool w_bf16 = values.scalar_type() == at::kBFloat16;
-    const std::string kernel = kernel_name(isa, x_bf16, w_bf16, tokens);
-    const bool amx = kernel == "amx", bf16_pair = kernel == "avx512bf16";
+    const Kind kind = kernel_kind(isa, x_bf16, w_bf16, tokens);
+    const bool amx = kind == Kind::kAmxTiles, bf16_pair = kind == Kind::kBf16Pair;
     at::Tensor xh = x_bf16 && x.stride(1) != 1 ? x.contiguous() : x;
     at::Tensor xf = x_bf16 ? (bf16_pair || amx ? at::Tensor() : x.to(at::kFloat).contiguous())
                            : (x.stride(1) == 1 ? x : x.contiguous());
