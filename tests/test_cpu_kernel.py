@@ -4,6 +4,7 @@ cache and its failure fallback, and the speed sweep's path."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import stat
@@ -20,7 +21,7 @@ from secateurs.app.errors import DeviceError
 from secateurs.app.settings import Settings
 from secateurs.kernels.measure.speed import SpeedSettings, mismatch, sparse_paths, sweep_linear
 from secateurs.kernels.patterns import SparsityPattern, nm_prune_mask
-from secateurs.kernels.sparse import cpu
+from secateurs.kernels.sparse import cpu, packing
 from secateurs.kernels.sparse.cpu import build as cpu_build
 from secateurs.kernels.sparse.cpu import kernel
 from secateurs.kernels.sparse.packing import REFERENCE_PATH, PackedLinear, describe_packed_kernels, pack_nm
@@ -246,6 +247,54 @@ def test_the_kernel_declines_what_it_does_not_compute(built: cpu_build.Built) ->
     one_of_eight = PackedLinear.from_dense(torch.eye(8, 16), n=1, m=8)
     one_of_eight(torch.randn(2, 16))
     assert one_of_eight.last_path == REFERENCE_PATH  # 1:8 is packed, but the kernel computes 2:4
+
+
+def test_the_bound_call_repeats_the_dispatch_and_declines_what_it_would_not_decide_alike(
+    built: cpu_build.Built,
+) -> None:
+    """After a kernel call, a layer's next calls go through the call the kernel bound (no dispatch); it gives the
+    same output, and any input the dispatch would treat differently goes back through the dispatch."""
+    weight, bias = weight_24((67, 100), torch.float32, 4), torch.randn(67)
+    layer = PackedLinear.from_dense(weight, bias)
+    x = torch.randn(1, 100)
+    first = layer(x)
+    assert layer.last_path == cpu.KERNEL_NAME and packing._FAST in layer.__dict__
+    calls = []
+    bound = layer.__dict__[packing._FAST]
+    layer.__dict__[packing._FAST] = (bound[0], lambda x: calls.append(x) or bound[1](x), bound[2])
+    assert torch.equal(layer(x), first) and len(calls) == 1 and layer.last_path == cpu.KERNEL_NAME
+    key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
+    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
+    try:
+        layer = PackedLinear.from_dense(weight, bias)
+        layer(x)  # binds, with the crossover's 3 tokens as its limit
+        five = torch.randn(5, 100)
+        assert mismatch(layer(five), F.linear(five, weight, bias)) is None and layer.last_path == cpu.TILES_NAME
+        assert torch.equal(layer(x), first) and layer.last_path == cpu.KERNEL_NAME  # the path is named again
+    finally:
+        del kernel._STATE.crossovers[key]
+    y16 = layer(x.bfloat16())  # another dtype: the dispatch, which binds for bf16
+    assert mismatch(y16, reference(x.bfloat16(), weight, bias)) is None
+    needs_grad = x.clone().requires_grad_()
+    layer(needs_grad).sum().backward()  # autograd: declined, the reference forward's backward runs
+    assert layer.last_path == REFERENCE_PATH and needs_grad.grad is not None
+    threads = torch.get_num_threads()
+    layer(x)
+    with packing.only_packed_kernels():  # the registry changed: no bound call is tried
+        assert torch.allclose(layer(x), first, atol=1e-5) and layer.last_path == REFERENCE_PATH
+    torch.set_num_threads(threads + 1)  # another thread count: declined (the crossover is per thread count)
+    try:
+        before = layer.__dict__[packing._FAST]
+        assert torch.equal(layer(x), first) and layer.__dict__[packing._FAST] is not before
+    finally:
+        torch.set_num_threads(threads)
+    copied = copy.deepcopy(layer)  # a copy never calls through the original's tensors
+    assert packing._FAST not in copied.__dict__
+    copied.values.zero_()
+    assert torch.equal(layer(x), first) and not torch.equal(copied(x), first)
+    layer.to(torch.bfloat16)  # new tensors: the bound call is dropped
+    assert packing._FAST not in layer.__dict__
+    assert mismatch(layer(x.bfloat16()), reference(x.bfloat16(), weight.bfloat16(), bias.bfloat16())) is None
 
 
 def test_bad_arguments_raise_instead_of_crashing(built: cpu_build.Built) -> None:

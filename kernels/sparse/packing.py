@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,31 @@ class _Registered:
 
 
 _KERNELS: dict[str, _Registered] = {}
+# Bumped by every change of the registry (and by kernels whose configuration changes): a layer's fast call (see
+# bind_fast_call) is tried only under the version it was bound in.
+_VERSION = [0]
+_FAST = "_fast_call"  # a layer's fast call, in its __dict__: (version, call, kernel name)
+
+# A kernel's call bound to one layer: x -> y, or None when x is not like the call it was bound from.
+FastCall = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def invalidate_fast_calls() -> None:
+    """Every layer's fast call stops being tried (each is re-bound, or not, by its next full dispatch)."""
+    _VERSION[0] += 1
+
+
+def bind_fast_call(layer: PackedLinear, name: str, call: FastCall) -> None:
+    """Let the kernel ``name``, while computing a call of ``layer``, leave ``call`` for the calls that follow.
+
+    :class:`PackedLinear` tries ``call(x)`` before its dispatch over the registry until it returns None (then the
+    dispatch runs, and may bind again). It exists for decode: a small layer's product takes tens of microseconds,
+    and the dispatch's checks and lookups, made cold (a model's layers are touched once per step), cost ~10 µs of
+    them. ``call`` must itself decline (return None) every input its kernel would decline, or would treat
+    differently than the call it was bound from (dtype, token count, grad, thread count); the registry's version,
+    the layer's tensors (``_apply``, attribute assignment) and ``use_kernels`` are checked here.
+    """
+    layer.__dict__[_FAST] = (_VERSION[0], call, name)
 
 
 def register_packed_kernel(
@@ -262,10 +288,12 @@ def register_packed_kernel(
     ``describe`` (optional) tells reports what the kernel runs on, or why it cannot run here.
     """
     _KERNELS[name] = _Registered(kernel, describe)
+    invalidate_fast_calls()
 
 
 def unregister_packed_kernel(name: str) -> None:
     _KERNELS.pop(name, None)
+    invalidate_fast_calls()
 
 
 def packed_kernels() -> Mapping[str, PackedKernel]:
@@ -282,11 +310,13 @@ def only_packed_kernels(*names: str) -> Iterator[None]:
         raise KeyError(f"no packed kernel registered as {', '.join(sorted(unknown))}; registered: {', '.join(saved)}")
     _KERNELS.clear()
     _KERNELS.update({name: entry for name, entry in saved.items() if name in names})
+    invalidate_fast_calls()
     try:
         yield
     finally:
         _KERNELS.clear()
         _KERNELS.update(saved)
+        invalidate_fast_calls()
 
 
 def describe_packed_kernels() -> list[KernelDescription]:
@@ -340,6 +370,12 @@ class PackedLinear(nn.Module):
         # last_path is a plain attribute: set through __dict__, since nn.Module.__setattr__ costs microseconds, too
         # much on every call of a decode step
         if self.use_kernels:
+            fast = self.__dict__.get(_FAST)  # the last kernel's bound call (bind_fast_call)
+            if fast is not None and fast[0] == _VERSION[0]:
+                y = fast[1](x)
+                if y is not None:
+                    self.__dict__["last_path"] = fast[2]
+                    return y
             for name, entry in _KERNELS.items():
                 y = entry.kernel(x, self)
                 if y is not None:
@@ -347,6 +383,20 @@ class PackedLinear(nn.Module):
                     return y
         self.__dict__["last_path"] = REFERENCE_PATH
         return F.linear(x, self.dense_weight(), self.bias)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PackedLinear:
+        self.__dict__.pop(_FAST, None)  # .to(), .half(), ...: new tensors, which the bound call does not hold
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop(_FAST, None)  # a copy (deepcopy, pickle) must not call through the original's tensors
+        return state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("values", "indices", "bias"):
+            self.__dict__.pop(_FAST, None)
+        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         return (

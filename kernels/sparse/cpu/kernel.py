@@ -53,7 +53,13 @@ import torch.nn.functional as F
 from secateurs.kernels import matmul
 from secateurs.kernels.errors import KernelError
 from secateurs.kernels.sparse.cpu.build import BuildError, Built, build
-from secateurs.kernels.sparse.packing import KernelDescription, PackedLinear, register_packed_kernel
+from secateurs.kernels.sparse.packing import (
+    KernelDescription,
+    PackedLinear,
+    bind_fast_call,
+    invalidate_fast_calls,
+    register_packed_kernel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +140,7 @@ def configure(*, build_dir: Path | None = None, isa: IsaChoice = "auto") -> None
             _STATE.requested = isa
             _STATE.isa = None
             _STATE.crossovers.clear()
+            invalidate_fast_calls()  # the layers' bound calls hold the old instruction set
 
 
 def _default_root() -> Path:
@@ -464,9 +471,44 @@ def cpu_packed_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | No
     if not _supported(x, values, layer) or (_STATE.isa is None and not ensure()):
         return None
     found = crossover_for(x, layer, values)
-    if x.numel() > found.tokens * layer.in_features:  # more tokens than the crossover
+    limit = found.tokens * layer.in_features
+    if x.numel() > limit:  # more tokens than the crossover
         return None
-    return _module().linear(x, values, indices, bias, _STATE.isa_index, found.serial_work, BLOCK_ROWS)
+    linear, isa, serial_work = _module().linear, _STATE.isa_index, found.serial_work
+    call = _bound(linear, values, indices, bias, isa=isa, serial_work=serial_work, x_dtype=x.dtype, limit=limit)
+    bind_fast_call(layer, KERNEL_NAME, call)
+    return linear(x, values, indices, bias, isa, serial_work, BLOCK_ROWS)
+
+
+def _bound(
+    linear: Callable[..., torch.Tensor],
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    isa: int,
+    serial_work: int,
+    x_dtype: torch.dtype,
+    limit: int,
+) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """This layer's product with everything :func:`cpu_packed_kernel` looked up bound: it declines what that would
+    decline or decide differently (another dtype, more tokens than the crossover, autograd, autocast, another
+    thread count); a CUDA x is refused by the C++ side, as it is by the reference's ``F.linear``."""
+    threads = torch.get_num_threads()
+    get_threads, grad_enabled, autocast = torch.get_num_threads, torch.is_grad_enabled, torch.is_autocast_enabled
+
+    def call(x: torch.Tensor) -> torch.Tensor | None:
+        if (
+            x.dtype is not x_dtype
+            or x.numel() > limit
+            or get_threads() != threads
+            or (x.requires_grad and grad_enabled())
+            or autocast("cpu")
+        ):
+            return None
+        return linear(x, values, indices, bias, isa, serial_work, BLOCK_ROWS)
+
+    return call
 
 
 def cpu_dense_tiles_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
