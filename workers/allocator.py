@@ -55,40 +55,32 @@ def _set_mapping(libc: Any, mmap_max: int, threshold: int) -> bool:
 class Heap:
     """The heap policy of one :func:`heap_allocations` context; :meth:`settle` is called between blocks."""
 
-    def __init__(self, libc: Any | None, trim_every: int, slow_unit: float) -> None:
+    def __init__(self, libc: Any | None) -> None:
         self._libc = libc
-        self._trim_every = trim_every
-        self._slow_unit = slow_unit
-        self._settled = 0
 
     def map_large_allocations(self) -> None:
         """For the rest of the context (models with large blocks): allocations of 1 MiB and more get their own
-        mapping again, given back the moment they are freed; smaller ones keep reusing the heap, which is trimmed
-        after every unit. Reusing the heap in place fragments it by hundreds of MB per block when each block
-        allocates Hessians of 0.5 GB and weights of 100+ MB (a LLaMA-7B-shaped job: 4.26 GB peak RSS against
-        3.2 GB of live tensors), while faulting those pages in again costs about a second of a block's minutes.
+        mapping again, given back the moment they are freed; smaller ones keep reusing the heap. Reusing the heap
+        in place fragments it by hundreds of MB per block when each block allocates Hessians of 0.5 GB and
+        weights of 100+ MB (a LLaMA-7B-shaped job: 4.26 GB peak RSS against 3.2 GB of live tensors), while
+        faulting those pages in again costs about a second of a block's minutes.
         Why 1 MiB and not glibc's 32 MiB maximum: on TinyLlama's shape in fp32 the attention's 16.8 MB weights,
         Hessians and solve temporaries stayed on the heap, and at the block's peak 0.47 GB of it was free but
         resident (mallinfo2); the peak RSS then depended on the machine's load (1.40-1.44 GB quiet, 1.63 GB with a
         busy loop on the other core, where more of the OpenMP threads' allocations land in arenas of their own;
         1 MiB: 1.34 and 1.39 GB)."""
-        self._trim_every = 1
         if self._libc is not None:
             _set_mapping(self._libc, _DEFAULT_MMAP_MAX, _LARGE_MAPPED)
             self._libc.malloc_trim(0)
 
-    def settle(self, seconds: float = 0.0) -> None:
-        """Between two units of work (pruned blocks; ``seconds`` the one just done took): every
-        ``trim_every``-th call, or after any unit of at least ``slow_unit`` seconds, hand the heap's free pages
-        back to the kernel. Reusing freed memory in place is the point, but the heap also fragments a little
-        per block; trimming now and then bounds that. Measured on SmolLM2 under P-CPU: 69.5 s and 2.6 GB peak
-        RSS never trimming, 81.3 s and 2.1 GB trimming after every block (``docs/engine.md``): ~0.4 s per trim,
-        paid again as the next block faults its pages in. Wide models' blocks take tens of seconds and free
-        hundreds of MB each (TinyLlama's shape, fp32: 2.6 GB peak RSS trimming every 4 blocks), so there the
-        trim is worth it after every block."""
-        self._settled += 1
-        due = self._settled % self._trim_every == 0 or seconds >= self._slow_unit
-        if self._libc is not None and due:
+    def settle(self) -> None:
+        """Between two units of work (pruned blocks): hand the heap's free pages back to the kernel. Reusing freed
+        memory in place is the point, but the heap also fragments a little per block, and the free pages it keeps
+        add to the next block's peak. Measured on SmolLM2 under P-CPU (Xeon, 2 threads, 2026-11-29, whole job
+        in-process): trimming every 4 blocks 2.38-2.49 GB peak RSS, prune 90.4 s; every 2 blocks 2.16 GB; after
+        every block 2.07 GB, 94.3 s (the quick start, a worker process, peaked at 2.58 GB with every 4 blocks,
+        over its 2.5 GB bound). The trim's cost is the page faults of the next block's first allocations."""
+        if self._libc is not None:
             self._libc.malloc_trim(0)
 
     def release(self) -> None:
@@ -101,19 +93,19 @@ class Heap:
 
 
 @contextmanager
-def heap_allocations(*, trim_every: int = 4, slow_unit: float = 10.0) -> Iterator[Heap]:
+def heap_allocations() -> Iterator[Heap]:
     """Serve large allocations from the reusable heap for the duration (see the module docstring); the
-    :class:`Heap` it yields trims the heap every ``trim_every`` calls of :meth:`Heap.settle`, and after every
-    unit of work of at least ``slow_unit`` seconds."""
+    :class:`Heap` it yields trims the heap at each :meth:`Heap.settle` (between blocks) and :meth:`Heap.release`
+    (between stages)."""
     libc = _glibc()
     if libc is None:
-        yield Heap(None, trim_every, slow_unit)
+        yield Heap(None)
         return
     changed = _set_mapping(libc, 0, _MAPPING["threshold"]) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     if not changed:
         log.debug("mallopt refused the heap settings; large allocations stay on mmap")
     try:
-        yield Heap(libc, trim_every, slow_unit)
+        yield Heap(libc)
     finally:
         _set_mapping(libc, _DEFAULT_MMAP_MAX, _DEFAULT_MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
