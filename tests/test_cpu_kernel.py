@@ -148,7 +148,8 @@ def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for seed, shape in enumerate([(67, 100), (13, 4100), (1, 36)]):  # blocks of 16 rows: a short last one
+        # blocks of 16 rows, a short last one; 597 rows: 38 blocks, taken 2 at a time (a run of 1/8 of a share)
+        for seed, shape in enumerate([(67, 100), (13, 4100), (1, 36), (597, 36)]):
             weight = weight_24(shape, torch.float32, seed)
             packed = pack_nm(weight)
             for tokens in (1, 17):
