@@ -331,7 +331,8 @@ class PackedLinear(nn.Module):
     """y = x Wᵀ + b with W held packed (``values`` and ``indices`` buffers; see the module docstring).
 
     ``forward`` offers the input to every registered kernel (:func:`register_packed_kernel`) and falls back to
-    the reference: decompress W, then ``F.linear``. ``use_kernels=False`` forces the reference. ``last_path``
+    the reference: decompress W, then ``F.linear``; a kernel's call bound to the layer (:func:`bind_fast_call`) is
+    tried before that dispatch. ``use_kernels=False`` forces the reference. ``last_path``
     names what computed the latest call (a kernel's name, or ``"reference"``), so reports say what really ran.
     """
 
