@@ -114,6 +114,14 @@ def test_the_amx_kernel_over_token_tiles_and_passes(isa: str) -> None:
             problem = mismatch(cpu.packed_product(x, packed.values, packed.indices, bias), reference(x, weight, bias))
             if problem is not None:
                 failures.append(f"{shape} x {tokens} tokens: {problem}")
+    # Above one pass, panels shared by groups of token tiles: 2560 inputs take groups of 12 tiles (192 tokens), so
+    # 400 tokens are three groups, the last of one tile
+    weight = weight_24((20, 2560), torch.bfloat16, 7)
+    packed = pack_nm(weight)
+    x = torch.randn(400, 2560, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    problem = mismatch(cpu.packed_product(x, packed.values, packed.indices), reference(x, weight, None))
+    if problem is not None:
+        failures.append(f"(20, 2560) x 400 tokens: {problem}")
     assert not failures, "\n".join(failures)
 
 
