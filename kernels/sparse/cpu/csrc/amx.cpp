@@ -16,6 +16,8 @@
 //   C (tiles 0..NB-1): fp32 [16 rows][16 tokens], one per block of 16 tokens, NB ≤ 4
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace {
@@ -79,21 +81,53 @@ inline void write(const sec24_args* a, int64_t r, int m, int64_t block, const fl
         write(a, r, m, first + (T), c);        \
     } while (0)
 
-// Rows [row_begin, row_end) × NB token tiles starting at token tile `first`. (Expanding 512 inputs of the 16 rows
-// into two alternating 16 KiB buffers before loading their tiles, so that no tile load waits for the stores just
-// made, measured slower: 4096x4096 at 16 tokens 3.17 ms against 2.63 ms expanding one tile at a time.)
+// Rows [r, r + m) × NB token tiles starting at token tile `first`: a_tile(s) gives step s's weight tile (16 rows ×
+// inputs 32s..32s+31, row stride 64 bytes), expanded there and then or read from a panel.
+template <int NB, typename ATile>
+inline void block(const sec24_args* a, int64_t r, int m, int64_t first, ATile a_tile) {
+    alignas(64) float c[16 * 16];
+    const int64_t pairs = padded_pairs(a->in), steps = (a->in + 31) / 32;
+    const uint32_t* xb = a->x_vnni + first * pairs * 16;  // [NB][pairs][16 tokens] pairs of bf16
+    _tile_zero(0);
+    if constexpr (NB > 1) _tile_zero(1);
+    if constexpr (NB > 2) _tile_zero(2);
+    if constexpr (NB > 3) _tile_zero(3);
+    for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(4, a_tile(s), 64);
+        const uint32_t* b = xb + s * 16 * 16;  // this step's 16 pairs × 16 tokens
+        SEC24_ACCUMULATE(0, b);
+        if constexpr (NB > 1) SEC24_ACCUMULATE(1, b + pairs * 16);
+        if constexpr (NB > 2) SEC24_ACCUMULATE(2, b + 2 * pairs * 16);
+        if constexpr (NB > 3) SEC24_ACCUMULATE(3, b + 3 * pairs * 16);
+    }
+    SEC24_WRITE(0);
+    if constexpr (NB > 1) SEC24_WRITE(1);
+    if constexpr (NB > 2) SEC24_WRITE(2);
+    if constexpr (NB > 3) SEC24_WRITE(3);
+}
+
+// pass(width, b) for the passes over token tiles [begin, end): up to kMaxTokenTiles each, `width` a compile-time int.
+template <typename Pass>
+inline void passes(int64_t begin, int64_t end, Pass pass) {
+    for (int64_t b = begin; b < end; b += kMaxTokenTiles) {
+        switch (sec24_min(kMaxTokenTiles, end - b)) {
+            case 1: pass(std::integral_constant<int, 1>{}, b); break;
+            case 2: pass(std::integral_constant<int, 2>{}, b); break;
+            case 3: pass(std::integral_constant<int, 3>{}, b); break;
+            default: pass(std::integral_constant<int, 4>{}, b); break;
+        }
+    }
+}
+
+// Rows [row_begin, row_end) × NB token tiles starting at token tile `first`, each weight tile expanded as it is used.
+// (Expanding 512 inputs of the 16 rows into two alternating 16 KiB buffers before loading their tiles, so that no
+// tile load waits for the stores just made, measured slower: 4096x4096 at 16 tokens 3.17 ms against 2.63 ms
+// expanding one tile at a time.)
 template <int NB>
 void pass(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_t first) {
     alignas(64) uint16_t tile[16 * 32];
-    alignas(64) float c[16 * 16];
-    const int64_t pairs = padded_pairs(a->in);
-    const uint32_t* xb = a->x_vnni + first * pairs * 16;  // [NB][pairs][16 tokens] pairs of bf16
     for (int64_t r = row_begin; r < row_end; r += 16) {
         const int m = (int)sec24_min(16, row_end - r);
-        _tile_zero(0);
-        if constexpr (NB > 1) _tile_zero(1);
-        if constexpr (NB > 2) _tile_zero(2);
-        if constexpr (NB > 3) _tile_zero(3);
         // The next 16 rows follow these in memory: one contiguous range each of values and codes, streamed in
         // while these compute (16 rows are 32 streams, more than the hardware prefetcher follows at once).
         const int64_t row_bytes = a->in, steps = (a->in + 31) / 32;  // bf16: in/2 values of 2 bytes per row
@@ -101,21 +135,12 @@ void pass(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_t first
             sec24_prefetch_range((const char*)a->values + (r + 16) * row_bytes, 16 * row_bytes, steps);
         sec24_prefetch next_codes =
             sec24_prefetch_range(a->codes + (r + 16) * a->code_bytes, 16 * a->code_bytes, steps);
-        for (int64_t k = 0; k < a->in; k += 32) {
+        block<NB>(a, r, m, first, [&](int64_t s) {
             sec24_prefetch_step(&next_values);
             sec24_prefetch_step(&next_codes);
-            expand_tile(a, r, m, k, tile, 32);
-            _tile_loadd(4, tile, 64);
-            const uint32_t* b = xb + k / 2 * 16;  // this step's 16 pairs × 16 tokens
-            SEC24_ACCUMULATE(0, b);
-            if constexpr (NB > 1) SEC24_ACCUMULATE(1, b + pairs * 16);
-            if constexpr (NB > 2) SEC24_ACCUMULATE(2, b + 2 * pairs * 16);
-            if constexpr (NB > 3) SEC24_ACCUMULATE(3, b + 3 * pairs * 16);
-        }
-        SEC24_WRITE(0);
-        if constexpr (NB > 1) SEC24_WRITE(1);
-        if constexpr (NB > 2) SEC24_WRITE(2);
-        if constexpr (NB > 3) SEC24_WRITE(3);
+            expand_tile(a, r, m, s * 32, tile, 32);
+            return tile;
+        });
     }
 }
 
@@ -135,29 +160,6 @@ inline void expand_panel(const sec24_args* a, int64_t r, int m, uint16_t* panel)
     }
 }
 
-template <int NB>
-void panel_pass(const sec24_args* a, int64_t r, int m, const uint16_t* panel, int64_t first) {
-    alignas(64) float c[16 * 16];
-    const int64_t pairs = padded_pairs(a->in), steps = (a->in + 31) / 32;
-    const uint32_t* xb = a->x_vnni + first * pairs * 16;  // [NB][pairs][16 tokens]
-    _tile_zero(0);
-    if constexpr (NB > 1) _tile_zero(1);
-    if constexpr (NB > 2) _tile_zero(2);
-    if constexpr (NB > 3) _tile_zero(3);
-    for (int64_t s = 0; s < steps; ++s) {
-        _tile_loadd(4, panel + s * 512, 64);
-        const uint32_t* b = xb + s * 16 * 16;  // this step's 16 pairs × 16 tokens
-        SEC24_ACCUMULATE(0, b);
-        if constexpr (NB > 1) SEC24_ACCUMULATE(1, b + pairs * 16);
-        if constexpr (NB > 2) SEC24_ACCUMULATE(2, b + 2 * pairs * 16);
-        if constexpr (NB > 3) SEC24_ACCUMULATE(3, b + 3 * pairs * 16);
-    }
-    SEC24_WRITE(0);
-    if constexpr (NB > 1) SEC24_WRITE(1);
-    if constexpr (NB > 2) SEC24_WRITE(2);
-    if constexpr (NB > 3) SEC24_WRITE(3);
-}
-
 // False when the panel cannot be allocated (the caller then runs the passes that expand as they go).
 bool rows_panels(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_t group) {
     const int64_t steps = (a->in + 31) / 32, blocks = (a->tokens + 15) / 16;
@@ -168,14 +170,9 @@ bool rows_panels(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_
         for (int64_t r = row_begin; r < row_end; r += 16) {
             const int m = (int)sec24_min(16, row_end - r);
             expand_panel(a, r, m, panel);
-            for (int64_t b = g; b < g_end; b += kMaxTokenTiles) {
-                switch (sec24_min(kMaxTokenTiles, g_end - b)) {
-                    case 1: panel_pass<1>(a, r, m, panel, b); break;
-                    case 2: panel_pass<2>(a, r, m, panel, b); break;
-                    case 3: panel_pass<3>(a, r, m, panel, b); break;
-                    default: panel_pass<4>(a, r, m, panel, b); break;
-                }
-            }
+            passes(g, g_end, [&](auto width, int64_t b) {
+                block<decltype(width)::value>(a, r, m, b, [&](int64_t s) { return panel + s * 512; });
+            });
         }
     }
     free(panel);
@@ -217,13 +214,6 @@ extern "C" void sec24_rows_amx(const sec24_args* a, int64_t row_begin, int64_t r
         _tile_release();
         return;
     }
-    for (int64_t b = 0; b < blocks; b += kMaxTokenTiles) {
-        switch (sec24_min(kMaxTokenTiles, blocks - b)) {
-            case 1: pass<1>(a, row_begin, row_end, b); break;
-            case 2: pass<2>(a, row_begin, row_end, b); break;
-            case 3: pass<3>(a, row_begin, row_end, b); break;
-            default: pass<4>(a, row_begin, row_end, b); break;
-        }
-    }
+    passes(0, blocks, [&](auto width, int64_t b) { pass<decltype(width)::value>(a, row_begin, row_end, b); });
     _tile_release();
 }
