@@ -68,7 +68,7 @@ def run_one(
         started = time.perf_counter()
         with heap_allocations() as heap:  # as run_job does
             tokens = None if method == "magnitude" else calibration
-            pruned = prune_model_(model, tokens, config, on_block=lambda _block: heap.settle())
+            pruned = prune_model_(model, tokens, config, on_block=lambda _block: heap.release())
         result["prune_seconds"] = round(time.perf_counter() - started, 2)
         result["layers_pruned"] = len(pruned.layers)
         errors = [layer.error for layer in pruned.layers if layer.error is not None]

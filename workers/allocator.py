@@ -53,7 +53,7 @@ def _set_mapping(libc: Any, mmap_max: int, threshold: int) -> bool:
 
 
 class Heap:
-    """The heap policy of one :func:`heap_allocations` context; :meth:`settle` is called between blocks."""
+    """The heap policy of one :func:`heap_allocations` context; :meth:`release` is called between blocks and stages."""
 
     def __init__(self, libc: Any | None) -> None:
         self._libc = libc
@@ -73,21 +73,16 @@ class Heap:
             _set_mapping(self._libc, _DEFAULT_MMAP_MAX, _LARGE_MAPPED)
             self._libc.malloc_trim(0)
 
-    def settle(self) -> None:
-        """Between two units of work (pruned blocks): hand the heap's free pages back to the kernel. Reusing freed
-        memory in place is the point, but the heap also fragments a little per block, and the free pages it keeps
-        add to the next block's peak. Measured on SmolLM2 under P-CPU (Xeon, 2 threads, 2026-11-29, whole job
-        in-process): trimming every 4 blocks 2.38-2.49 GB peak RSS, prune 90.4 s; every 2 blocks 2.16 GB; after
-        every block 2.07 GB, 94.3 s (the quick start, a worker process, peaked at 2.58 GB with every 4 blocks,
-        over its 2.5 GB bound). The trim's cost is the page faults of the next block's first allocations."""
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
-
     def release(self) -> None:
-        """Between two stages of a job (evaluation, pruning, speed step): hand the heap's free pages back now.
-        Each stage allocates tensors of its own sizes, so what one stage freed mostly stays unused by the next
-        and would add to its peak (SmolLM2 quick start: the dense evaluation left ~1.2 GB of free heap that
-        the first pruned block did not reuse)."""
+        """Between two pruned blocks, and between two stages of a job (evaluation, pruning, speed step): hand the
+        heap's free pages back to the kernel now. Reusing freed memory in place is the point, but the heap also
+        fragments a little per block, and the free pages it keeps add to the next block's peak. Measured on SmolLM2
+        under P-CPU (Xeon, 2 threads, 2026-11-29, whole job in-process): trimming every 4 blocks 2.38-2.49 GB peak
+        RSS, prune 90.4 s; every 2 blocks 2.16 GB; after every block 2.07 GB, 94.3 s (the quick start, a worker
+        process, peaked at 2.58 GB with every 4 blocks, over its 2.5 GB bound); the trim's cost is the page faults
+        of the next block's first allocations. Each stage allocates tensors of its own sizes, so what one stage
+        freed mostly stays unused by the next (SmolLM2 quick start: the dense evaluation left ~1.2 GB of free heap
+        that the first pruned block did not reuse)."""
         if self._libc is not None:
             self._libc.malloc_trim(0)
 
@@ -95,8 +90,7 @@ class Heap:
 @contextmanager
 def heap_allocations() -> Iterator[Heap]:
     """Serve large allocations from the reusable heap for the duration (see the module docstring); the
-    :class:`Heap` it yields trims the heap at each :meth:`Heap.settle` (between blocks) and :meth:`Heap.release`
-    (between stages)."""
+    :class:`Heap` it yields trims the heap at each :meth:`Heap.release` (between blocks and between stages)."""
     libc = _glibc()
     if libc is None:
         yield Heap(None)

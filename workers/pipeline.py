@@ -694,7 +694,7 @@ def _run_streamed(
     )
 
     def on_block(progress: BlockProgress) -> None:
-        heap.settle()
+        heap.release()
         emit(
             ProgressEvent(
                 stage=Stage.PRUNE,
