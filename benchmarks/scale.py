@@ -196,12 +196,16 @@ def _job(
 
     started = time.perf_counter()
     report = run_job(spec, progress, output_dir=output, overwrite=True)
+    # The job process's own peak. ru_maxrss is not that: Linux carries the parent's high-water mark into a child at
+    # exec (measured: a child of a process that had touched 1.5 GB reported 1.48 GB of ru_maxrss and 13.6 MB of
+    # VmHWM), and this script's parent has just generated the model. ru_maxrss only where VmHWM is unavailable.
+    hwm, max_rss = _vm_hwm(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "seconds_total": time.perf_counter() - started,
         "seconds_per_block": blocks,
-        "peak_rss_bytes": _peak_rss(),
-        "peak_rss_source": "VmHWM" if _vm_hwm() is not None else "ru_maxrss",
-        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": hwm if hwm is not None else max_rss,
+        "peak_rss_source": "VmHWM" if hwm is not None else "ru_maxrss",
+        "ru_maxrss_bytes": max_rss,
         "prune_seconds": report.timings.prune_seconds,
         "load_seconds": report.timings.load_seconds,
         "verified_by_job": report.sparsity.verified,
@@ -218,14 +222,6 @@ def _vm_hwm() -> int | None:
             return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), None)
     except OSError:
         return None
-
-
-def _peak_rss() -> int:
-    """The job process's own peak RSS. ``ru_maxrss`` is not that: Linux carries the parent's high-water mark into a
-    child at exec (measured: a child of a process that had touched 1.5 GB reported 1.48 GB of ru_maxrss and 13.6 MB
-    of VmHWM), and this script's parent has just generated the model. ``ru_maxrss`` where VmHWM is unavailable."""
-    hwm = _vm_hwm()
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def check_output(output: Path) -> dict[str, Any]:
