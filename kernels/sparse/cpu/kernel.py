@@ -475,7 +475,9 @@ def cpu_packed_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | No
     if x.numel() > limit:  # more tokens than the crossover
         return None
     linear, isa, serial_work = _module().linear, _STATE.isa_index, found.serial_work
-    call = _bound(linear, values, indices, bias, isa=isa, serial_work=serial_work, x_dtype=x.dtype, limit=limit)
+    call = _bound(
+        linear, values, indices, bias, isa=isa, serial_work=serial_work, x_dtype=x.dtype, limit=limit, width=x.shape[-1]
+    )
     bind_fast_call(layer, KERNEL_NAME, call)
     return linear(x, values, indices, bias, isa, serial_work, BLOCK_ROWS)
 
@@ -490,16 +492,19 @@ def _bound(
     serial_work: int,
     x_dtype: torch.dtype,
     limit: int,
+    width: int,
 ) -> Callable[[torch.Tensor], torch.Tensor | None]:
     """This layer's product with everything :func:`cpu_packed_kernel` looked up bound: it declines what that would
-    decline or decide differently (another dtype, more tokens than the crossover, autograd, autocast, another
-    thread count); a CUDA x is refused by the C++ side, as it is by the reference's ``F.linear``."""
+    decline or decide differently (x off the CPU or of another width, another dtype, more tokens than the crossover,
+    autograd, autocast, another thread count), so such inputs get the dispatch's answer and its errors."""
     threads = torch.get_num_threads()
     get_threads, grad_enabled, autocast = torch.get_num_threads, torch.is_grad_enabled, torch.is_autocast_enabled
 
     def call(x: torch.Tensor) -> torch.Tensor | None:
         if (
             x.dtype is not x_dtype
+            or not x.is_cpu
+            or x.shape[-1] != width
             or x.numel() > limit
             or get_threads() != threads
             or (x.requires_grad and grad_enabled())
