@@ -21,10 +21,18 @@ namespace {
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
-// bf16 × bf16 products of up to this many tokens take the AVX-512 BF16 kernel; larger ones the AVX-512 kernel.
-// Measured (Xeon with AMX, 1 thread, interleaved, shared machine, so noisy): 1536x576 in cache, BF16 kernel vs
-// AVX-512 kernel 0.043 vs 0.079 ms at 1 token, 0.064 vs 0.093 at 2, 0.086 vs 0.099 at 3, 0.120 vs 0.116 at 4,
-// 0.228 vs 0.204 at 8: its 16-bit permute costs more issue slots than it saves once the gathers dominate.
+// Under `amx`, bf16 × bf16 products of up to this many tokens take the AVX-512 BF16 (pair) kernel; 4 tokens the
+// AVX-512 kernel, more the AMX one. Measured (Xeon with AMX, 1 thread, interleaved, shared machine, so noisy):
+// 1536x576 in cache, pair kernel vs AVX-512 kernel 0.043 vs 0.079 ms at 1 token, 0.064 vs 0.093 at 2, 0.086 vs
+// 0.099 at 3, 0.120 vs 0.116 at 4, 0.228 vs 0.204 at 8: on that CPU its 16-bit permute (VPERMT2W) costs more issue
+// slots than it saves once the gathers dominate.
+// Under `avx512bf16` (AVX-512 BF16 without AMX: in practice AMD Zen 4 and 5) the pair kernel takes every token count:
+// measured (AMD EPYC with AVX-512 BF16 and VP2INTERSECT, 1 thread, weights rotated over 48 MB, medians of 20; pair
+// kernel vs AVX-512 kernel vs dense F.linear, ms): 4096x4096 at 16 tokens 2.09 vs 2.87 vs 2.55, 576x576 0.058 vs
+// 0.082 vs 0.075, 1536x576 0.149 vs 0.211 vs 0.178; at 4 tokens 0.89 / 0.024 / 0.052 (dense 1.86 / 0.060 / 0.138).
+// (A kernel expanding 16 rows into an L1 panel and multiplying it with VDPBF16PS, as the AMX kernel does with tiles,
+// measured no better from 4 to 16 tokens, 4096x4096 at 16: 2.25 ms, and only 0-13 % faster at 24-48, where the
+// packed product is within 10 % of dense either way: not kept.)
 constexpr int64_t kBf16PairMaxTokens = 3;
 // bf16 × bf16 products of at least this many tokens take the AMX kernel where the ISA is amx (fewer: as above).
 // Measured (Xeon with AMX, 1 thread, quiet, weights rotated over 700 MB, medians of 25; AMX kernel vs AVX-512
@@ -202,7 +210,7 @@ enum class Kind { kGeneral, kBf16Pair, kAmxTiles };
 Kind kernel_kind(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
     const bool bf16 = x_bf16 && w_bf16;
     if (bf16 && isa == kAmx && tokens >= kAmxMinTokens) return Kind::kAmxTiles;
-    if (bf16 && isa >= kAvx512Bf16 && tokens <= kBf16PairMaxTokens) return Kind::kBf16Pair;
+    if (bf16 && (isa == kAvx512Bf16 || (isa == kAmx && tokens <= kBf16PairMaxTokens))) return Kind::kBf16Pair;
     return Kind::kGeneral;
 }
 
