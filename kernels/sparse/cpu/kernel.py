@@ -91,7 +91,6 @@ TILE_BYTES = 4 << 20
 MAX_TILES = 8
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
-TILES_MARGIN = 0.1  # the tiles take a token count from the kernel only when at least this much faster
 ALWAYS_PROBED = 16  # token counts up to this are measured whatever the budget: decode, where the kernel matters
 _LAYER_CACHE = "_cpu24_crossover"  # a layer's last crossover lookup, kept in its __dict__ (not in its state_dict)
 
@@ -324,11 +323,13 @@ def measure_crossover(
 
     The dense tiles cost at least their decompression, timed once: where the kernel is faster than that alone, it
     wins without the tiles being timed. Where the tiles are timed, each dense product they may use is, and the
-    faster is kept (the second is not timed when the first takes over 1.5× the kernel's time); the kernel keeps a
-    count unless the tiles are :data:`TILES_MARGIN` faster (near the crossover both take about as long, and on a
-    shared machine timing noise would otherwise decide). Points up to :data:`ALWAYS_PROBED` tokens are always
-    measured; a larger one is not started when, at the previous point's cost per token, it would end past
-    ``budget_s``. The crossover is the largest count measured as a kernel win (0: none).
+    faster is kept (the second is not timed when the first takes over 1.5× the kernel's time); the faster of kernel
+    and tiles takes the count. (Until 2026-11-29 the tiles had to be 10 % faster, so that timing noise near the
+    crossover would not decide. But the probe times the layer's weight hot in cache, where the kernel's smaller
+    reads count for less: on an AMD Zen 5 that margin alone kept the kernel at 64 or 128 tokens on 7 of 14 shapes,
+    where the tiles probed 2-10 % faster, and with cold weights it then ran 0.70-0.94× dense at 64 tokens on five
+    of them.) Points up to :data:`ALWAYS_PROBED` tokens are always measured; a larger one is not started when, at
+    the previous point's cost per token, it would end past ``budget_s``. The crossover is the largest count measured as a kernel win (0: none).
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
@@ -370,7 +371,7 @@ def measure_crossover(
             )
         dense = min(tiles, key=lambda name: tiles[name])
         notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms, tiles ({dense}) {tiles[dense] * 1e3:.3g} ms")
-        return tiles[dense] > kernel * (1.0 - TILES_MARGIN)
+        return tiles[dense] > kernel
 
     # Gallop (1, 4, 16, 64, ... tokens: the cheap decode sizes first), then bisect between the last win and the
     # first loss, until the budget is spent.
