@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 PREFIX = "secateurs_cpu24"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fno-math-errno")
-HEADERS = ("packed24.h", "common.h")
+HEADERS = ("packed24.h", "common.h", "masks512.h")
 DISPATCH = "dispatch.cpp"
 
 
@@ -59,7 +59,11 @@ UNITS = (
     Unit("scalar", "scalar.cpp", (), x86_only=False),
     Unit("avx2", "avx2.cpp", ("-mavx2", "-mfma")),
     Unit("avx512", "avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl")),
-    Unit("avx512bf16", "avx512bf16.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")),
+    Unit(
+        "avx512bf16",
+        "avx512bf16.cpp",
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2"),
+    ),
     Unit("amx", "amx.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi2", "-mamx-tile", "-mamx-bf16")),
 )
 

@@ -72,7 +72,7 @@ _ISA_NEEDS = {
     "scalar": (),
     "avx2": ("avx2", "fma"),
     "avx512": ("avx512f", "avx512bw", "avx512vl"),
-    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi"),
+    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi", "avx512vbmi2"),
     "amx": ("avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi", "avx512vbmi2", "amx_tile", "amx_bf16"),
 }
 DTYPES = (torch.float32, torch.bfloat16)

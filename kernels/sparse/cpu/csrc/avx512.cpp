@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "common.h"
+#include "masks512.h"
 
 namespace {
 
@@ -157,37 +158,44 @@ extern "C" void sec24_rows_avx512(const sec24_args* a, int64_t row_begin, int64_
 }
 
 // 16 inputs at a time: the 16-bit mask of kept positions (two table lookups) expands the 8 kept values in place.
+// Rows of the dense weight. Per 16 inputs: one 16-bit mask of kept positions (made 64 code bytes at a time,
+// masks512.h), the 8 kept values, one expand under the mask, one store.
 extern "C" void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
                                         int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense) {
-    const int64_t kept = in / 2;
+    const int64_t kept = in / 2, groups = in / 16;  // groups of 16 inputs: 2 code bytes, 8 kept values each
+    alignas(64) uint16_t masks[32];                // the masks of 32 groups: 64 code bytes
     for (int64_t r = row_begin; r < row_end; ++r) {
         const uint8_t* c = codes + r * code_bytes;
-        int64_t k = 0;
-        if (values_bf16) {
-            const uint16_t* v = (const uint16_t*)values + r * kept;
-            uint16_t* d = (uint16_t*)dense + (r - row_begin) * in;
-            for (; k + 16 <= in; k += 16) {
-                const __mmask16 m = (__mmask16)(sec24_masks.mask[c[k / 8]] | (sec24_masks.mask[c[k / 8 + 1]] << 8));
-                const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(v + k / 2)));
-                const __m512i e = _mm512_maskz_expand_epi32(m, _mm512_castsi256_si512(w));
-                _mm256_storeu_si256((__m256i*)(d + k), _mm512_cvtepi32_epi16(e));
+        for (int64_t g = 0; g < groups; g += 32) {
+            const int64_t n = sec24_min(32, groups - g);
+            sec24_code_masks(c + 2 * g, 2 * n, (uint8_t*)masks);
+            if (values_bf16) {
+                const uint16_t* v = (const uint16_t*)values + r * kept + 8 * g;
+                uint16_t* d = (uint16_t*)dense + (r - row_begin) * in + 16 * g;
+                for (int64_t i = 0; i < n; ++i) {
+                    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(v + 8 * i)));
+                    const __m512i e = _mm512_maskz_expand_epi32((__mmask16)masks[i], _mm512_castsi256_si512(w));
+                    _mm256_storeu_si256((__m256i*)(d + 16 * i), _mm512_cvtepi32_epi16(e));
+                }
+            } else {
+                const float* v = (const float*)values + r * kept + 8 * g;
+                float* d = (float*)dense + (r - row_begin) * in + 16 * g;
+                for (int64_t i = 0; i < n; ++i)
+                    _mm512_storeu_ps(d + 16 * i, _mm512_maskz_expand_ps((__mmask16)masks[i],
+                                                                         _mm512_castps256_ps512(_mm256_loadu_ps(v + 8 * i))));
             }
-            for (; k < in; k += 4) {  // the last 4, 8 or 12 inputs
-                const uint32_t b = (uint32_t)(c[k / 8] >> (k % 8 == 0 ? 0 : 4)) & 15u;
+        }
+        for (int64_t k = 16 * groups; k < in; k += 4) {  // the last 4, 8 or 12 inputs
+            const uint32_t b = (uint32_t)(c[k / 8] >> (k % 8 == 0 ? 0 : 4)) & 15u;
+            if (values_bf16) {
+                const uint16_t* v = (const uint16_t*)values + r * kept;
+                uint16_t* d = (uint16_t*)dense + (r - row_begin) * in;
                 for (int p = 0; p < 4; ++p) d[k + p] = 0;
                 d[k + (b & 3)] = v[k / 2];
                 d[k + (b >> 2)] = v[k / 2 + 1];
-            }
-        } else {
-            const float* v = (const float*)values + r * kept;
-            float* d = (float*)dense + (r - row_begin) * in;
-            for (; k + 16 <= in; k += 16) {
-                const __mmask16 m = (__mmask16)(sec24_masks.mask[c[k / 8]] | (sec24_masks.mask[c[k / 8 + 1]] << 8));
-                const __m512 w = _mm512_castps256_ps512(_mm256_loadu_ps(v + k / 2));
-                _mm512_storeu_ps(d + k, _mm512_maskz_expand_ps(m, w));
-            }
-            for (; k < in; k += 4) {
-                const uint32_t b = (uint32_t)(c[k / 8] >> (k % 8 == 0 ? 0 : 4)) & 15u;
+            } else {
+                const float* v = (const float*)values + r * kept;
+                float* d = (float*)dense + (r - row_begin) * in;
                 for (int p = 0; p < 4; ++p) d[k + p] = 0.0f;
                 d[k + (b & 3)] = v[k / 2];
                 d[k + (b >> 2)] = v[k / 2 + 1];

@@ -107,9 +107,10 @@ bool cpu_runs(int64_t isa) {
         case kAvx2: return avx2;
         case kAvx512: return avx512;
         case kAvx512Bf16:
-            return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+            return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
+                   cpuid7(2, 6);  // VBMI2
         case kAmx:
-            return cpu_runs(kAvx512Bf16) && cpuid7(2, 6) && cpuid7(3, 24) && cpuid7(3, 22) && amx_granted();
+            return cpu_runs(kAvx512Bf16) && cpuid7(3, 24) && cpuid7(3, 22) && amx_granted();
         default: return false;
     }
 #else
@@ -149,7 +150,10 @@ sec24_rows_fn rows_fn(int64_t isa, bool bf16_pair, bool amx) {
     }
 }
 
-sec24_decompress_fn decompress_fn(int64_t isa) {
+sec24_decompress_fn decompress_fn(int64_t isa, bool bf16) {
+#if defined(SEC24_HAVE_AVX512BF16)
+    if (bf16 && (isa == kAmx || isa == kAvx512Bf16)) return sec24_decompress_avx512bf16;
+#endif
     switch (isa) {
 #if defined(SEC24_HAVE_AVX512)
         case kAmx:
@@ -295,7 +299,7 @@ void decompress(const at::Tensor& values, const at::Tensor& codes, int64_t row_b
     TORCH_CHECK(dense.is_contiguous() && dense.scalar_type() == values.scalar_type() &&
                     dense.size(0) >= row_end - row_begin,
                 "dense must be a contiguous [rows, in] tensor of the values' dtype");
-    const sec24_decompress_fn fn = decompress_fn(isa);
+    const sec24_decompress_fn fn = decompress_fn(isa, values.scalar_type() == at::kBFloat16);
     const int64_t rows = row_end - row_begin;
     const int64_t work = rows * in * values.element_size();
     const void* v = values.data_ptr();

@@ -57,6 +57,9 @@ void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t v
 #if defined(SEC24_HAVE_AVX512BF16)
 // bf16 weights × bf16 activations only (args->x_bf16 set); everything else goes to sec24_rows_avx512.
 void sec24_rows_avx512bf16(const sec24_args* args, int64_t row_begin, int64_t row_end);
+// bf16 weights only.
+void sec24_decompress_avx512bf16(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                                 int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
 #endif
 
 #if defined(SEC24_HAVE_AMX)
