@@ -329,7 +329,8 @@ def measure_crossover(
     reads count for less: on an AMD Zen 5 that margin alone kept the kernel at 64 or 128 tokens on 7 of 14 shapes,
     where the tiles probed 2-10 % faster, and with cold weights it then ran 0.70-0.94× dense at 64 tokens on five
     of them.) Points up to :data:`ALWAYS_PROBED` tokens are always measured; a larger one is not started when, at
-    the previous point's cost per token, it would end past ``budget_s``. The crossover is the largest count measured as a kernel win (0: none).
+    the previous point's cost per token, it would end past ``budget_s``. The crossover is the largest count measured
+    as a kernel win (0: none).
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
