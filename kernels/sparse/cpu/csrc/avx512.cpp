@@ -161,7 +161,6 @@ extern "C" void sec24_rows_avx512(const sec24_args* a, int64_t row_begin, int64_
         rows<false>(a, row_begin, row_end);
 }
 
-// 16 inputs at a time: the 16-bit mask of kept positions (two table lookups) expands the 8 kept values in place.
 // Rows of the dense weight. Per 16 inputs: one 16-bit mask of kept positions (made 64 code bytes at a time,
 // masks512.h), the 8 kept values, one expand under the mask, one store.
 extern "C" void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,

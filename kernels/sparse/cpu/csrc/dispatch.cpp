@@ -27,9 +27,9 @@ enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx 
 // 0.099 at 3, 0.120 vs 0.116 at 4, 0.228 vs 0.204 at 8: on that CPU its 16-bit permute (VPERMT2W) costs more issue
 // slots than it saves once the gathers dominate.
 // Under `avx512bf16` (AVX-512 BF16 without AMX: in practice AMD Zen 4 and 5) the pair kernel takes every token count:
-// measured (AMD EPYC with AVX-512 BF16 and VP2INTERSECT, 1 thread, weights rotated over 48 MB, medians of 20; pair
-// kernel vs AVX-512 kernel vs dense F.linear, ms): 4096x4096 at 16 tokens 2.09 vs 2.87 vs 2.55, 576x576 0.058 vs
-// 0.082 vs 0.075, 1536x576 0.149 vs 0.211 vs 0.178; at 4 tokens 0.89 / 0.024 / 0.052 (dense 1.86 / 0.060 / 0.138).
+// measured (AMD EPYC Zen 5, 1 thread, weights rotated over 48 MB, medians of 20; pair kernel vs AVX-512 kernel vs
+// dense F.linear, ms): 4096x4096 at 16 tokens 2.09 vs 2.87 vs 2.55, 576x576 0.058 vs 0.082 vs 0.075, 1536x576 0.149
+// vs 0.211 vs 0.178; at 2-3 tokens the two kernels within noise of each other (4096x4096 at 3: 0.73 vs 0.82).
 // (A kernel expanding 16 rows into an L1 panel and multiplying it with VDPBF16PS, as the AMX kernel does with tiles,
 // measured no better from 4 to 16 tokens, 4096x4096 at 16: 2.25 ms, and only 0-13 % faster at 24-48, where the
 // packed product is within 10 % of dense either way: not kept.)
