@@ -180,12 +180,6 @@ extern "C" void sec24_decompress_avx2(const void* values, const uint8_t* codes, 
                 const __m128i s = _mm_loadu_si128((const __m128i*)kShuffles.b16[c[k / 8]]);
                 _mm_storeu_si128((__m128i*)(d + k), _mm_shuffle_epi8(w, s));
             }
-            if (k < in) {  // the last 4 inputs
-                const uint32_t b = c[k / 8] & 15u;
-                for (int p = 0; p < 4; ++p) d[k + p] = 0;
-                d[k + (b & 3)] = v[k / 2];
-                d[k + (b >> 2)] = v[k / 2 + 1];
-            }
         } else {
             const float* v = (const float*)values + r * kept;
             float* d = (float*)dense + (r - row_begin) * in;
@@ -194,12 +188,9 @@ extern "C" void sec24_decompress_avx2(const void* values, const uint8_t* codes, 
                 const __m256i s = _mm256_loadu_si256((const __m256i*)kShuffles.f32[c[k / 8]]);
                 _mm256_storeu_si256((__m256i*)(d + k), _mm256_shuffle_epi8(w, s));
             }
-            if (k < in) {
-                const uint32_t b = c[k / 8] & 15u;
-                for (int p = 0; p < 4; ++p) d[k + p] = 0.0f;
-                d[k + (b & 3)] = v[k / 2];
-                d[k + (b >> 2)] = v[k / 2 + 1];
-            }
         }
+        if (k < in)  // the last 4 inputs
+            sec24_decompress_from(values, codes, values_bf16, in, code_bytes, r, k,
+                                  (char*)dense + (r - row_begin) * in * (values_bf16 ? 2 : 4));
     }
 }

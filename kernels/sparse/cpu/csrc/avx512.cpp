@@ -188,21 +188,8 @@ extern "C" void sec24_decompress_avx512(const void* values, const uint8_t* codes
                                                                          _mm512_castps256_ps512(_mm256_loadu_ps(v + 8 * i))));
             }
         }
-        for (int64_t k = 16 * groups; k < in; k += 4) {  // the last 4, 8 or 12 inputs
-            const uint32_t b = (uint32_t)(c[k / 8] >> (k % 8 == 0 ? 0 : 4)) & 15u;
-            if (values_bf16) {
-                const uint16_t* v = (const uint16_t*)values + r * kept;
-                uint16_t* d = (uint16_t*)dense + (r - row_begin) * in;
-                for (int p = 0; p < 4; ++p) d[k + p] = 0;
-                d[k + (b & 3)] = v[k / 2];
-                d[k + (b >> 2)] = v[k / 2 + 1];
-            } else {
-                const float* v = (const float*)values + r * kept;
-                float* d = (float*)dense + (r - row_begin) * in;
-                for (int p = 0; p < 4; ++p) d[k + p] = 0.0f;
-                d[k + (b & 3)] = v[k / 2];
-                d[k + (b >> 2)] = v[k / 2 + 1];
-            }
-        }
+        if (16 * groups < in)  // the last 4, 8 or 12 inputs
+            sec24_decompress_from(values, codes, values_bf16, in, code_bytes, r, 16 * groups,
+                                  (char*)dense + (r - row_begin) * in * (values_bf16 ? 2 : 4));
     }
 }

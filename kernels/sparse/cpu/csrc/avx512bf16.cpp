@@ -173,11 +173,7 @@ extern "C" void sec24_decompress_avx512bf16(const void* values, const uint8_t* c
                 _mm512_storeu_si512((void*)(d + 32 * (g + i)), _mm512_maskz_expand_epi16((__mmask32)masks[i], w));
             }
         }
-        for (int64_t k = 32 * groups; k < in; k += 4) {  // the last 4..28 inputs
-            const uint32_t b = (uint32_t)(c[k / 8] >> (k % 8 == 0 ? 0 : 4)) & 15u;
-            for (int p = 0; p < 4; ++p) d[k + p] = 0;
-            d[k + (b & 3)] = v[k / 2];
-            d[k + (b >> 2)] = v[k / 2 + 1];
-        }
+        if (32 * groups < in)  // the last 4..28 inputs
+            sec24_decompress_from(values, codes, values_bf16, in, code_bytes, r, 32 * groups, d);
     }
 }

@@ -36,6 +36,21 @@ static inline void sec24_store(const sec24_args* a, int64_t token, int64_t row, 
 
 static inline int64_t sec24_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Inputs [k, in) of row r of the dense weight (k a multiple of 4) into dense_row, one kept value at a time: the
+// scalar decompression, and the last inputs the SIMD decompressions leave (fewer than a vector's worth).
+static inline void sec24_decompress_from(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
+                                         int64_t code_bytes, int64_t r, int64_t k, void* dense_row) {
+    const int64_t size = values_bf16 ? 2 : 4, kept = in / 2;
+    const char* v = (const char*)values + r * kept * size;
+    const uint8_t* c = codes + r * code_bytes;
+    char* d = (char*)dense_row;
+    memset(d + k * size, 0, (size_t)((in - k) * size));
+    for (int64_t j = k / 2; j < kept; ++j) {
+        const int64_t input = 4 * (j / 2) + ((c[j >> 2] >> (2 * (j & 3))) & 3);
+        memcpy(d + input * size, v + j * size, (size_t)size);
+    }
+}
+
 // For a code byte (two groups of 4 inputs): the 8-bit mask of the kept positions (bit p = input p kept).
 static inline constexpr uint32_t sec24_byte_mask(uint32_t b) {
     return (1u << (b & 3u)) | (1u << ((b >> 2) & 3u)) | (16u << ((b >> 4) & 3u)) | (16u << ((b >> 6) & 3u));

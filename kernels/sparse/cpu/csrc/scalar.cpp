@@ -28,16 +28,8 @@ extern "C" void sec24_rows_scalar(const sec24_args* a, int64_t row_begin, int64_
 
 extern "C" void sec24_decompress_scalar(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
                                         int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense) {
-    const int64_t kept = in / 2;
     const int64_t size = values_bf16 ? 2 : 4;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        const uint8_t* c = codes + r * code_bytes;
-        const char* v = (const char*)values + r * kept * size;
-        char* d = (char*)dense + (r - row_begin) * in * size;
-        memset(d, 0, (size_t)(in * size));
-        for (int64_t j = 0; j < kept; ++j) {
-            const int64_t input = 4 * (j / 2) + ((c[j >> 2] >> (2 * (j & 3))) & 3);
-            memcpy(d + input * size, v + j * size, (size_t)size);
-        }
-    }
+    for (int64_t r = row_begin; r < row_end; ++r)
+        sec24_decompress_from(values, codes, values_bf16, in, code_bytes, r, 0,
+                              (char*)dense + (r - row_begin) * in * size);
 }
