@@ -366,3 +366,33 @@ def test_a_device_that_is_not_there_and_a_dtype_the_runtime_does_not_take(pruned
         with pytest.raises(InvalidSpecError, match=r"dtype .* is not supported") as caught:
             secateurs.load(out, device="cpu", dtype=dtype)
         assert "float32, bfloat16, float16" in caught.value.hint
+
+
+def test_load_takes_the_cpu_kernel_settings(pruned: Pruned, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SECATEURS_CPU_ISA reaches the loaded model's CPU kernel, as it reaches a job's: a forced instruction set runs,
+    one this CPU lacks is refused up front with the fix. (Until 2026-11-29 ``load`` and ``secateurs bench`` never
+    read it: SECATEURS_CPU_ISA=amx on a CPU without AMX silently ran the best kernel the CPU had.)"""
+    from secateurs.app.settings import get_settings
+    from secateurs.kernels.sparse import cpu
+    from secateurs.kernels.sparse.cpu import kernel
+    from secateurs.workers.cpu_kernel import configure_cpu_kernel
+
+    out = pruned("llama")
+    try:
+        monkeypatch.setenv("SECATEURS_CPU_ISA", "scalar")
+        get_settings.cache_clear()
+        secateurs.load(out, device="cpu")
+        assert cpu.isa_in_use() == "scalar"
+        runnable = kernel._module().isas_runnable()
+        lacking = next((isa for isa in ("amx", "avx512bf16", "avx512", "avx2") if isa not in runnable), None)
+        if lacking is not None:
+            monkeypatch.setenv("SECATEURS_CPU_ISA", lacking)
+            get_settings.cache_clear()
+            with pytest.raises(DeviceError, match=f"the {lacking} CPU kernel was requested") as caught:
+                secateurs.load(out, device="cpu")
+            assert "SECATEURS_CPU_ISA=auto" in caught.value.hint
+    finally:
+        monkeypatch.delenv("SECATEURS_CPU_ISA")
+        get_settings.cache_clear()
+        configure_cpu_kernel()
+        assert cpu.ensure() and cpu.isa_in_use() == kernel._module().isas_runnable()[-1]

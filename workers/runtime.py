@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from secateurs.app.errors import DeviceError, InvalidSpecError, ModelSourceError
 from secateurs.kernels.sparse.packing import REFERENCE_PATH, describe_packed_kernels, iter_packed_linears
+from secateurs.workers.cpu_kernel import configure_cpu_kernel
 from secateurs.workers.packed import MANIFEST_NAME, PACKED_DIR
 from secateurs.workers.packed_model import PackedSource, build_packed_model
 from secateurs.workers.pipeline import resolve_device
@@ -90,7 +91,11 @@ def load_dense(folder: Path, *, device: torch.device, dtype: torch.dtype | None)
 def load_packed(
     folder: Path, *, device: torch.device, dtype: torch.dtype | None, verify: bool = True
 ) -> tuple[nn.Module, PackedSource]:
-    """The packed folder ``folder`` as a causal LM of ``PackedLinear`` modules, in eval mode on ``device``."""
+    """The packed folder ``folder`` as a causal LM of ``PackedLinear`` modules, in eval mode on ``device``. The CPU
+    kernel takes its build folder and instruction set from the settings first (``SECATEURS_KERNEL_DIR``,
+    ``SECATEURS_CPU_ISA``), as a job's does: a forced instruction set this CPU lacks fails here with
+    :class:`DeviceError`."""
+    configure_cpu_kernel()
     model, source = build_packed_model(folder, dtype=dtype, verify=verify)
     model.to(device)
     described: Any = model  # an attribute of the transformers model, for users and reports
