@@ -453,6 +453,11 @@ class Environment(BaseModel):
         description="CPU jobs: which library computed the fp32 products of pruning and evaluation, measured on this"
         " machine at first use ('linear': the layers' forward; 'gram': the Hessians): 'oneDNN' or 'F.linear'.",
     )
+    cpu_sweep: str | None = Field(
+        default=None,
+        description="CPU jobs: which implementation ran SparseGPT's N:M column sweep: the C++ one built on this"
+        " machine, or the PyTorch reference (and why).",
+    )
 
 
 class PackedLayer(BaseModel):

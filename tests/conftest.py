@@ -42,10 +42,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyDir:
 
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_kernel_dir() -> None:
-    """Code that builds PackedLinear modules without the workers' settings builds the kernel there too."""
+    """Code that builds PackedLinear modules or prunes without the workers' settings builds the kernels there too."""
+    from secateurs.kernels.pruning import native
     from secateurs.kernels.sparse import cpu
 
     cpu.configure(build_dir=KERNEL_DIR)
+    native.configure(build_dir=KERNEL_DIR)
 
 
 def cache_dir() -> Path:

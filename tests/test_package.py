@@ -56,6 +56,11 @@ def test_the_wheel_has_one_top_level_name(wheel: Path) -> None:
     for layer in LAYERS:  # the three layers ship as real files under the one name
         assert f"secateurs/{layer}/__init__.py" in names
     assert "secateurs/app/static/job.js" in names and "secateurs/app/migrations/env.py" in names
+    # the C++ sources every installed copy compiles on first use
+    assert (
+        "secateurs/kernels/sparse/cpu/csrc/dispatch.cpp" in names
+        and "secateurs/kernels/pruning/csrc/nm_sweep.cpp" in names
+    )
     assert "secateurs = secateurs.workers.cli:main" in entry_points
 
 

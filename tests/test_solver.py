@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
 from secateurs.kernels.errors import FactorizationError
 from secateurs.kernels.patterns import SparsityPattern, satisfies_nm
+from secateurs.kernels.pruning import native
 from secateurs.kernels.pruning.baselines import magnitude_, wanda_
 from secateurs.kernels.pruning.hessian import HessianAccumulator, dampened_inverse_cholesky, lower_triangular_inverse
 from secateurs.kernels.pruning.refine import masked_refine_
-from secateurs.kernels.pruning.sparsegpt import sparsegpt_
+from secateurs.kernels.pruning.sparsegpt import _group_tables, _nm_block_reference_, sparsegpt_
+from tests.conftest import KERNEL_DIR
 
 
 def _layer_error(original: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
@@ -165,9 +170,21 @@ def _textbook_sparsegpt(weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, 
     return w
 
 
+@pytest.fixture(params=["cpp", "reference"])
+def sweep(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test runs with the C++ sweep (``csrc/nm_sweep.cpp``) and with its PyTorch reference."""
+    native.configure(build_dir=KERNEL_DIR, enabled=request.param == "cpp")
+    if request.param == "cpp":
+        assert native.extension() is not None, native.describe()  # g++ is there: the C++ sweep must build
+    try:
+        yield request.param
+    finally:
+        native.configure(build_dir=KERNEL_DIR)
+
+
 @pytest.mark.parametrize("blocksize", [8, 16, 128])
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8)])
-def test_blocked_sparsegpt_equals_the_textbook_column_loop(blocksize: int, n: int, m: int) -> None:
+def test_blocked_sparsegpt_equals_the_textbook_column_loop(blocksize: int, n: int, m: int, sweep: str) -> None:
     """The grouped sweep (one product per group of M from precomputed per-pattern maps) is the column loop."""
     x = _correlated_inputs(1024, 64, seed=2)
     acc = HessianAccumulator(64, "cpu")
@@ -181,7 +198,7 @@ def test_blocked_sparsegpt_equals_the_textbook_column_loop(blocksize: int, n: in
     assert not bool(torch.signbit(fast[fast == 0]).any()), "pruned entries are +0.0"
 
 
-def test_blocked_sparsegpt_with_dead_inputs_equals_the_textbook_loop() -> None:
+def test_blocked_sparsegpt_with_dead_inputs_equals_the_textbook_loop(sweep: str) -> None:
     x = _correlated_inputs(1024, 64, seed=3)
     x[:, [3, 17, 40]] = 0
     acc = HessianAccumulator(64, "cpu")
@@ -194,6 +211,81 @@ def test_blocked_sparsegpt_with_dead_inputs_equals_the_textbook_loop() -> None:
     reference = weight.clone()
     reference[:, dead] = 0
     torch.testing.assert_close(fast, _textbook_sparsegpt(reference, upper, 2, 4), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("n", "m", "rows"), [(2, 4, 301), (2, 4, 1), (1, 4, 67), (4, 8, 130)])
+def test_the_cpp_block_sweep_equals_its_reference(n: int, m: int, rows: int, threads: int) -> None:
+    """``nm_sweep_block_`` on one block of a layer's columns: the same pruned weights, the same errors for the lazy
+    update, the same mask, on a column slice of a wider weight (row stride ≠ width), rows that no thread split
+    divides evenly, with one and two threads; the weight's other columns untouched."""
+    native.configure(build_dir=KERNEL_DIR)
+    extension = native.extension()
+    assert extension is not None, native.describe()
+    x = _correlated_inputs(2048, 256, seed=4)
+    acc = HessianAccumulator(256, "cpu")
+    acc.add(x)
+    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    tables, lut = _group_tables(upper, n, m)
+    hdiag2 = torch.diagonal(upper).square()
+    start, end = 64, 192
+    weight = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5))
+    ours, theirs = weight.clone(), weight.clone()
+    args = (upper[start:end, start:end].contiguous(), tables[start // m : end // m], hdiag2[start:end], lut, n, m)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        errors = extension.nm_sweep_block_(ours[:, start:end], *args)
+    finally:
+        torch.set_num_threads(before)
+    expected = _nm_block_reference_(theirs[:, start:end], *args)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(errors, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours[:, start:end] == 0, theirs[:, start:end] == 0), "the same entries are pruned"
+    assert torch.equal(ours[:, :start], weight[:, :start]) and torch.equal(ours[:, end:], weight[:, end:])
+    assert satisfies_nm(ours[:, start:end], n, m)
+    assert not bool(torch.signbit(ours[ours == 0]).any()), "pruned entries are +0.0"
+
+
+def test_the_cpp_sweep_refuses_what_it_cannot_compute() -> None:
+    """Wrong shapes, dtypes or layouts raise a clear error instead of reading out of bounds."""
+    native.configure(build_dir=KERNEL_DIR)
+    extension = native.extension()
+    assert extension is not None, native.describe()
+    upper = torch.eye(8)
+    tables, lut = _group_tables(upper, 2, 4)
+    hdiag2 = torch.ones(8)
+    good = (upper, tables, hdiag2, lut, 2, 4)
+    with pytest.raises(RuntimeError, match="fp32 column slice"):
+        extension.nm_sweep_block_(torch.ones(3, 16)[:, ::2], *good)
+    with pytest.raises(RuntimeError, match="hinv must be"):
+        extension.nm_sweep_block_(torch.ones(3, 8), upper.T, *good[1:])
+    with pytest.raises(RuntimeError, match="not a multiple of M"):
+        extension.nm_sweep_block_(torch.ones(3, 6), torch.eye(6), tables, torch.ones(6), lut, 2, 4)
+    with pytest.raises(RuntimeError, match="lut must be"):
+        extension.nm_sweep_block_(torch.ones(3, 8), upper, tables, hdiag2, lut.int(), 2, 4)
+
+
+def test_without_a_compiler_the_reference_sweep_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed build (no compiler) is one warning, and the PyTorch sweep gives the same result."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native.configure(build_dir=tmp_path / "kernels")
+    monkeypatch.setattr(native, "_STATE", native._State(build_root=tmp_path / "kernels"))
+    try:
+        assert native.extension() is None
+        described = native.describe()
+        assert described is not None and "could not be built" in described and "no working C++ compiler" in described
+        x = _correlated_inputs(1024, 64, seed=6)
+        acc = HessianAccumulator(64, "cpu")
+        acc.add(x)
+        upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+        weight = torch.randn(12, 64)
+        fast = weight.clone()
+        sparsegpt_(fast, upper, SparsityPattern.nm(2, 4))
+        torch.testing.assert_close(fast, _textbook_sparsegpt(weight, upper, 2, 4), rtol=1e-4, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        native.configure(build_dir=KERNEL_DIR)
 
 
 def _masked_optimum(weight: torch.Tensor, original: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,10 @@ from secateurs.kernels.pruning.driver import (
     plan_layers,
     prune_model_,
 )
+from secateurs.kernels.pruning.native import describe as native_sweep
 from secateurs.kernels.sparse.packing import MAX_M
 from secateurs.workers.allocator import Heap, heap_allocations
+from secateurs.workers.cpu_kernel import configure_cpu_kernel
 from secateurs.workers.data import LoadedText, calibration_windows, read_text, tokenize
 from secateurs.workers.dense_cache import DenseCache, cached_dense_perplexity
 from secateurs.workers.packed import FORMAT as PACKED_FORMAT
@@ -290,6 +292,7 @@ def _environment(device: torch.device) -> Environment:
             if device.type == "cpu"
             else None
         ),
+        cpu_sweep=native_sweep() if device.type == "cpu" else None,
     )
 
 
@@ -503,6 +506,7 @@ def run_job(
     cache); ``job_id`` names this job in the entries it stores.
     """
     try:
+        configure_cpu_kernel()  # where the C++ extensions are built (SECATEURS_KERNEL_DIR), the packed kernel's ISA
         with heap_allocations() as heap:
             emit = on_progress or (lambda _event: None)
             cache = DenseCache(dense_cache) if dense_cache is not None and spec.dense_cache else None

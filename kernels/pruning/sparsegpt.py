@@ -16,6 +16,7 @@ import itertools
 import torch
 
 from secateurs.kernels.patterns import SparsityPattern, topk_prune_mask
+from secateurs.kernels.pruning.native import extension as native_extension
 
 
 @torch.no_grad()
@@ -94,38 +95,65 @@ def _nm_sweep_(weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, m: int, *
     """The N:M column sweep of :func:`sparsegpt_`, a group of M columns at a time (§3.3, §3.4).
 
     At each group, the mask is chosen from the saliency w² / [H⁻¹]_jj² on the already-updated weights; the
-    group's errors E_g come from one small product with the precomputed map of each row's pattern
-    (:func:`_group_tables`), and one ``addmm`` applies them to the group's own kept columns and to the rest of
-    the block. The same arithmetic as the textbook column-by-column loop, with about ten tensor operations
-    per group instead of about ten per column.
+    group's errors E_g come from the precomputed map of each row's pattern (:func:`_group_tables`) and are
+    applied to the group's own kept columns and to the rest of the block; after each block, one product applies
+    its errors to every later column (the lazy update). Within a block, on CPU, the C++ sweep
+    (``csrc/nm_sweep.cpp``, rows over threads) runs where it could be built; elsewhere
+    :func:`_nm_block_reference_`. The same arithmetic as the textbook column-by-column loop.
     """
-    rows, cols = weight.shape
-    k = m - n  # pruned per group
+    cols = weight.shape[1]
     tables, lut = _group_tables(hinv_upper, n, m)  # [groups, m, patterns·m], [2^m]
-    patterns = tables.shape[2] // m
-    bits = 1 << torch.arange(m, device=weight.device)  # [m]
-    row_index = torch.arange(rows, device=weight.device)  # [rows]
     hdiag2 = torch.diagonal(hinv_upper).square()  # [cols]
+    native = native_extension() if weight.device.type == "cpu" and weight.stride(1) == 1 else None
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        count = end - start
-        block = weight[:, start:end].clone()  # [rows, count], updated as groups are visited
-        errors = torch.empty_like(block)  # [rows, count], E: (w − q) / d on pruned entries, 0 elsewhere
-        mask = torch.zeros_like(block, dtype=torch.bool)  # [rows, count], True = pruned
+        block = weight[:, start:end]  # [rows, count] view, swept in place
         hinv = hinv_upper[start:end, start:end]  # [count, count]
-        for g in range(0, count, m):
-            h = g + m
-            w_g = block[:, g:h]  # [rows, m] view, already updated by the earlier groups
-            saliency = w_g.square() / hdiag2[start + g : start + h]  # [rows, m]
-            drop = saliency.topk(k, dim=1, largest=False, sorted=False).indices  # [rows, k]
-            pattern = lut[bits[drop].sum(dim=1)]  # [rows]
-            every = (w_g @ tables[(start + g) // m]).view(rows, patterns, m)  # [rows, patterns, m]
-            errors[:, g:h] = every[row_index, pattern]  # [rows, m]
-            mask[:, g:h].scatter_(1, drop, True)
-            block[:, g:].addmm_(errors[:, g:h], hinv[g:h, g:], alpha=-1.0)  # [rows, m] @ [m, count − g]
-        # exact zeros (the update leaves pruned entries at rounding level); a product with the kept mask is
-        # several times faster than masked_fill_ on CPU, and adding 0.0 turns its −0.0 into +0.0
-        block.mul_(mask.logical_not()).add_(0.0)
-        weight[:, start:end] = block
+        block_tables = tables[start // m : end // m]  # [count / m, m, patterns·m]
+        if native is not None:
+            errors = native.nm_sweep_block_(block, hinv.contiguous(), block_tables, hdiag2[start:end], lut, n, m)
+        else:
+            errors = _nm_block_reference_(block, hinv, block_tables, hdiag2[start:end], lut, n, m)
         if end < cols:
             weight[:, end:].addmm_(errors, hinv_upper[start:end, end:], alpha=-1.0)  # lazy update of the rest
+
+
+def _nm_block_reference_(  # noqa: PLR0917 (the C++ sweep's signature, so tests call both alike)
+    weight_block: torch.Tensor,
+    hinv: torch.Tensor,
+    tables: torch.Tensor,
+    hdiag2: torch.Tensor,
+    lut: torch.Tensor,
+    n: int,
+    m: int,
+) -> torch.Tensor:
+    """The sweep within one block of columns, in PyTorch (the reference of ``csrc/nm_sweep.cpp``).
+
+    weight_block [rows, count] is pruned in place; hinv [count, count] is the block's diagonal block of U;
+    tables [count / m, m, patterns·m] and lut as :func:`_group_tables` returns them (this block's groups); hdiag2
+    [count] = U_jj². Returns the errors E [rows, count] ((w − q) / d on pruned entries, 0 elsewhere). About ten
+    tensor operations per group of M columns.
+    """
+    rows, count = weight_block.shape
+    k = m - n  # pruned per group
+    patterns = tables.shape[2] // m
+    bits = 1 << torch.arange(m, device=weight_block.device)  # [m]
+    row_index = torch.arange(rows, device=weight_block.device)  # [rows]
+    block = weight_block.clone()  # [rows, count], updated as groups are visited
+    errors = torch.empty_like(block)  # [rows, count]
+    mask = torch.zeros_like(block, dtype=torch.bool)  # [rows, count], True = pruned
+    for g in range(0, count, m):
+        h = g + m
+        w_g = block[:, g:h]  # [rows, m] view, already updated by the earlier groups
+        saliency = w_g.square() / hdiag2[g:h]  # [rows, m]
+        drop = saliency.topk(k, dim=1, largest=False, sorted=False).indices  # [rows, k]
+        pattern = lut[bits[drop].sum(dim=1)]  # [rows]
+        every = (w_g @ tables[g // m]).view(rows, patterns, m)  # [rows, patterns, m]
+        errors[:, g:h] = every[row_index, pattern]  # [rows, m]
+        mask[:, g:h].scatter_(1, drop, True)
+        block[:, g:].addmm_(errors[:, g:h], hinv[g:h, g:], alpha=-1.0)  # [rows, m] @ [m, count − g]
+    # exact zeros (the update leaves pruned entries at rounding level); a product with the kept mask is
+    # several times faster than masked_fill_ on CPU, and adding 0.0 turns its −0.0 into +0.0
+    block.mul_(mask.logical_not()).add_(0.0)
+    weight_block.copy_(block)
+    return errors

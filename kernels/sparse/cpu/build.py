@@ -1,251 +1,44 @@
-"""Building the packed 2:4 CPU kernel from source on first use, and caching the build.
-
-The extension (``csrc/``) is compiled with the machine's C++ compiler, never downloaded. Each instruction set's
-kernel is its own translation unit with its own flags (GUIDE §6: never ``-march=native`` for a cached build, the
-machine kind changes between sessions), compiled to an object by the compiler torch uses
-(``torch.utils.cpp_extension.get_cxx_compiler``); the dispatcher, which picks among them at run time from the
-CPU's flags, is built and linked with them by ``torch.utils.cpp_extension.load`` (ninja). A kernel the compiler
-cannot build (an old compiler without ``-mavx512bf16``, a non-x86 machine) is left out and logged; the scalar kernel
-and the dispatcher are required.
-
-The cache: ``<build_root>/secateurs_cpu24_<key>/`` where the key hashes the sources, each unit's flags, the
-instruction sets compiled, the torch version, the compiler's ``--version`` line, Python's ABI and the machine.
-A build runs in a temporary folder under a file lock and is renamed into place when complete, so two processes
-starting together build once, and a half-written build is never loaded. Later processes import the cached
-library directly (no compiler, no ninja needed).
-"""
+"""The packed 2:4 CPU kernel's build: its sources and instruction-set units (:mod:`secateurs.kernels.cpp_build`
+compiles and caches it). Each instruction set's kernel is its own translation unit with its own flags (GUIDE §6:
+never ``-march=native`` for a cached build, the machine kind changes between sessions); the dispatcher
+(``dispatch.cpp``) picks among them at run time from the CPU's flags. The cache folder is
+``<build_root>/secateurs_cpu24_<key>/``."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.util
-import json
-import logging
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
-import torch
+from secateurs.kernels.cpp_build import COMMON_FLAGS, BuildError, Built, Recipe, Unit, dispatch_flags
+from secateurs.kernels.cpp_build import build as _build
+from secateurs.kernels.cpp_build import cache_key as _cache_key
 
-log = logging.getLogger(__name__)
+__all__ = ["COMMON_FLAGS", "RECIPE", "BuildError", "Built", "Unit", "build", "cache_key", "dispatch_flags"]
 
-CSRC = Path(__file__).resolve().parent / "csrc"
-PREFIX = "secateurs_cpu24"
-COMMON_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fno-math-errno")
-HEADERS = ("packed24.h", "common.h", "masks512.h")
-DISPATCH = "dispatch.cpp"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One kernel translation unit: its instruction set, source file and flags."""
-
-    isa: str
-    source: str
-    flags: tuple[str, ...]
-    x86_only: bool = True
-
-
-UNITS = (
-    Unit("scalar", "scalar.cpp", (), x86_only=False),
-    Unit("avx2", "avx2.cpp", ("-mavx2", "-mfma")),
-    Unit("avx512", "avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl")),
-    Unit(
-        "avx512bf16",
-        "avx512bf16.cpp",
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2"),
+RECIPE = Recipe(
+    prefix="secateurs_cpu24",
+    csrc=Path(__file__).resolve().parent / "csrc",
+    dispatch="dispatch.cpp",
+    headers=("packed24.h", "common.h", "masks512.h"),
+    units=(
+        Unit("scalar", "scalar.cpp", (), x86_only=False),
+        Unit("avx2", "avx2.cpp", ("-mavx2", "-mfma")),
+        Unit("avx512", "avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl")),
+        Unit(
+            "avx512bf16",
+            "avx512bf16.cpp",
+            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2"),
+        ),
+        Unit("amx", "amx.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi2", "-mamx-tile", "-mamx-bf16")),
     ),
-    Unit("amx", "amx.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi2", "-mamx-tile", "-mamx-bf16")),
 )
 
 
-class BuildError(RuntimeError):
-    """The extension could not be built or loaded; ``log_path`` holds the compiler's output when there is one."""
-
-    def __init__(self, message: str, log_path: Path | None = None) -> None:
-        super().__init__(message)
-        self.log_path = log_path
-
-
-@dataclass(frozen=True)
-class Built:
-    """A loaded build: the module, where it lives, what went into it, and how long getting it took."""
-
-    module: ModuleType
-    folder: Path
-    isas: tuple[str, ...]  # kernels compiled in (the CPU may run fewer)
-    compiler: str
-    cached: bool
-    seconds: float
-
-
-def _machine_is_x86() -> bool:
-    return platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
-
-
-def _compiler() -> tuple[str, str]:
-    """The C++ compiler torch builds extensions with, and its ``--version`` line (raises BuildError)."""
-    from torch.utils.cpp_extension import get_cxx_compiler
-
-    compiler = get_cxx_compiler()
-    try:
-        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise BuildError(f"no working C++ compiler ({compiler!r}: {type(exc).__name__}: {exc})") from None
-    lines = done.stdout.strip().splitlines()
-    return compiler, (lines[0].strip() if lines else compiler)
-
-
-def dispatch_flags() -> tuple[str, ...]:
-    """Flags of the dispatcher: OpenMP where torch runs its intra-op threads on it. ``at::parallel_for`` is a header
-    template whose OpenMP body compiles only under ``_OPENMP``; without ``-fopenmp`` it runs the whole range on the
-    calling thread, so ``torch.set_num_threads`` would govern nothing. The process already holds torch's
-    ``libgomp.so.1``, which the extension's reference to that soname resolves to: one thread pool."""
-    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
-        return ()
-    return ("-fopenmp",)
-
-
-def _units() -> tuple[Unit, ...]:
-    return tuple(unit for unit in UNITS if _machine_is_x86() or not unit.x86_only)
+def build(build_root: Path) -> Built:
+    """The packed 2:4 CPU kernel for this machine's compiler and torch, from the cache in ``build_root`` or built
+    there (:func:`secateurs.kernels.cpp_build.build`)."""
+    return _build(RECIPE, build_root)
 
 
 def cache_key(compiler_version: str) -> str:
-    """The hash naming a build: sources, per-unit flags and instruction sets, torch, compiler, Python, machine."""
-    digest = hashlib.sha256()
-    for name in (*HEADERS, DISPATCH, *(unit.source for unit in _units())):
-        digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes() + b"\0")
-    for unit in _units():
-        digest.update(f"{unit.isa}:{' '.join(unit.flags)}\0".encode())
-    parts = (
-        " ".join(COMMON_FLAGS),
-        " ".join(dispatch_flags()),
-        torch.__version__,
-        compiler_version,
-        sys.implementation.cache_tag,
-    )
-    digest.update("\0".join((*parts, platform.machine())).encode())
-    return digest.hexdigest()[:16]
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
-def _import(name: str, folder: Path) -> ModuleType:
-    path = folder / f"{name}.so"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise BuildError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as exc:
-        raise BuildError(f"cannot import {path}: {exc}") from None
-    return module
-
-
-def _compile_units(compiler: str, folder: Path, log_lines: list[str]) -> dict[str, Path]:
-    """Compile every kernel unit to an object in ``folder``, in parallel; the ones that compiled, by ISA."""
-    jobs = []
-    for unit in _units():
-        target = folder / f"{unit.isa}.o"
-        command = [compiler, *COMMON_FLAGS, *unit.flags, f"-I{CSRC}", "-c", str(CSRC / unit.source), "-o", str(target)]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        jobs.append((unit, target, command, process))
-    objects = {}
-    for unit, target, command, process in jobs:
-        output, _ = process.communicate()
-        log_lines += [f"$ {' '.join(command)}", output, f"exit {process.returncode}"]
-        if process.returncode == 0 and target.is_file():
-            objects[unit.isa] = target
-        elif unit.isa == "scalar":
-            raise BuildError(f"compiling {unit.source} failed (exit {process.returncode})")
-        else:
-            log.warning("the %s kernel was left out of the build: %s could not compile it", unit.isa, compiler)
-    return objects
-
-
-def _build_into(name: str, folder: Path, compiler: str, log_lines: list[str]) -> tuple[ModuleType, tuple[str, ...]]:
-    from torch.utils.cpp_extension import load
-
-    objects = _compile_units(compiler, folder, log_lines)
-    isas = tuple(unit.isa for unit in _units() if unit.isa in objects)
-    defines = [f"-DSEC24_HAVE_{isa.upper()}" for isa in isas if isa != "scalar"]
-    try:
-        module = load(
-            name=name,
-            sources=[str(CSRC / DISPATCH)],
-            extra_cflags=[*COMMON_FLAGS, *dispatch_flags(), *defines],
-            extra_ldflags=[*(str(path) for path in objects.values()), *dispatch_flags()],
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(folder),
-            verbose=False,
-            with_cuda=False,
-        )
-    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as exc:
-        log_lines.append(str(exc))
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise BuildError(f"building the dispatcher failed: {first.strip()[:300]}") from None
-    assert isinstance(module, ModuleType)
-    return module, isas
-
-
-def build(build_root: Path) -> Built:
-    """The extension for this machine's compiler and torch: from the cache in ``build_root``, or built there.
-
-    Raises :class:`BuildError` (with the compiler's output written to ``<build_root>/<name>.log``) when it cannot
-    be built or loaded.
-    """
-    started = time.perf_counter()
-    build_root = build_root.absolute()  # ninja runs inside the build folder: every path it is given must be absolute
-    compiler, version = _compiler()
-    name = f"{PREFIX}_{cache_key(version)}"
-    final = build_root / name
-    meta_path = final / "build.json"
-    try:
-        build_root.mkdir(parents=True, exist_ok=True)
-        with _locked(build_root / f"{name}.lock"):
-            if meta_path.is_file():
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                module, isas, cached = _import(name, final), tuple(meta["isas"]), True
-            else:
-                module, isas = _build_fresh(name, build_root, compiler, version)
-                cached = False
-    except (OSError, ValueError) as exc:  # an unwritable cache folder, a damaged build.json
-        raise BuildError(f"the build cache {build_root} cannot be used: {type(exc).__name__}: {exc}") from None
-    return Built(module, final, isas, version, cached, time.perf_counter() - started)
-
-
-def _build_fresh(name: str, build_root: Path, compiler: str, version: str) -> tuple[ModuleType, tuple[str, ...]]:
-    """Build in a temporary folder, then rename it to ``<build_root>/<name>`` (the caller holds the lock)."""
-    final = build_root / name
-    log_lines: list[str] = []
-    log_path = build_root / f"{name}.log"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=build_root))
-    try:
-        module, isas = _build_into(name, tmp, compiler, log_lines)
-        meta = {"name": name, "isas": isas, "compiler": version, "torch": torch.__version__}
-        (tmp / "build.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        if final.exists():  # a folder without build.json (copied in by hand, or from an older layout)
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BuildError as exc:
-        log_path.write_text("\n".join(log_lines) + "\n", encoding="utf-8")
-        raise BuildError(str(exc), log_path) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return module, isas
+    """The hash naming this kernel's build (:func:`secateurs.kernels.cpp_build.cache_key`)."""
+    return _cache_key(RECIPE, compiler_version)
