@@ -43,12 +43,14 @@ def run_one(
     from secateurs.app.schemas import TextSource
     from secateurs.kernels.measure.perplexity import eval_windows, perplexity
     from secateurs.kernels.patterns import SparsityPattern
+    from secateurs.kernels.pruning import native
     from secateurs.kernels.pruning.driver import PruneConfig, prune_model_
     from secateurs.workers.allocator import heap_allocations
     from secateurs.workers.assets import fetch_assets
     from secateurs.workers.data import calibration_windows, read_text, tokenize
 
     assets = fetch_assets(cache)
+    native.configure(build_dir=cache / "kernels")  # where jobs build the C++ sweep (SECATEURS_KERNEL_DIR's default)
     assert assets.wikitext2_test is not None, "P-CPU needs ../shared/data/wikitext-2-raw/wiki.test.raw"
     tokenizer = AutoTokenizer.from_pretrained(assets.smollm2)
     model = AutoModelForCausalLM.from_pretrained(assets.smollm2, dtype=torch.float32).eval()
@@ -91,6 +93,7 @@ def run_one(
         "dense_target": dense_target if method == "sparsegpt" else None,
     }  # fmt: skip
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    result["cpu_sweep"] = native.describe()
     result["threads"] = torch.get_num_threads()
     return result
 

@@ -175,7 +175,7 @@ def sweep(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each test runs with the C++ sweep (``csrc/nm_sweep.cpp``) and with its PyTorch reference."""
     native.configure(build_dir=KERNEL_DIR, enabled=request.param == "cpp")
     if request.param == "cpp":
-        assert native.extension() is not None, native.describe()  # g++ is there: the C++ sweep must build
+        assert native.available(), native.describe()  # g++ is there: the C++ sweep must build
     try:
         yield request.param
     finally:
@@ -220,8 +220,7 @@ def test_the_cpp_block_sweep_equals_its_reference(n: int, m: int, rows: int, thr
     update, the same mask, on a column slice of a wider weight (row stride ≠ width), rows that no thread split
     divides evenly, with one and two threads; the weight's other columns untouched."""
     native.configure(build_dir=KERNEL_DIR)
-    extension = native.extension()
-    assert extension is not None, native.describe()
+    assert native.available(), native.describe()
     x = _correlated_inputs(2048, 256, seed=4)
     acc = HessianAccumulator(256, "cpu")
     acc.add(x)
@@ -235,7 +234,7 @@ def test_the_cpp_block_sweep_equals_its_reference(n: int, m: int, rows: int, thr
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        errors = extension.nm_sweep_block_(ours[:, start:end], *args)
+        errors = native.nm_sweep_block_(ours[:, start:end], *args)
     finally:
         torch.set_num_threads(before)
     expected = _nm_block_reference_(theirs[:, start:end], *args)
@@ -250,20 +249,23 @@ def test_the_cpp_block_sweep_equals_its_reference(n: int, m: int, rows: int, thr
 def test_the_cpp_sweep_refuses_what_it_cannot_compute() -> None:
     """Wrong shapes, dtypes or layouts raise a clear error instead of reading out of bounds."""
     native.configure(build_dir=KERNEL_DIR)
-    extension = native.extension()
-    assert extension is not None, native.describe()
+    assert native.available(), native.describe()
     upper = torch.eye(8)
     tables, lut = _group_tables(upper, 2, 4)
     hdiag2 = torch.ones(8)
     good = (upper, tables, hdiag2, lut, 2, 4)
-    with pytest.raises(RuntimeError, match="fp32 column slice"):
-        extension.nm_sweep_block_(torch.ones(3, 16)[:, ::2], *good)
-    with pytest.raises(RuntimeError, match="hinv must be"):
-        extension.nm_sweep_block_(torch.ones(3, 8), upper.T, *good[1:])
-    with pytest.raises(RuntimeError, match="not a multiple of M"):
-        extension.nm_sweep_block_(torch.ones(3, 6), torch.eye(6), tables, torch.ones(6), lut, 2, 4)
-    with pytest.raises(RuntimeError, match="lut must be"):
-        extension.nm_sweep_block_(torch.ones(3, 8), upper, tables, hdiag2, lut.int(), 2, 4)
+    with pytest.raises(ValueError, match="fp32 CPU column slice"):
+        native.nm_sweep_block_(torch.ones(3, 16)[:, ::2], *good)
+    with pytest.raises(ValueError, match="fp32 CPU column slice"):
+        native.nm_sweep_block_(torch.ones(3, 8, dtype=torch.float64), *good)
+    with pytest.raises(ValueError, match="hinv must be"):
+        native.nm_sweep_block_(torch.ones(3, 8), upper.T, *good[1:])
+    with pytest.raises(ValueError, match="not a multiple of M"):
+        native.nm_sweep_block_(torch.ones(3, 6), torch.eye(6), tables, torch.ones(6), lut, 2, 4)
+    with pytest.raises(ValueError, match="tables must be"):
+        native.nm_sweep_block_(torch.ones(3, 8), upper, tables[:1], hdiag2, lut, 2, 4)
+    with pytest.raises(ValueError, match="lut must be"):
+        native.nm_sweep_block_(torch.ones(3, 8), upper, tables, hdiag2, lut.int(), 2, 4)
 
 
 def test_without_a_compiler_the_reference_sweep_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,7 +274,7 @@ def test_without_a_compiler_the_reference_sweep_runs(tmp_path: Path, monkeypatch
     native.configure(build_dir=tmp_path / "kernels")
     monkeypatch.setattr(native, "_STATE", native._State(build_root=tmp_path / "kernels"))
     try:
-        assert native.extension() is None
+        assert not native.available()
         described = native.describe()
         assert described is not None and "could not be built" in described and "no working C++ compiler" in described
         x = _correlated_inputs(1024, 64, seed=6)

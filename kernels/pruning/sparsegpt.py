@@ -16,7 +16,7 @@ import itertools
 import torch
 
 from secateurs.kernels.patterns import SparsityPattern, topk_prune_mask
-from secateurs.kernels.pruning.native import extension as native_extension
+from secateurs.kernels.pruning import native
 
 
 @torch.no_grad()
@@ -104,13 +104,13 @@ def _nm_sweep_(weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, m: int, *
     cols = weight.shape[1]
     tables, lut = _group_tables(hinv_upper, n, m)  # [groups, m, patterns·m], [2^m]
     hdiag2 = torch.diagonal(hinv_upper).square()  # [cols]
-    native = native_extension() if weight.device.type == "cpu" and weight.stride(1) == 1 else None
+    cpp = weight.device.type == "cpu" and weight.stride(1) == 1 and native.available()
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         block = weight[:, start:end]  # [rows, count] view, swept in place
         hinv = hinv_upper[start:end, start:end]  # [count, count]
         block_tables = tables[start // m : end // m]  # [count / m, m, patterns·m]
-        if native is not None:
+        if cpp:
             errors = native.nm_sweep_block_(block, hinv.contiguous(), block_tables, hdiag2[start:end], lut, n, m)
         else:
             errors = _nm_block_reference_(block, hinv, block_tables, hdiag2[start:end], lut, n, m)
