@@ -154,6 +154,13 @@ def test_panelled_hessian_equals_full_gram(width: int, panel: int) -> None:
     torch.testing.assert_close(acc.hessian, acc.hessian.T, rtol=0, atol=0)
 
 
+def _inverse_factor(tokens: int, width: int, seed: int) -> torch.Tensor:
+    """U of (H + λI)⁻¹ for the Hessian of correlated inputs [tokens, width] (δ = 0.01)."""
+    acc = HessianAccumulator(width, "cpu")
+    acc.add(_correlated_inputs(tokens, width, seed=seed))
+    return dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])[0]
+
+
 def _textbook_sparsegpt(weight: torch.Tensor, hinv_upper: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """SparseGPT N:M without lazy blocks or grouping: one column at a time, updating every later column."""
     w = weight.clone()
@@ -186,10 +193,7 @@ def sweep(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8)])
 def test_blocked_sparsegpt_equals_the_textbook_column_loop(blocksize: int, n: int, m: int, sweep: str) -> None:
     """The grouped sweep (one product per group of M from precomputed per-pattern maps) is the column loop."""
-    x = _correlated_inputs(1024, 64, seed=2)
-    acc = HessianAccumulator(64, "cpu")
-    acc.add(x)
-    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    upper = _inverse_factor(1024, 64, seed=2)
     weight = torch.randn(12, 64)
     fast = weight.clone()
     sparsegpt_(fast, upper, SparsityPattern.nm(n, m), blocksize=blocksize)
@@ -221,10 +225,7 @@ def test_the_cpp_block_sweep_equals_its_reference(n: int, m: int, rows: int, thr
     divides evenly, with one and two threads; the weight's other columns untouched."""
     native.configure(build_dir=KERNEL_DIR)
     assert native.available(), native.describe()
-    x = _correlated_inputs(2048, 256, seed=4)
-    acc = HessianAccumulator(256, "cpu")
-    acc.add(x)
-    upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+    upper = _inverse_factor(2048, 256, seed=4)
     tables, lut = _group_tables(upper, n, m)
     hdiag2 = torch.diagonal(upper).square()
     start, end = 64, 192
@@ -277,10 +278,7 @@ def test_without_a_compiler_the_reference_sweep_runs(tmp_path: Path, monkeypatch
         assert not native.available()
         described = native.describe()
         assert described is not None and "could not be built" in described and "no working C++ compiler" in described
-        x = _correlated_inputs(1024, 64, seed=6)
-        acc = HessianAccumulator(64, "cpu")
-        acc.add(x)
-        upper, _ = dampened_inverse_cholesky(acc.hessian, 0.01, layers=["w"])
+        upper = _inverse_factor(1024, 64, seed=6)
         weight = torch.randn(12, 64)
         fast = weight.clone()
         sparsegpt_(fast, upper, SparsityPattern.nm(2, 4))
