@@ -95,6 +95,59 @@ def test_each_kernel_equals_the_dense_product(isa: str, w_dtype: torch.dtype, x_
     assert not failures, "\n".join(failures)
 
 
+@pytest.fixture
+def token_vectors_from_one(built: cpu_build.Built) -> Iterator[None]:
+    """Every product with fp32 activations takes the token-vector kernel, from one token up (the measured defaults
+    again after the test)."""
+    built.module.set_token_vector_min(1)
+    yield
+    built.module.set_token_vector_min(0)
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: f"x-{str(d)[6:]}")
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
+def test_the_token_vector_kernel_equals_the_dense_product(
+    isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype, token_vectors_from_one: None
+) -> None:
+    """The token-vector kernel (csrc/tokens.h) over token counts that fill a vector, a chunk (64 tokens on AVX2, 128
+    on AVX-512) or spill into the next, rows that are not a register tile or a block of 16, inputs that end in half a
+    code byte (in % 8 == 4) or span several blocks of x, with and without bias, x not contiguous."""
+    module = kernel._module()
+    assert module.kernel_name(kernel._STATE.isa_index, False, w_dtype == torch.bfloat16, 1) == f"{isa}_tokens"
+    failures = []
+    for seed, shape in enumerate([(1, 20), (13, 36), (67, 100), (13, 4100), (37, 1540)]):
+        weight = weight_24(shape, w_dtype, seed)
+        packed = pack_nm(weight)
+        bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed)).to(w_dtype)
+        for tokens in (1, 3, 17, 64, 65, 129, 300):
+            b = bias if tokens % 2 else None
+            wide = torch.randn(tokens, 2 * shape[1], generator=torch.Generator().manual_seed(tokens)).to(x_dtype)
+            x = wide[:, ::2]  # [tokens, in], not contiguous
+            y = cpu.packed_product(x, packed.values, packed.indices, b)
+            assert y.dtype == x_dtype and y.shape == (tokens, shape[0])
+            problem = mismatch(y, reference(x, weight, b))
+            if problem is not None:
+                failures.append(f"{shape} x {tokens} tokens, bias {b is not None}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
+def test_the_token_vector_kernel_takes_many_tokens_by_default(built: cpu_build.Built) -> None:
+    """Without an override, AVX2 takes the token-vector kernel from 8 tokens and AVX-512 from 32 (measured,
+    dispatch.cpp); the scalar build never."""
+    module = built.module
+    names = list(kernel.ISAS)
+    for isa in ("avx2", "avx512"):
+        if isa not in module.isas_runnable():
+            continue
+        index = names.index(isa)
+        first = module.token_vector_min(index)
+        assert first == {"avx2": 8, "avx512": 32}[isa]
+        assert module.kernel_name(index, False, False, first) == f"{isa}_tokens"
+        assert module.kernel_name(index, False, False, first - 1) == isa
+    assert module.kernel_name(names.index("scalar"), False, False, 512) == "scalar"
+
+
 @pytest.mark.parametrize("isa", ["amx"], indirect=True)
 def test_the_amx_kernel_over_token_tiles_and_passes(isa: str) -> None:
     """bf16 × bf16 from 5 tokens runs on the tile unit, in tiles of 16 tokens and passes of 64: token counts that
@@ -378,8 +431,8 @@ def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) 
     assert found.tokens in {0, *kernel.PROBE_TOKENS} and found.dense in {"F.linear", "oneDNN"}
     assert found.seconds < 1.0 and "ms" in found.how  # what was timed, with the times
     no_time = cpu.measure_crossover(packed.values, packed.indices, torch.float32, budget_s=0.0)
-    assert no_time.tokens <= 16  # decode sizes are measured whatever the budget, nothing beyond
-    assert no_time.tokens < 16 or "probe budget 0 s: 64 tokens not measured" in no_time.how
+    assert no_time.tokens <= kernel.ALWAYS_PROBED  # decode and small batches whatever the budget, nothing beyond
+    assert no_time.tokens < kernel.ALWAYS_PROBED or "probe budget 0 s: 256 tokens not measured" in no_time.how
     layer = PackedLinear(packed)
     layer(torch.randn(2, 576))
     assert "192x576 float32" in cpu.describe().detail  # the first call measured this shape's crossover

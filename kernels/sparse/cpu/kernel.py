@@ -14,7 +14,9 @@ that ran:
 
 * ``cpu_packed`` (:data:`KERNEL_NAME`): the C++ kernel (``csrc/``), for 1..T tokens, T the crossover; on a CPU with
   AMX, bf16 × bf16 products from 5 tokens expand the weight into tiles and run on the tile unit
-  (``csrc/amx.cpp``; :func:`kernel_in_use` says which kernel a product takes);
+  (``csrc/amx.cpp``); products with fp32 activations of many tokens (from 8 on AVX2, 32 on AVX-512) run the
+  token-vector kernel, which vectorizes over tokens and does one FMA per kept weight (``csrc/tokens.h``): half the
+  dense FMAs (:func:`kernel_in_use` says which kernel a product takes);
 * ``cpu_dense_tiles`` (:data:`TILES_NAME`): the hand-over above T.
 
 Both take fp32 or bf16 weights and activations (output in the activation dtype, fp32 accumulation; mixed dtypes
@@ -91,7 +93,10 @@ TILE_BYTES = 4 << 20
 MAX_TILES = 8
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
-ALWAYS_PROBED = 16  # token counts up to this are measured whatever the budget: decode, where the kernel matters
+# Token counts up to this are measured whatever the budget: decode and small batches, where the kernels win. (16
+# until 2026-11-29: on LLaMA-7B-sized fp32 layers the budget then stopped the probe before 64 tokens, and the layer
+# handed over at 0.79-0.84x dense where the token-vector kernel runs 1.3x, Xeon, 1 thread.)
+ALWAYS_PROBED = 64
 _LAYER_CACHE = "_cpu24_crossover"  # a layer's last crossover lookup, kept in its __dict__ (not in its state_dict)
 
 
@@ -376,8 +381,8 @@ def measure_crossover(
 
     # Gallop (1, 4, 16, 64, ... tokens: the cheap decode sizes first), then bisect between the last win and the
     # first loss, until the budget is spent.
-    # Decode sizes (up to ALWAYS_PROBED tokens) are always measured; a larger point is not started when, at the last
-    # point's cost per token, it would end past the budget.
+    # Decode and small-batch sizes (up to ALWAYS_PROBED tokens) are always measured; a larger point is not started
+    # when, at the last point's cost per token, it would end past the budget.
     won, lost = -1, len(tokens)  # indices: tokens[won] a measured kernel win, tokens[lost] a measured loss
     per_token = 0.0  # seconds the last point cost, per token
     while lost - won > 1:
@@ -613,7 +618,8 @@ def isa_in_use() -> str | None:
 
 def kernel_in_use(x_dtype: torch.dtype, w_dtype: torch.dtype, tokens: int) -> str | None:
     """Which kernel of the instruction set in use computes such a product: ``amx`` (bf16 × bf16 from 5 tokens on an
-    AMX CPU), ``avx512bf16`` (bf16 × bf16, up to 3 tokens), else the instruction set's own; None when unavailable."""
+    AMX CPU), ``avx512bf16`` (bf16 × bf16, up to 3 tokens), ``<isa>_tokens`` (the token-vector kernel: fp32
+    activations, many tokens), else the instruction set's own; None when unavailable."""
     if _STATE.isa is None:
         return None
     bf16 = torch.bfloat16

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include "common.h"
+#include "tokens.h"
 
 namespace {
 
@@ -156,7 +157,23 @@ void rows(const sec24_args* a, int64_t r0, int64_t r1) {
     }
 }
 
+// tokens.h's vector type: 8 fp32 lanes; up to 12 accumulators of the 16 registers.
+struct Vec256 {
+    using reg = __m256;
+    static constexpr int kLanes = 8, kMaxVectors = 8, kAccumulators = 12;
+    static reg zero() { return _mm256_setzero_ps(); }
+    static reg set1(float f) { return _mm256_set1_ps(f); }
+    static reg load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+    static reg add(reg x, reg y) { return _mm256_add_ps(x, y); }
+    static reg fmadd(reg x, reg y, reg z) { return _mm256_fmadd_ps(x, y, z); }
+};
+
 }  // namespace
+
+extern "C" void sec24_rows_avx2_tokens(const sec24_args* a, int64_t row_begin, int64_t row_end) {
+    tokens_rows<Vec256>(a, row_begin, row_end);
+}
 
 extern "C" void sec24_rows_avx2(const sec24_args* a, int64_t row_begin, int64_t row_end) {
     if (a->values_bf16)

@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "masks512.h"
+#include "tokens.h"
 
 namespace {
 
@@ -152,7 +153,23 @@ void rows(const sec24_args* a, int64_t r0, int64_t r1) {
     }
 }
 
+// tokens.h's vector type: 16 fp32 lanes; up to 24 accumulators of the 32 registers.
+struct Vec512 {
+    using reg = __m512;
+    static constexpr int kLanes = 16, kMaxVectors = 8, kAccumulators = 24;
+    static reg zero() { return _mm512_setzero_ps(); }
+    static reg set1(float f) { return _mm512_set1_ps(f); }
+    static reg load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+    static reg add(reg x, reg y) { return _mm512_add_ps(x, y); }
+    static reg fmadd(reg x, reg y, reg z) { return _mm512_fmadd_ps(x, y, z); }
+};
+
 }  // namespace
+
+extern "C" void sec24_rows_avx512_tokens(const sec24_args* a, int64_t row_begin, int64_t row_end) {
+    tokens_rows<Vec512>(a, row_begin, row_end);
+}
 
 extern "C" void sec24_rows_avx512(const sec24_args* a, int64_t row_begin, int64_t row_end) {
     if (a->values_bf16)

@@ -39,6 +39,21 @@ constexpr int64_t kBf16PairMaxTokens = 3;
 // kernel): 4096x4096 at 4 tokens 2.41 vs 2.11 ms, at 5 2.44 vs 3.01; 1536x576 at 4 0.157 vs 0.131, at 5 0.160 vs
 // 0.159, at 6 0.145 vs 0.161. The AMX kernel's cost barely grows with the tokens (expanding the weight dominates).
 constexpr int64_t kAmxMinTokens = 5;
+// Products of at least this many tokens whose activations run in fp32 (every product but the bf16 × bf16 ones the AMX
+// and the pair kernels take) run the token-vector kernel (tokens.h) instead of the instruction set's general one.
+// Measured (Xeon with AMX, 1 thread, weights rotated, best of 3 medians; general / token-vector time, fp32 x with
+// fp32 and bf16 weights, 4096x4096, 1536x576, 576x1536, 192x576):
+//   AVX-512 build: 8 tokens 0.44-0.82, 16 tokens 0.75-1.20 (above 1 only on 4096x4096 and 576x1536 fp32), 32
+//   tokens 0.94-1.46 (1.07-1.46 on all but 1536x576: 0.94, 0.99), 48 tokens 1.05-1.53;
+//   AVX2 build (on the same Xeon; not yet measured on an AVX2-only CPU): 4 tokens 0.53-0.86, 8 tokens 1.01-1.52,
+//   16 tokens 1.31-2.08, 32 tokens 1.62-2.62 (the AVX2 general kernel does the dense number of FMAs).
+constexpr int64_t kTokenVectorMinAvx512 = 32, kTokenVectorMinAvx2 = 8;
+int64_t token_vector_override = 0;  // set_token_vector_min: > 0 replaces both (the tests force 1)
+
+int64_t token_vector_min(int64_t isa) {
+    if (token_vector_override > 0) return token_vector_override;
+    return isa >= kAvx512 ? kTokenVectorMinAvx512 : kTokenVectorMinAvx2;
+}
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16", "amx"};
 
 bool compiled(int64_t isa) {
@@ -126,9 +141,17 @@ void check_isa(int64_t isa) {
     TORCH_CHECK(runs[isa], "the ", kIsaNames[isa], " kernel is not compiled into this build or this CPU cannot run it");
 }
 
-// The kernel for a product (kernel_kind decides): the AMX one when `amx`, the bf16-pair one when `bf16_pair`, else the
-// instruction set's general kernel.
-sec24_rows_fn rows_fn(int64_t isa, bool bf16_pair, bool amx) {
+// The kernel for a product (kernel_kind decides): the AMX one when `amx`, the bf16-pair one when `bf16_pair`, the
+// token-vector one when `token_vectors`, else the instruction set's general kernel.
+sec24_rows_fn rows_fn(int64_t isa, bool bf16_pair, bool amx, bool token_vectors) {
+    if (token_vectors) {
+#if defined(SEC24_HAVE_AVX512)
+        if (isa >= kAvx512) return sec24_rows_avx512_tokens;
+#endif
+#if defined(SEC24_HAVE_AVX2)
+        if (isa == kAvx2) return sec24_rows_avx2_tokens;
+#endif
+    }
     switch (isa) {
 #if defined(SEC24_HAVE_AMX) && defined(SEC24_HAVE_AVX512BF16)
         case kAmx:
@@ -208,14 +231,45 @@ void check_packed(const at::Tensor& values, const at::Tensor& codes, int64_t in)
 
 }  // namespace
 
-// Which kernel `linear` runs for these arguments: the AMX one, the bf16-pair one, or the instruction set's own.
-enum class Kind { kGeneral, kBf16Pair, kAmxTiles };
+// Which kernel `linear` runs for these arguments: the AMX one, the bf16-pair one, the token-vector one, or the
+// instruction set's own.
+enum class Kind { kGeneral, kBf16Pair, kAmxTiles, kTokenVectors };
 
 Kind kernel_kind(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
     const bool bf16 = x_bf16 && w_bf16;
     if (bf16 && isa == kAmx && tokens >= kAmxMinTokens) return Kind::kAmxTiles;
     if (bf16 && (isa == kAvx512Bf16 || (isa == kAmx && tokens <= kBf16PairMaxTokens))) return Kind::kBf16Pair;
+    if (isa != kScalar && tokens >= token_vector_min(isa)) return Kind::kTokenVectors;
     return Kind::kGeneral;
+}
+
+// Lanes of the token-vector kernel's vectors: 16 fp32 on AVX-512 (and the instruction sets above it), 8 on AVX2.
+int64_t token_lanes(int64_t isa) { return isa >= kAvx512 ? 16 : 8; }
+
+// x (fp32, args->x) into the token-vector kernels' layout: chunks of 8 vectors of `lanes` tokens, chunk c holding
+// tokens [c·8·lanes, ...) as [in][W] with W = 8·lanes, or for the last chunk its tokens rounded up to whole vectors
+// (tokens past the end zero). Chunk c starts at c·8·lanes·in floats. Transposed in 16 × 16 blocks, so that both the
+// reads and the writes stay within a few cache lines at a time.
+int64_t xt_floats(int64_t tokens, int64_t in, int64_t lanes) {
+    const int64_t chunk = 8 * lanes, full = tokens / chunk * chunk;
+    return full * in + (tokens - full + lanes - 1) / lanes * lanes * in;
+}
+
+void pack_xt(const sec24_args* a, int64_t lanes, float* xt) {
+    const int64_t chunk = 8 * lanes, in = a->in;
+    for (int64_t t0 = 0; t0 < a->tokens; t0 += chunk) {
+        const int64_t count = std::min(chunk, a->tokens - t0), width = (count + lanes - 1) / lanes * lanes;
+        float* dst = xt + t0 * in;  // [in][width]
+        for (int64_t k0 = 0; k0 < in; k0 += 16) {
+            const int64_t k1 = std::min(in, k0 + 16);
+            for (int64_t t = 0; t < width; t += 16) {
+                const int64_t t1 = std::min(width, t + 16);
+                for (int64_t k = k0; k < k1; ++k)
+                    for (int64_t u = t; u < t1; ++u)
+                        dst[k * width + u] = u < count ? a->x[(t0 + u) * a->x_stride + k] : 0.0f;
+            }
+        }
+    }
 }
 
 // The same as a name: "amx", "avx512bf16" (the bf16-pair kernel) or the instruction set's.
@@ -224,6 +278,7 @@ std::string kernel_name(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
     switch (kernel_kind(isa, x_bf16, w_bf16, tokens)) {
         case Kind::kAmxTiles: return "amx";
         case Kind::kBf16Pair: return "avx512bf16";
+        case Kind::kTokenVectors: return std::string(kIsaNames[std::min<int64_t>(isa, kAvx512)]) + "_tokens";
         default: return kIsaNames[std::min<int64_t>(isa, kAvx512)];
     }
 }
@@ -244,6 +299,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     const bool w_bf16 = values.scalar_type() == at::kBFloat16;
     const Kind kind = kernel_kind(isa, x_bf16, w_bf16, tokens);
     const bool amx = kind == Kind::kAmxTiles, bf16_pair = kind == Kind::kBf16Pair;
+    const bool token_vectors = kind == Kind::kTokenVectors;
     at::Tensor xh = x_bf16 && x.stride(1) != 1 ? x.contiguous() : x;
     at::Tensor xf = x_bf16 ? (bf16_pair || amx ? at::Tensor() : x.to(at::kFloat).contiguous())
                            : (x.stride(1) == 1 ? x : x.contiguous());
@@ -273,7 +329,14 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     args.values_bf16 = w_bf16 ? 1 : 0;
     args.y_bf16 = x_bf16 ? 1 : 0;
     args.x_vnni = nullptr;
-    at::Tensor x_vnni;
+    args.x_t = nullptr;
+    at::Tensor x_vnni, x_t;
+    if (token_vectors) {  // x once in the token-vector layout, read by every thread
+        const int64_t lanes = token_lanes(isa);
+        x_t = at::empty({xt_floats(tokens, in, lanes)}, x.options().dtype(at::kFloat));
+        pack_xt(&args, lanes, x_t.data_ptr<float>());
+        args.x_t = x_t.data_ptr<float>();
+    }
 #if defined(SEC24_HAVE_AMX)
     if (amx) {  // x once in the tile layout, read by every thread
         x_vnni = at::empty({sec24_amx_x_words(tokens, in)}, x.options().dtype(at::kInt));
@@ -281,7 +344,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
         args.x_vnni = (const uint32_t*)x_vnni.data_ptr();
     }
 #endif
-    const sec24_rows_fn fn = rows_fn(isa, bf16_pair, amx);
+    const sec24_rows_fn fn = rows_fn(isa, bf16_pair, amx, token_vectors);
     const int64_t row_bytes = values.size(1) * values.element_size() + codes.size(1);
     const int64_t work = out * row_bytes + tokens * out * in / 2;
     run_blocks(out, std::max<int64_t>(block_rows, 1), work, serial_work,
@@ -339,6 +402,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear", &linear, "y = x W^T (+ b) from the packed 2:4 form");
     m.def("decompress", &decompress, "rows of the dense weight from the packed 2:4 form");
     m.def("kernel_name", &kernel_name, "the kernel linear runs for (isa, x is bf16, w is bf16, tokens)");
+    m.def(
+        "set_token_vector_min", [](int64_t tokens) { token_vector_override = std::max<int64_t>(0, tokens); },
+        "products of at least this many tokens (fp32 activations) take the token-vector kernel; 0: the measured "
+        "defaults");
+    m.def("token_vector_min", &token_vector_min, "the token count from which the token-vector kernel runs (isa)");
     m.def("parallel_pieces", &parallel_pieces, "pieces at::parallel_for(0, n, 1) ran as (1 = no threads)");
     m.def("isas_compiled", &isas_compiled, "instruction sets compiled into this build, in order of preference");
     m.def("isas_runnable", &isas_runnable, "the compiled instruction sets this CPU runs");

@@ -32,6 +32,7 @@ typedef struct {
     int64_t tokens, out, in, code_bytes;
     int32_t values_bf16, y_bf16;
     const uint32_t* x_vnni;  // the AMX kernel's copy of x_bf16 (sec24_amx_pack_x), else NULL
+    const float* x_t;        // the token-vector kernels' copy of x (pack_xt in dispatch.cpp), else NULL
 } sec24_args;
 
 // y rows [0, tokens) × output columns [row_begin, row_end).
@@ -46,11 +47,15 @@ void sec24_decompress_scalar(const void* values, const uint8_t* codes, int32_t v
                              int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
 #if defined(SEC24_HAVE_AVX2)
 void sec24_rows_avx2(const sec24_args* args, int64_t row_begin, int64_t row_end);
+// The token-vector kernel (tokens.h): fp32 activations, args->x_t in chunks of 64 tokens (8 lanes × 8 vectors).
+void sec24_rows_avx2_tokens(const sec24_args* args, int64_t row_begin, int64_t row_end);
 void sec24_decompress_avx2(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
                            int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
 #endif
 #if defined(SEC24_HAVE_AVX512)
 void sec24_rows_avx512(const sec24_args* args, int64_t row_begin, int64_t row_end);
+// The token-vector kernel (tokens.h): fp32 activations, args->x_t in chunks of 128 tokens (16 lanes × 8 vectors).
+void sec24_rows_avx512_tokens(const sec24_args* args, int64_t row_begin, int64_t row_end);
 void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
                              int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
 #endif

@@ -1,0 +1,173 @@
+// The token-vector kernel for products of many tokens (fp32 activations; fp32 or bf16 weights), written once over a
+// vector type and compiled by each instruction set's translation unit for itself (avx512.cpp, avx2.cpp): everything
+// here has internal linkage, so no copy compiled with one unit's flags is linked into another's.
+//
+// Why: the permute kernels spend a permute per token for every vector of kept weights, so from a few dozen tokens
+// they are compute-bound at about the dense cost, and the hand-over (decompress, then a dense product) pays the
+// dense cost plus the decompression. Here the vector runs over tokens instead of inputs: x is transposed once per
+// call (pack_xt, dispatch.cpp) so that one input's 16 (AVX-512) or 8 (AVX2) tokens are one vector, and each kept
+// weight is one broadcast and one FMA per vector of tokens, reading x at the kept input's row: a pruned weight costs
+// nothing, so the product does half the dense FMAs (the 2:4 pattern of Mishra et al. 2021, arXiv 2104.08378, §3,
+// which SparseGPT prunes to; the same counting as a sparse-times-dense product with the sparse operand on the
+// left). The positions come from a 256-entry table per code byte.
+//
+// What bounds it: every FMA loads its own vector of x (no other row keeps the same inputs), so it runs at the load
+// ports' rate, not the FMA units'. Measured (Xeon with AMX, 1 thread, everything in cache, fp32): 1.7-2.0 G FMAs/s
+// against dense F.linear's 3.7-4.2 G, so with half the FMAs it about ties dense at 128+ tokens, where dense is
+// compute-bound; it wins where dense is not yet (16-64 tokens: 4096x4096 at 32 tokens 8.2 ms against 14.9 dense,
+// 12.3 for the AVX-512 permute kernel, 16.8 for the hand-over; at 64, 15.0 / 20.3 / 22.9 / 22.6). Rows in register
+// tiles of 16 accumulators instead of 8, and blocks of x of 16 KiB instead of 32, measured alike. The same kernel
+// on 256-bit vectors (the AVX2 build on that Xeon) issues 2.9-3.8 G FMAs/s against 512-bit's 1.7-2.4 G, which
+// points at the 512-bit loads as the bound there.
+//
+//   xT chunk (pack_xt): [in][W] fp32, W = 16·NV tokens (AVX-512; 8·NV on AVX2), tokens past the end zero
+//   a block of KB inputs of a chunk (KB·W·4 bytes, about 32 KiB): stays in L1 while a block of 64 rows reads it
+//   ys [64 rows][W]: each row's running sums (L1 and L2); every block's products are summed in fresh registers
+//   and then added (a cascade: no lane adds more than KB/2 products in a row, so fp32 rounding stays near the
+//   dense product's)
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+// For a code byte (8 inputs, 4 kept values in ascending order): each kept value's input, 0..7.
+struct sec24_position_table {
+    uint8_t pos[256][4];
+    constexpr sec24_position_table() : pos() {
+        for (int b = 0; b < 256; ++b)
+            for (int q = 0; q < 4; ++q) pos[b][q] = (uint8_t)(4 * (q / 2) + ((b >> (2 * q)) & 3));
+    }
+};
+constexpr sec24_position_table sec24_positions;
+
+constexpr int64_t kTokensXBlockBytes = 32 << 10;  // one block of the xT chunk: kept in L1 while a row block reads it
+// Rows that read each block of x before the next block: the whole chunk of x passes through L1 once per row block,
+// from L2 or, where it does not fit there (4096x11008 at 64 tokens: 2.75 MiB), from L3. Measured (Xeon, 1 thread,
+// weights rotated, medians; fp32, token-vector / dense time): 16 rows 4096x11008 at 64 tokens 53.4 / 53.9 ms, at
+// 512 367 / 281; 64 rows 45.3 / 51.9 and 282 / 260 (4096x4096 at 512: 140 -> 115 ms); 32 and 128 rows in between
+// or within noise of 64.
+constexpr int kTokensRowBlock = 64;
+
+// Rows per register tile for NV token vectors: enough independent accumulators (R·NV ≥ 8) to hide the FMA latency
+// with two FMA units, within the register file (V::kAccumulators).
+template <class V, int NV>
+constexpr int tokens_rows() {
+    constexpr int r = (8 + NV - 1) / NV;
+    return r * NV <= V::kAccumulators ? r : 1;
+}
+
+// Weight j of a row as fp32.
+template <bool BF16>
+inline float tokens_weight(const void* v, int64_t j) {
+    return BF16 ? sec24_bf16_to_f32(((const uint16_t*)v)[j]) : ((const float*)v)[j];
+}
+
+// R rows starting at row r × the NV token vectors of an xT block of inputs [k0, k0 + 8·bytes) (the last byte may
+// hold one group, `half`): sums into ys rows (row stride W floats).
+template <class V, int NV, int R, bool BF16>
+inline void tokens_tile(const sec24_args* a, const float* xblk, int64_t k0, int64_t bytes, bool half, int64_t r,
+                        float* ys) {
+    constexpr int W = V::kLanes * NV;
+    const int64_t kept = a->in / 2, vsize = BF16 ? 2 : 4;
+    typename V::reg acc[R][NV];
+    const char* v[R];
+    const uint8_t* c[R];
+    SEC24_UNROLL
+    for (int i = 0; i < R; ++i) {
+        v[i] = (const char*)a->values + ((r + i) * kept + k0 / 2) * vsize;
+        c[i] = a->codes + (r + i) * a->code_bytes + k0 / 8;
+        SEC24_UNROLL
+        for (int n = 0; n < NV; ++n) acc[i][n] = V::zero();
+    }
+    for (int64_t b = 0; b < bytes; ++b) {
+        const float* xb = xblk + 8 * b * W;  // inputs k0 + 8b .. k0 + 8b + 7
+        SEC24_UNROLL
+        for (int i = 0; i < R; ++i) {
+            const uint8_t* p = sec24_positions.pos[c[i][b]];
+            SEC24_UNROLL
+            for (int q = 0; q < 4; ++q) {
+                const typename V::reg w = V::set1(tokens_weight<BF16>(v[i], 4 * b + q));
+                const float* xr = xb + p[q] * W;
+                SEC24_UNROLL
+                for (int n = 0; n < NV; ++n) acc[i][n] = V::fmadd(w, V::load(xr + n * V::kLanes), acc[i][n]);
+            }
+        }
+    }
+    if (half) {  // the last group of 4 inputs (in % 8 == 4): its 2 kept values, the low half of the code byte
+        const float* xb = xblk + 8 * bytes * W;
+        SEC24_UNROLL
+        for (int i = 0; i < R; ++i) {
+            const uint8_t* p = sec24_positions.pos[c[i][bytes]];
+            SEC24_UNROLL
+            for (int q = 0; q < 2; ++q) {
+                const typename V::reg w = V::set1(tokens_weight<BF16>(v[i], 4 * bytes + q));
+                const float* xr = xb + p[q] * W;
+                SEC24_UNROLL
+                for (int n = 0; n < NV; ++n) acc[i][n] = V::fmadd(w, V::load(xr + n * V::kLanes), acc[i][n]);
+            }
+        }
+    }
+    SEC24_UNROLL
+    for (int i = 0; i < R; ++i)
+        SEC24_UNROLL
+        for (int n = 0; n < NV; ++n) {
+            float* s = ys + i * W + n * V::kLanes;
+            V::store(s, V::add(V::load(s), acc[i][n]));
+        }
+}
+
+// Rows [r0, r1) × the tokens [t0, t0 + count) of one xT chunk (count ≤ W), in blocks of kTokensRowBlock rows.
+template <class V, int NV, bool BF16>
+void tokens_chunk(const sec24_args* a, const float* xt, int64_t t0, int64_t count, int64_t r0, int64_t r1) {
+    constexpr int W = V::kLanes * NV, R = tokens_rows<V, NV>();
+    const int64_t in = a->in;
+    // Inputs per block: a multiple of 8 (one code byte) whose xT rows fill about kTokensXBlockBytes.
+    const int64_t fit = kTokensXBlockBytes / (W * 4) / 8 * 8;
+    const int64_t kb = sec24_min((in + 7) / 8 * 8, fit > 8 ? fit : 8);
+    alignas(64) float ys[kTokensRowBlock * W];
+    for (int64_t rb = r0; rb < r1; rb += kTokensRowBlock) {
+        const int m = (int)sec24_min(kTokensRowBlock, r1 - rb);
+        for (int64_t i = 0; i < m * W; ++i) ys[i] = 0.0f;
+        for (int64_t k0 = 0; k0 < in; k0 += kb) {
+            const int64_t inputs = sec24_min(kb, in - k0), bytes = inputs / 8;
+            const bool half = inputs % 8 != 0;  // 4 inputs left: in % 8 == 4 and this is the last block
+            const float* xblk = xt + k0 * W;
+            int i = 0;
+            for (; i + R <= m; i += R) tokens_tile<V, NV, R, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
+            for (; i < m; ++i) tokens_tile<V, NV, 1, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
+        }
+        for (int i = 0; i < m; ++i)
+            for (int64_t t = 0; t < count; ++t) sec24_store(a, t0 + t, rb + i, ys[i * W + t]);
+    }
+}
+
+template <class V, bool BF16>
+void tokens_rows_all(const sec24_args* a, int64_t r0, int64_t r1) {
+    constexpr int64_t chunk = V::kLanes * V::kMaxVectors;
+    for (int64_t t0 = 0; t0 < a->tokens; t0 += chunk) {
+        const int64_t count = sec24_min(chunk, a->tokens - t0);
+        const float* xt = a->x_t + t0 * a->in;  // chunks before this one are full: [in][chunk] each
+        switch ((count + V::kLanes - 1) / V::kLanes) {
+            case 1: tokens_chunk<V, 1, BF16>(a, xt, t0, count, r0, r1); break;
+            case 2: tokens_chunk<V, 2, BF16>(a, xt, t0, count, r0, r1); break;
+            case 3: tokens_chunk<V, 3, BF16>(a, xt, t0, count, r0, r1); break;
+            case 4: tokens_chunk<V, 4, BF16>(a, xt, t0, count, r0, r1); break;
+            case 5: tokens_chunk<V, 5, BF16>(a, xt, t0, count, r0, r1); break;
+            case 6: tokens_chunk<V, 6, BF16>(a, xt, t0, count, r0, r1); break;
+            case 7: tokens_chunk<V, 7, BF16>(a, xt, t0, count, r0, r1); break;
+            default: tokens_chunk<V, 8, BF16>(a, xt, t0, count, r0, r1); break;
+        }
+    }
+}
+
+// The kernel's entry for one instruction set's vector type: rows [r0, r1) × all tokens.
+template <class V>
+void tokens_rows(const sec24_args* a, int64_t r0, int64_t r1) {
+    if (a->values_bf16)
+        tokens_rows_all<V, true>(a, r0, r1);
+    else
+        tokens_rows_all<V, false>(a, r0, r1);
+}
+
+}  // namespace
