@@ -18,7 +18,7 @@ RECIPE = Recipe(
     prefix="secateurs_cpu24",
     csrc=Path(__file__).resolve().parent / "csrc",
     dispatch="dispatch.cpp",
-    headers=("packed24.h", "common.h", "masks512.h", "tokens.h"),
+    headers=("packed24.h", "common.h", "masks512.h", "store512.h", "tokens.h"),
     units=(
         Unit("scalar", "scalar.cpp", (), x86_only=False),
         Unit("avx2", "avx2.cpp", ("-mavx2", "-mfma")),

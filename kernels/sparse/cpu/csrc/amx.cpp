@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "store512.h"
 
 namespace {
 
@@ -62,34 +63,6 @@ inline void expand_tile(const sec24_args* a, int64_t r, int m, int64_t k, uint16
     for (int i = m; i < 16; ++i) _mm512_store_si512((void*)(tile + stride * i), _mm512_setzero_si512());
 }
 
-// The 16 x 16 fp32 matrix in r[0..15] (one row each) transposed in place: 32-bit and 64-bit interleaves within
-// 128-bit lanes, then a 4 x 4 transpose of the lanes (64 shuffles).
-inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int k = 0; k < 8; ++k) {
-        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-    }
-    __m512 u[16];  // u[4k + c], lane L: rows 4k..4k+3 of column 4L + c
-    for (int k = 0; k < 4; ++k) {
-        const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
-        const __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
-        u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    for (int c = 0; c < 4; ++c) {
-        const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-        const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-        const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-        r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-        r[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-        r[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-        r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
-    }
-}
-
 // C tile out to y: rows [r, r + m) of token tile `block`, its tokens that exist, plus bias, in y's dtype. The tile is
 // [16 rows][16 tokens] and y [tokens][out]: transposed in registers, each token's 16 rows are one vector store.
 // (Storing it element by element cost as much as the products at 512 tokens: measured, 1 thread, 576x576 bf16
@@ -97,26 +70,10 @@ inline void transpose16(__m512 r[16]) {
 inline void write(const sec24_args* a, int64_t r, int m, int64_t block, const float* c) {
     const int64_t t0 = block * 16, tokens = sec24_min(16, a->tokens - t0);
     const __mmask16 rows = (__mmask16)(m >= 16 ? 0xffffu : (1u << m) - 1);
-    const __m512 bias = a->bias ? _mm512_maskz_loadu_ps(rows, a->bias + r) : _mm512_setzero_ps();
     __m512 v[16];
     for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(c + 16 * i);
-    transpose16(v);  // v[n]: rows r.. of token t0 + n
-    for (int64_t n = 0; n < tokens; ++n) {
-        const __m512 y = _mm512_add_ps(v[n], bias);
-        if (a->y_bf16) {  // round to nearest even, NaN kept quiet: as sec24_f32_to_bf16
-            const __m512i u = _mm512_castps_si512(y);
-            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-            const __m512i bias16 = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
-            const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias16), 16);
-            const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                          _mm512_set1_epi32(0x7f800000));
-            const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-            const __m256i h = _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
-            _mm256_mask_storeu_epi16((uint16_t*)a->y + (t0 + n) * a->y_stride + r, rows, h);
-        } else {
-            _mm512_mask_storeu_ps((float*)a->y + (t0 + n) * a->y_stride + r, rows, y);
-        }
-    }
+    sec24_transpose16(v);  // v[n]: rows r.. of token t0 + n
+    for (int64_t n = 0; n < tokens; ++n) sec24_store16(a, t0 + n, r, rows, v[n]);
 }
 
 // GCC's tile intrinsics are macros that paste their tile numbers into the instruction: literals only.

@@ -167,6 +167,42 @@ struct Vec256 {
     static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
     static reg add(reg x, reg y) { return _mm256_add_ps(x, y); }
     static reg fmadd(reg x, reg y, reg z) { return _mm256_fmadd_ps(x, y, z); }
+    // The 8 x 8 matrix in r[0..7] (one row each) transposed in place: interleaves within 128-bit lanes, then lanes.
+    static void transpose(reg r[8]) {
+        __m256 t[8], s[8];
+        for (int k = 0; k < 4; ++k) {
+            t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        for (int h = 0; h < 2; ++h) {  // s[4h + c], lane L: rows 4h..4h+3 of column 4L + c
+            s[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+            s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+            s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+            s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+        }
+        for (int c = 0; c < 4; ++c) {
+            r[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);
+            r[4 + c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);
+        }
+    }
+    // y[token][row .. row + 7] = v + bias, in y's dtype (bf16 rounded to nearest even, NaN kept quiet).
+    static void store_y(const sec24_args* a, int64_t token, int64_t row, reg v) {
+        if (a->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(a->bias + row));
+        if (!a->y_bf16) {
+            _mm256_storeu_ps((float*)a->y + token * a->y_stride + row, v);
+            return;
+        }
+        const __m256i u = _mm256_castps_si256(v);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i rounded =
+            _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                               _mm256_set1_epi32(0x7f800000));  // both sides non-negative
+        const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        const __m256i h = _mm256_blendv_epi8(rounded, quiet, nan);  // 8 values < 2^16 in 32-bit lanes
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);  // 16-bit, in order
+        _mm_storeu_si128((__m128i*)((uint16_t*)a->y + token * a->y_stride + row), _mm256_castsi256_si128(packed));
+    }
 };
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "masks512.h"
+#include "store512.h"
 #include "tokens.h"
 
 namespace {
@@ -163,6 +164,10 @@ struct Vec512 {
     static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
     static reg add(reg x, reg y) { return _mm512_add_ps(x, y); }
     static reg fmadd(reg x, reg y, reg z) { return _mm512_fmadd_ps(x, y, z); }
+    static void transpose(reg r[16]) { sec24_transpose16(r); }
+    static void store_y(const sec24_args* a, int64_t token, int64_t row, reg v) {
+        sec24_store16(a, token, row, 0xffff, v);
+    }
 };
 
 }  // namespace

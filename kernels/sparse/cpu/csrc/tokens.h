@@ -117,6 +117,28 @@ inline void tokens_tile(const sec24_args* a, const float* xblk, int64_t k0, int6
         }
 }
 
+// ys rows [0, m) × tokens [0, count) (row stride W) into y rows [rb, rb + m) of tokens [t0, t0 + count): squares of
+// kLanes rows × kLanes tokens transposed in registers, each token's kLanes rows one vector store; rows left over one
+// element at a time. (Element by element throughout, the store took a third of the time of 1536x576 at 512 tokens:
+// measured, Xeon, 1 thread, 8.47 ms against 5.39 ms without any store.)
+template <class V>
+inline void tokens_write(const sec24_args* a, const float* ys, int64_t W, int m, int64_t t0, int64_t count,
+                         int64_t rb) {
+    constexpr int L = V::kLanes;
+    int i = 0;
+    for (; i + L <= m; i += L)
+        for (int64_t t = 0; t < count; t += L) {
+            typename V::reg v[L];
+            SEC24_UNROLL
+            for (int q = 0; q < L; ++q) v[q] = V::load(ys + (i + q) * W + t);  // row i + q, tokens t..t + L - 1
+            V::transpose(v);                                                    // v[n]: token t + n, rows i..i + L - 1
+            const int64_t tokens = sec24_min(L, count - t);
+            for (int64_t n = 0; n < tokens; ++n) V::store_y(a, t0 + t + n, rb + i, v[n]);
+        }
+    for (; i < m; ++i)
+        for (int64_t t = 0; t < count; ++t) sec24_store(a, t0 + t, rb + i, ys[i * W + t]);
+}
+
 // Rows [r0, r1) × the tokens [t0, t0 + count) of one xT chunk (count ≤ W), in blocks of kTokensRowBlock rows.
 template <class V, int NV, bool BF16>
 void tokens_chunk(const sec24_args* a, const float* xt, int64_t t0, int64_t count, int64_t r0, int64_t r1) {
@@ -137,8 +159,7 @@ void tokens_chunk(const sec24_args* a, const float* xt, int64_t t0, int64_t coun
             for (; i + R <= m; i += R) tokens_tile<V, NV, R, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
             for (; i < m; ++i) tokens_tile<V, NV, 1, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
         }
-        for (int i = 0; i < m; ++i)
-            for (int64_t t = 0; t < count; ++t) sec24_store(a, t0 + t, rb + i, ys[i * W + t]);
+        tokens_write<V>(a, ys, W, m, t0, count, rb);
     }
 }
 
