@@ -21,8 +21,8 @@
 // points at the 512-bit loads as the bound there.
 //
 //   xT chunk (pack_xt): [in][W] fp32, W = 16·NV tokens (AVX-512; 8·NV on AVX2), tokens past the end zero
-//   a block of KB inputs of a chunk (KB·W·4 bytes, about 32 KiB): stays in L1 while a block of 64 rows reads it
-//   ys [64 rows][W]: each row's running sums (L1 and L2); every block's products are summed in fresh registers
+//   a block of KB inputs of a chunk (KB·W·4 bytes, about 32 KiB): stays in L1 while a block of rows reads it
+//   ys [16 or 64 rows][W]: each row's running sums; every block's products are summed in fresh registers
 //   and then added (a cascade: no lane adds more than KB/2 products in a row, so fp32 rounding stays near the
 //   dense product's)
 #pragma once
@@ -43,11 +43,14 @@ constexpr sec24_position_table sec24_positions;
 
 constexpr int64_t kTokensXBlockBytes = 32 << 10;  // one block of the xT chunk: kept in L1 while a row block reads it
 // Rows that read each block of x before the next block: the whole chunk of x passes through L1 once per row block,
-// from L2 or, where it does not fit there (4096x11008 at 64 tokens: 2.75 MiB), from L3. Measured (Xeon, 1 thread,
-// weights rotated, medians; fp32, token-vector / dense time): 16 rows 4096x11008 at 64 tokens 53.4 / 53.9 ms, at
-// 512 367 / 281; 64 rows 45.3 / 51.9 and 282 / 260 (4096x4096 at 512: 140 -> 115 ms); 32 and 128 rows in between
-// or within noise of 64.
+// from L2 or, where it does not fit there, from L3. So a chunk of x over kTokensLargeChunk bytes (4096 inputs at 128
+// tokens: 2 MiB; 11008 at 64: 2.75 MiB) is read by blocks of 64 rows, a smaller one by blocks of 16, whose weights
+// are fewer streams for the prefetchers. Measured (Xeon, 1 thread, weights rotated, medians; fp32, token-vector /
+// dense ms): 16 rows throughout: 4096x11008 at 64 tokens 53.4 / 53.9, at 512 367 / 281, 4096x4096 at 512 140 / 106;
+// 64 rows throughout: 45.3 / 51.9, 282 / 260 and 115 / 102, but 4096x4096 at 32 tokens 13.5 / 15.2 where 16 rows
+// take 8.5 / 15.5.
 constexpr int kTokensRowBlock = 64;
+constexpr int64_t kTokensLargeChunk = 1 << 20;
 
 // Rows per register tile for NV token vectors: enough independent accumulators (R·NV ≥ 8) to hide the FMA latency
 // with two FMA units, within the register file (V::kAccumulators).
@@ -139,7 +142,7 @@ inline void tokens_write(const sec24_args* a, const float* ys, int64_t W, int m,
         for (int64_t t = 0; t < count; ++t) sec24_store(a, t0 + t, rb + i, ys[i * W + t]);
 }
 
-// Rows [r0, r1) × the tokens [t0, t0 + count) of one xT chunk (count ≤ W), in blocks of kTokensRowBlock rows.
+// Rows [r0, r1) × the tokens [t0, t0 + count) of one xT chunk (count ≤ W), in blocks of 16 or kTokensRowBlock rows.
 template <class V, int NV, bool BF16>
 void tokens_chunk(const sec24_args* a, const float* xt, int64_t t0, int64_t count, int64_t r0, int64_t r1) {
     constexpr int W = V::kLanes * NV, R = tokens_rows<V, NV>();
@@ -148,8 +151,9 @@ void tokens_chunk(const sec24_args* a, const float* xt, int64_t t0, int64_t coun
     const int64_t fit = kTokensXBlockBytes / (W * 4) / 8 * 8;
     const int64_t kb = sec24_min((in + 7) / 8 * 8, fit > 8 ? fit : 8);
     alignas(64) float ys[kTokensRowBlock * W];
-    for (int64_t rb = r0; rb < r1; rb += kTokensRowBlock) {
-        const int m = (int)sec24_min(kTokensRowBlock, r1 - rb);
+    const int64_t block_rows = in * W * 4 > kTokensLargeChunk ? kTokensRowBlock : 16;
+    for (int64_t rb = r0; rb < r1; rb += block_rows) {
+        const int m = (int)sec24_min(block_rows, r1 - rb);
         for (int64_t i = 0; i < m * W; ++i) ys[i] = 0.0f;
         for (int64_t k0 = 0; k0 < in; k0 += kb) {
             const int64_t inputs = sec24_min(kb, in - k0), bytes = inputs / 8;
