@@ -91,7 +91,10 @@ TILE_BYTES = 4 << 20
 # 4 tokens, 2 threads, load average 7: 22 tiles of 4 MiB took 340-580 ms against 77-95 ms on one thread. So a
 # weight is cut into at most this many tiles (LLaMA-7B's 11008x4096 in fp32: 8 tiles of 22.5 MiB, in L3).
 MAX_TILES = 8
-PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Token counts the crossover probe may time (within its budget). Up to 256 until 2026-11-29: a kernel that won at 256
+# was never timed above it, and every longer prompt took the tiles (on the Xeon, 2 threads, bf16 4096x4096 at 512
+# tokens: AMX kernel 11.8 ms, tiles 17.9 ms, dense 9.8 ms).
+PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
 # Token counts up to this are measured whatever the budget: decode and small batches, where the kernels win. (16
 # until 2026-11-29: on LLaMA-7B-sized fp32 layers the budget then stopped the probe before 64 tokens, and the layer

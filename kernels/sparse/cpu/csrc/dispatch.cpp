@@ -272,7 +272,8 @@ void pack_xt(const sec24_args* a, int64_t lanes, float* xt) {
     }
 }
 
-// The same as a name: "amx", "avx512bf16" (the bf16-pair kernel) or the instruction set's.
+// The same as a name: "amx", "avx512bf16" (the bf16-pair kernel), "<isa>_tokens" (the token-vector one) or the
+// instruction set's.
 std::string kernel_name(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
     check_isa(isa);
     switch (kernel_kind(isa, x_bf16, w_bf16, tokens)) {
