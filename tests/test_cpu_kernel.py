@@ -49,6 +49,28 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
+def dense_mismatches(
+    shapes: list[tuple[int, int]], token_counts: list[int], w_dtype: torch.dtype, x_dtype: torch.dtype
+) -> list[str]:
+    """The kernel in use against dense-with-zeros over every shape and token count, with and without bias, x not
+    contiguous (every other column of a wider tensor): one line per mismatch."""
+    failures = []
+    for seed, shape in enumerate(shapes):
+        weight = weight_24(shape, w_dtype, seed)
+        packed = pack_nm(weight)
+        bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed)).to(w_dtype)
+        for tokens in token_counts:
+            for b in (None, bias):
+                wide = torch.randn(tokens, 2 * shape[1], generator=torch.Generator().manual_seed(tokens)).to(x_dtype)
+                x = wide[:, ::2]  # [tokens, in], every other column: not contiguous
+                y = cpu.packed_product(x, packed.values, packed.indices, b)
+                assert y.dtype == x_dtype and y.shape == (tokens, shape[0])
+                problem = mismatch(y, reference(x, weight, b))
+                if problem is not None:
+                    failures.append(f"{shape} x {tokens} tokens, bias {b is not None}: {problem}")
+    return failures
+
+
 @pytest.fixture(scope="session")
 def built() -> cpu_build.Built:
     """The extension, built once per session into the checkout's kernel folder (a cache hit after the first)."""
@@ -77,21 +99,7 @@ def isa(request: pytest.FixtureRequest, built: cpu_build.Built) -> Iterator[str]
 @pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
 @pytest.mark.parametrize("isa", list(kernel.ISAS), indirect=True)
 def test_each_kernel_equals_the_dense_product(isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype) -> None:
-    failures = []
-    for seed, shape in enumerate(SHAPES):
-        weight = weight_24(shape, w_dtype, seed)
-        packed = pack_nm(weight)
-        bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed)).to(w_dtype)
-        for tokens in TOKENS:
-            for with_bias in (False, True):
-                b = bias if with_bias else None
-                wide = torch.randn(tokens, 2 * shape[1], generator=torch.Generator().manual_seed(tokens)).to(x_dtype)
-                x = wide[:, ::2]  # [tokens, in], every other column: not contiguous
-                y = cpu.packed_product(x, packed.values, packed.indices, b)
-                assert y.dtype == x_dtype and y.shape == (tokens, shape[0])
-                problem = mismatch(y, reference(x, weight, b))
-                if problem is not None:
-                    failures.append(f"{shape} x {tokens} tokens, bias {with_bias}: {problem}")
+    failures = dense_mismatches(SHAPES, TOKENS, w_dtype, x_dtype)
     assert not failures, "\n".join(failures)
 
 
@@ -115,20 +123,8 @@ def test_the_token_vector_kernel_equals_the_dense_product(
     code byte (in % 8 == 4) or span several blocks of x, with and without bias, x not contiguous."""
     module = kernel._module()
     assert module.kernel_name(kernel._STATE.isa_index, False, w_dtype == torch.bfloat16, 1) == f"{isa}_tokens"
-    failures = []
-    for seed, shape in enumerate([(1, 20), (13, 36), (67, 100), (13, 4100), (37, 1540)]):
-        weight = weight_24(shape, w_dtype, seed)
-        packed = pack_nm(weight)
-        bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed)).to(w_dtype)
-        for tokens in (1, 3, 17, 64, 65, 129, 300):
-            b = bias if tokens % 2 else None
-            wide = torch.randn(tokens, 2 * shape[1], generator=torch.Generator().manual_seed(tokens)).to(x_dtype)
-            x = wide[:, ::2]  # [tokens, in], not contiguous
-            y = cpu.packed_product(x, packed.values, packed.indices, b)
-            assert y.dtype == x_dtype and y.shape == (tokens, shape[0])
-            problem = mismatch(y, reference(x, weight, b))
-            if problem is not None:
-                failures.append(f"{shape} x {tokens} tokens, bias {b is not None}: {problem}")
+    shapes = [(1, 20), (13, 36), (67, 100), (13, 4100), (37, 1540)]
+    failures = dense_mismatches(shapes, [1, 3, 17, 64, 65, 129, 300], w_dtype, x_dtype)
     assert not failures, "\n".join(failures)
 
 

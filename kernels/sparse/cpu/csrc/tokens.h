@@ -66,6 +66,25 @@ inline float tokens_weight(const void* v, int64_t j) {
     return BF16 ? sec24_bf16_to_f32(((const uint16_t*)v)[j]) : ((const float*)v)[j];
 }
 
+// Code byte b of R rows (their first Q kept values: 4, or 2 for a last byte that holds one group of 4 inputs) against
+// the xT rows of its 8 inputs (xb): one broadcast weight and NV FMAs per kept value.
+template <class V, int NV, int R, int Q, bool BF16>
+__attribute__((always_inline)) inline void tokens_byte(typename V::reg (&acc)[R][NV], const char* const (&v)[R],
+                                                       const uint8_t* const (&c)[R], const float* xb, int64_t b) {
+    constexpr int W = V::kLanes * NV;
+    SEC24_UNROLL
+    for (int i = 0; i < R; ++i) {
+        const uint8_t* p = sec24_positions.pos[c[i][b]];
+        SEC24_UNROLL
+        for (int q = 0; q < Q; ++q) {
+            const typename V::reg w = V::set1(tokens_weight<BF16>(v[i], 4 * b + q));
+            const float* xr = xb + p[q] * W;
+            SEC24_UNROLL
+            for (int n = 0; n < NV; ++n) acc[i][n] = V::fmadd(w, V::load(xr + n * V::kLanes), acc[i][n]);
+        }
+    }
+}
+
 // R rows starting at row r × the NV token vectors of an xT block of inputs [k0, k0 + 8·bytes) (the last byte may
 // hold one group, `half`): sums into ys rows (row stride W floats).
 template <class V, int NV, int R, bool BF16>
@@ -83,34 +102,8 @@ inline void tokens_tile(const sec24_args* a, const float* xblk, int64_t k0, int6
         SEC24_UNROLL
         for (int n = 0; n < NV; ++n) acc[i][n] = V::zero();
     }
-    for (int64_t b = 0; b < bytes; ++b) {
-        const float* xb = xblk + 8 * b * W;  // inputs k0 + 8b .. k0 + 8b + 7
-        SEC24_UNROLL
-        for (int i = 0; i < R; ++i) {
-            const uint8_t* p = sec24_positions.pos[c[i][b]];
-            SEC24_UNROLL
-            for (int q = 0; q < 4; ++q) {
-                const typename V::reg w = V::set1(tokens_weight<BF16>(v[i], 4 * b + q));
-                const float* xr = xb + p[q] * W;
-                SEC24_UNROLL
-                for (int n = 0; n < NV; ++n) acc[i][n] = V::fmadd(w, V::load(xr + n * V::kLanes), acc[i][n]);
-            }
-        }
-    }
-    if (half) {  // the last group of 4 inputs (in % 8 == 4): its 2 kept values, the low half of the code byte
-        const float* xb = xblk + 8 * bytes * W;
-        SEC24_UNROLL
-        for (int i = 0; i < R; ++i) {
-            const uint8_t* p = sec24_positions.pos[c[i][bytes]];
-            SEC24_UNROLL
-            for (int q = 0; q < 2; ++q) {
-                const typename V::reg w = V::set1(tokens_weight<BF16>(v[i], 4 * bytes + q));
-                const float* xr = xb + p[q] * W;
-                SEC24_UNROLL
-                for (int n = 0; n < NV; ++n) acc[i][n] = V::fmadd(w, V::load(xr + n * V::kLanes), acc[i][n]);
-            }
-        }
-    }
+    for (int64_t b = 0; b < bytes; ++b) tokens_byte<V, NV, R, 4, BF16>(acc, v, c, xblk + 8 * b * W, b);
+    if (half) tokens_byte<V, NV, R, 2, BF16>(acc, v, c, xblk + 8 * bytes * W, bytes);  // in % 8 == 4: one group left
     SEC24_UNROLL
     for (int i = 0; i < R; ++i)
         SEC24_UNROLL
