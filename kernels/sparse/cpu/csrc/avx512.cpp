@@ -176,6 +176,12 @@ extern "C" void sec24_rows_avx512_tokens(const sec24_args* a, int64_t row_begin,
     tokens_rows<Vec512>(a, row_begin, row_end);
 }
 
+extern "C" int64_t sec24_tokens_xt_floats_avx512(int64_t tokens, int64_t in) {
+    return tokens_xt_floats<Vec512>(tokens, in);
+}
+
+extern "C" void sec24_tokens_pack_xt_avx512(const sec24_args* a, float* x_t) { tokens_pack_xt<Vec512>(a, x_t); }
+
 extern "C" void sec24_rows_avx512(const sec24_args* a, int64_t row_begin, int64_t row_end) {
     if (a->values_bf16)
         rows<true>(a, row_begin, row_end);

@@ -173,6 +173,21 @@ sec24_rows_fn rows_fn(int64_t isa, bool bf16_pair, bool amx, bool token_vectors)
     }
 }
 
+// The x layout of the token-vector kernel rows_fn returns for `isa` (each unit exports its own, from tokens.h).
+void token_layout(int64_t isa, sec24_xt_floats_fn* floats, sec24_pack_xt_fn* pack) {
+#if defined(SEC24_HAVE_AVX512)
+    if (isa >= kAvx512) {
+        *floats = sec24_tokens_xt_floats_avx512;
+        *pack = sec24_tokens_pack_xt_avx512;
+        return;
+    }
+#endif
+#if defined(SEC24_HAVE_AVX2)
+    *floats = sec24_tokens_xt_floats_avx2;
+    *pack = sec24_tokens_pack_xt_avx2;
+#endif
+}
+
 sec24_decompress_fn decompress_fn(int64_t isa, bool bf16) {
 #if defined(SEC24_HAVE_AVX512BF16)
     if (bf16 && (isa == kAmx || isa == kAvx512Bf16)) return sec24_decompress_avx512bf16;
@@ -243,35 +258,6 @@ Kind kernel_kind(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
     return Kind::kGeneral;
 }
 
-// Lanes of the token-vector kernel's vectors: 16 fp32 on AVX-512 (and the instruction sets above it), 8 on AVX2.
-int64_t token_lanes(int64_t isa) { return isa >= kAvx512 ? 16 : 8; }
-
-// x (fp32, args->x) into the token-vector kernels' layout: chunks of 8 vectors of `lanes` tokens, chunk c holding
-// tokens [c·8·lanes, ...) as [in][W] with W = 8·lanes, or for the last chunk its tokens rounded up to whole vectors
-// (tokens past the end zero). Chunk c starts at c·8·lanes·in floats. Transposed in 16 × 16 blocks, so that both the
-// reads and the writes stay within a few cache lines at a time.
-int64_t xt_floats(int64_t tokens, int64_t in, int64_t lanes) {
-    const int64_t chunk = 8 * lanes, full = tokens / chunk * chunk;
-    return full * in + (tokens - full + lanes - 1) / lanes * lanes * in;
-}
-
-void pack_xt(const sec24_args* a, int64_t lanes, float* xt) {
-    const int64_t chunk = 8 * lanes, in = a->in;
-    for (int64_t t0 = 0; t0 < a->tokens; t0 += chunk) {
-        const int64_t count = std::min(chunk, a->tokens - t0), width = (count + lanes - 1) / lanes * lanes;
-        float* dst = xt + t0 * in;  // [in][width]
-        for (int64_t k0 = 0; k0 < in; k0 += 16) {
-            const int64_t k1 = std::min(in, k0 + 16);
-            for (int64_t t = 0; t < width; t += 16) {
-                const int64_t t1 = std::min(width, t + 16);
-                for (int64_t k = k0; k < k1; ++k)
-                    for (int64_t u = t; u < t1; ++u)
-                        dst[k * width + u] = u < count ? a->x[(t0 + u) * a->x_stride + k] : 0.0f;
-            }
-        }
-    }
-}
-
 // The same as a name: "amx", "avx512bf16" (the bf16-pair kernel), "<isa>_tokens" (the token-vector one) or the
 // instruction set's.
 std::string kernel_name(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
@@ -332,10 +318,12 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     args.x_vnni = nullptr;
     args.x_t = nullptr;
     at::Tensor x_vnni, x_t;
-    if (token_vectors) {  // x once in the token-vector layout, read by every thread
-        const int64_t lanes = token_lanes(isa);
-        x_t = at::empty({xt_floats(tokens, in, lanes)}, x.options().dtype(at::kFloat));
-        pack_xt(&args, lanes, x_t.data_ptr<float>());
+    if (token_vectors) {  // x once in the token-vector kernel's layout, read by every thread
+        sec24_xt_floats_fn floats = nullptr;
+        sec24_pack_xt_fn pack = nullptr;
+        token_layout(isa, &floats, &pack);
+        x_t = at::empty({floats(tokens, in)}, x.options().dtype(at::kFloat));
+        pack(&args, x_t.data_ptr<float>());
         args.x_t = x_t.data_ptr<float>();
     }
 #if defined(SEC24_HAVE_AMX)

@@ -32,11 +32,15 @@ typedef struct {
     int64_t tokens, out, in, code_bytes;
     int32_t values_bf16, y_bf16;
     const uint32_t* x_vnni;  // the AMX kernel's copy of x_bf16 (sec24_amx_pack_x), else NULL
-    const float* x_t;        // the token-vector kernels' copy of x (pack_xt in dispatch.cpp), else NULL
+    const float* x_t;        // the token-vector kernels' copy of x (their sec24_tokens_pack_xt_*), else NULL
 } sec24_args;
 
 // y rows [0, tokens) × output columns [row_begin, row_end).
 typedef void (*sec24_rows_fn)(const sec24_args* args, int64_t row_begin, int64_t row_end);
+
+// The token-vector kernels' copy of x (tokens.h defines its layout): the floats it takes, and x (args->x) packed in.
+typedef int64_t (*sec24_xt_floats_fn)(int64_t tokens, int64_t in);
+typedef void (*sec24_pack_xt_fn)(const sec24_args* args, float* x_t);
 
 // Dense rows [row_begin, row_end) of W into dense[(r - row_begin)·in + k] (the weight's dtype).
 typedef void (*sec24_decompress_fn)(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
@@ -47,15 +51,19 @@ void sec24_decompress_scalar(const void* values, const uint8_t* codes, int32_t v
                              int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
 #if defined(SEC24_HAVE_AVX2)
 void sec24_rows_avx2(const sec24_args* args, int64_t row_begin, int64_t row_end);
-// The token-vector kernel (tokens.h): fp32 activations, args->x_t in chunks of 64 tokens (8 lanes × 8 vectors).
+// The token-vector kernel (tokens.h): fp32 activations, args->x_t packed by sec24_tokens_pack_xt_avx2.
 void sec24_rows_avx2_tokens(const sec24_args* args, int64_t row_begin, int64_t row_end);
+int64_t sec24_tokens_xt_floats_avx2(int64_t tokens, int64_t in);
+void sec24_tokens_pack_xt_avx2(const sec24_args* args, float* x_t);
 void sec24_decompress_avx2(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
                            int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
 #endif
 #if defined(SEC24_HAVE_AVX512)
 void sec24_rows_avx512(const sec24_args* args, int64_t row_begin, int64_t row_end);
-// The token-vector kernel (tokens.h): fp32 activations, args->x_t in chunks of 128 tokens (16 lanes × 8 vectors).
+// The token-vector kernel (tokens.h): fp32 activations, args->x_t packed by sec24_tokens_pack_xt_avx512.
 void sec24_rows_avx512_tokens(const sec24_args* args, int64_t row_begin, int64_t row_end);
+int64_t sec24_tokens_xt_floats_avx512(int64_t tokens, int64_t in);
+void sec24_tokens_pack_xt_avx512(const sec24_args* args, float* x_t);
 void sec24_decompress_avx512(const void* values, const uint8_t* codes, int32_t values_bf16, int64_t in,
                              int64_t code_bytes, int64_t row_begin, int64_t row_end, void* dense);
 #endif

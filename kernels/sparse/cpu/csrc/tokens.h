@@ -5,7 +5,7 @@
 // Why: the permute kernels spend a permute per token for every vector of kept weights, so from a few dozen tokens
 // they are compute-bound at about the dense cost, and the hand-over (decompress, then a dense product) pays the
 // dense cost plus the decompression. Here the vector runs over tokens instead of inputs: x is transposed once per
-// call (pack_xt, dispatch.cpp) so that one input's 16 (AVX-512) or 8 (AVX2) tokens are one vector, and each kept
+// call (tokens_pack_xt) so that one input's 16 (AVX-512) or 8 (AVX2) tokens are one vector, and each kept
 // weight is one broadcast and one FMA per vector of tokens, reading x at the kept input's row: a pruned weight costs
 // nothing, so the product does half the dense FMAs (the 2:4 pattern of Mishra et al. 2021, arXiv 2104.08378, §3,
 // which SparseGPT prunes to; the same counting as a sparse-times-dense product with the sparse operand on the
@@ -20,7 +20,7 @@
 // on 256-bit vectors (the AVX2 build on that Xeon) issues 2.9-3.8 G FMAs/s against 512-bit's 1.7-2.4 G, which
 // points at the 512-bit loads as the bound there.
 //
-//   xT chunk (pack_xt): [in][W] fp32, W = 16·NV tokens (AVX-512; 8·NV on AVX2), tokens past the end zero
+//   xT chunk (tokens_pack_xt): [in][W] fp32, W = 16·NV tokens (AVX-512; 8·NV on AVX2), tokens past the end zero
 //   a block of KB inputs of a chunk (KB·W·4 bytes, about 32 KiB): stays in L1 while a block of rows reads it
 //   ys [16 or 64 rows][W]: each row's running sums; every block's products are summed in fresh registers
 //   and then added (a cascade: no lane adds more than KB/2 products in a row, so fp32 rounding stays near the
@@ -175,6 +175,38 @@ void tokens_rows_all(const sec24_args* a, int64_t r0, int64_t r1) {
             case 6: tokens_chunk<V, 6, BF16>(a, xt, t0, count, r0, r1); break;
             case 7: tokens_chunk<V, 7, BF16>(a, xt, t0, count, r0, r1); break;
             default: tokens_chunk<V, 8, BF16>(a, xt, t0, count, r0, r1); break;
+        }
+    }
+}
+
+// The layout tokens_rows reads from args->x_t: chunks of V::kMaxVectors vectors of V::kLanes tokens, chunk c holding
+// tokens [c·chunk, ...) as [in][W] with W = chunk, or for the last chunk its tokens rounded up to whole vectors
+// (tokens past the end zero). Chunk c starts at c·chunk·in floats. The floats it takes:
+template <class V>
+int64_t tokens_xt_floats(int64_t tokens, int64_t in) {
+    constexpr int64_t chunk = V::kLanes * V::kMaxVectors;
+    const int64_t full = tokens / chunk * chunk;
+    return full * in + (tokens - full + V::kLanes - 1) / V::kLanes * V::kLanes * in;
+}
+
+// x (fp32, args->x) into that layout, transposed in 16 × 16 blocks so that both the reads and the writes stay within
+// a few cache lines at a time.
+template <class V>
+void tokens_pack_xt(const sec24_args* a, float* xt) {
+    constexpr int64_t chunk = V::kLanes * V::kMaxVectors;
+    const int64_t in = a->in;
+    for (int64_t t0 = 0; t0 < a->tokens; t0 += chunk) {
+        const int64_t count = sec24_min(chunk, a->tokens - t0);
+        const int64_t width = (count + V::kLanes - 1) / V::kLanes * V::kLanes;
+        float* dst = xt + t0 * in;  // [in][width]
+        for (int64_t k0 = 0; k0 < in; k0 += 16) {
+            const int64_t k1 = sec24_min(in, k0 + 16);
+            for (int64_t t = 0; t < width; t += 16) {
+                const int64_t t1 = sec24_min(width, t + 16);
+                for (int64_t k = k0; k < k1; ++k)
+                    for (int64_t u = t; u < t1; ++u)
+                        dst[k * width + u] = u < count ? a->x[(t0 + u) * a->x_stride + k] : 0.0f;
+            }
         }
     }
 }
