@@ -203,7 +203,7 @@ class SemiStructuredPath(SparsePath):
     """PyTorch's ``to_sparse_semi_structured`` (prototype) with an explicit backend: cuSPARSELt or CUTLASS.
 
     Needs CUDA compute capability ≥ 8.0 (sparse tensor cores, Mishra et al. 2021); GUIDE §3: CUTLASS kernels
-    target Ampere, Hopper needs cuSPARSELt.
+    target Ampere (PyTorch's raise on anything but 8.x, seen on an H200), Hopper needs cuSPARSELt.
     """
 
     hardware = True
@@ -231,6 +231,8 @@ class SemiStructuredPath(SparsePath):
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"compute capability {major}.{minor} < 8.0: this GPU has no 2:4 sparse tensor cores"
+        if self.backend == "cutlass" and major != 8:  # measured on an H200: "Supported only on ... 8.x"
+            return f"PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x (Ampere/Ada) only, not {major}.{minor}"
         if self.backend == "cusparselt" and not torch.backends.cusparselt.is_available():
             return "this torch build has no cuSPARSELt"
         if dtype not in self.subclass._DTYPE_SHAPE_CONSTRAINTS:
