@@ -238,7 +238,11 @@ def kernel_check(device: torch.device, smoke: bool) -> dict[str, Any]:
     from secateurs.kernels.sparse.packing import pack_nm
     from secateurs.kernels.sparse.triton_decode import Config, check, packed24_linear, random_24
 
-    configs = [Config(4, 16, 3), Config(8, 64, 4), Config(2, 128, num_warps=2), Config(16, 256, 2, 8, 3)]
+    configs = [
+        Config(4, 16, 3), Config(8, 64, 4), Config(2, 128, num_warps=2), Config(16, 256, 2, 8, 3),
+        Config(4, 64, 3, style="words"), Config(8, 32, 1, 8, 3, style="words"), Config(16, 64, 2, style="tiles"),
+        Config(32, 128, 1, 4, 3, style="tiles"),
+    ]  # fmt: skip
     # (shapes, dtypes, token counts, bias): every shape at the tiles 1, 4 and 16; every tile on one shape; odd
     # shapes with bias. Few distinct specializations: each costs a compile (about a second).
     plan: list[tuple[list[tuple[int, int]], list[torch.dtype], tuple[int, ...], bool | None]] = [
@@ -249,7 +253,7 @@ def kernel_check(device: torch.device, smoke: bool) -> dict[str, Any]:
     config_shape, config_tokens, config_dtype = (64, 1024), (1, 16), torch.bfloat16
     if smoke:  # the interpreter takes about a second a call
         plan = [([(37, 72)], [torch.float16], (1, 3), None)]
-        configs, config_shape, config_tokens, config_dtype = configs[:1], (64, 128), (3,), torch.float16
+        configs, config_shape, config_tokens, config_dtype = configs[::4], (64, 128), (3,), torch.float16
     cases, worst = [], 0.0
     for shapes, dtypes, token_counts, with_bias in plan:
         for dtype in dtypes:
@@ -496,36 +500,71 @@ def kernel_timing(device: torch.device, smoke: bool, l2_bytes: int) -> dict[str,
     return {"copy_bandwidth": ceiling, "points": points}
 
 
-CANDIDATES: dict[int, list[tuple[int, int, int, int]]] = {  # token tile -> (BLOCK_N, BLOCK_KH, warps, stages)
-    1: [(1, 1024, 4, 2), (2, 512, 4, 2), (2, 1024, 8, 2), (4, 256, 4, 2), (4, 512, 4, 3), (4, 512, 8, 2),
-        (8, 256, 4, 2), (8, 512, 8, 2), (16, 128, 4, 2), (4, 1024, 8, 3)],
-    4: [(2, 256, 4, 2), (4, 64, 4, 2), (4, 256, 8, 2), (8, 64, 4, 2), (8, 128, 8, 2)],
-    16: [(2, 64, 4, 2), (4, 64, 8, 2), (8, 32, 4, 2), (8, 64, 8, 2), (16, 16, 4, 2), (4, 32, 4, 3)],
+# Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
+CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
+    1: [("bytes", 4, 512, 4, 2), ("bytes", 4, 512, 8, 2),
+        ("words", 4, 512, 4, 2), ("words", 4, 512, 8, 2), ("words", 1, 512, 4, 2), ("words", 1, 1024, 4, 2),
+        ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 1024, 8, 2),
+        ("words", 8, 256, 4, 2), ("words", 8, 512, 8, 2), ("words", 16, 256, 8, 2), ("words", 2, 2048, 8, 2),
+        ("words", 4, 512, 4, 3), ("words", 4, 512, 8, 1), ("words", 2, 1024, 8, 3), ("words", 8, 512, 8, 3),
+        ("words", 64, 32, 4, 3), ("words", 32, 64, 4, 3), ("words", 128, 16, 4, 4), ("words", 64, 16, 4, 4),
+        ("words", 16, 64, 4, 3), ("words", 8, 1024, 8, 2), ("words", 16, 512, 8, 2),
+        ("tiles", 2, 512, 4, 2), ("tiles", 4, 256, 4, 2), ("tiles", 4, 512, 8, 2), ("tiles", 8, 256, 8, 2),
+        ("tiles", 8, 128, 4, 3), ("tiles", 16, 64, 4, 2), ("tiles", 16, 128, 8, 2), ("tiles", 32, 64, 8, 3)],
+    2: [("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2), ("words", 2, 512, 4, 2),
+        ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2), ("tiles", 16, 128, 4, 2)],
+    4: [("bytes", 4, 128, 4, 2), ("words", 4, 128, 4, 2), ("words", 4, 256, 8, 2), ("words", 8, 128, 8, 2),
+        ("words", 2, 256, 4, 2), ("words", 8, 64, 4, 2), ("words", 16, 64, 8, 2),
+        ("tiles", 16, 64, 4, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2), ("tiles", 32, 128, 4, 2),
+        ("tiles", 64, 128, 8, 2), ("tiles", 128, 64, 8, 2), ("tiles", 16, 128, 4, 2), ("tiles", 64, 32, 4, 2),
+        ("tiles", 32, 128, 4, 3), ("tiles", 64, 64, 4, 3)],
+    8: [("words", 4, 64, 4, 2), ("words", 4, 128, 8, 2), ("words", 8, 64, 8, 2), ("words", 2, 128, 4, 2),
+        ("tiles", 16, 64, 4, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2), ("tiles", 32, 128, 4, 3),
+        ("tiles", 64, 128, 8, 2)],
+    16: [("bytes", 4, 32, 4, 2), ("words", 2, 64, 4, 2), ("words", 4, 64, 8, 2), ("words", 4, 32, 4, 2),
+         ("words", 8, 32, 8, 2), ("tiles", 16, 64, 4, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
+         ("tiles", 32, 128, 4, 2), ("tiles", 64, 128, 8, 2), ("tiles", 128, 64, 8, 2), ("tiles", 16, 128, 4, 2),
+         ("tiles", 64, 32, 4, 2), ("tiles", 32, 128, 4, 3), ("tiles", 64, 64, 4, 3), ("tiles", 64, 128, 4, 3)],
 }  # fmt: skip
+SMOKE_CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
+    1: [("bytes", 4, 32, 4, 2), ("words", 4, 32, 4, 2), ("tiles", 4, 32, 4, 2)],
+    16: [("words", 4, 16, 4, 2), ("tiles", 16, 32, 4, 2)],
+}
 
 
 def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: float) -> dict[str, Any]:
-    from secateurs.kernels.sparse.triton_decode import Config, block_m, packed24_linear, pick_config
+    """Times every candidate configuration per token tile on the LLaMA-7B shapes (CUDA graphs, weights rotated
+    over more than the L2), each first checked against dense; then puts the best of each tile (the lowest
+    geometric mean over the shapes of its time over the fastest candidate's) into the kernel's table for the rest
+    of this process (:func:`~secateurs.kernels.sparse.triton_decode.set_table`), and returns both: the data to
+    write the committed table from."""
+    from secateurs.kernels.sparse.triton_decode import (
+        Config,
+        packed24_linear,
+        set_table,
+        table,
+        with_split,
+    )
 
     started = time.monotonic()
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    shapes = {(64, 128): 1} if smoke else LLAMA_7B_SHAPES
-    token_counts = (1,) if smoke else (1, 4, 16)
-    results = []
-    for shape in shapes:
-        layer = _Layer(
-            shape, torch.bfloat16 if not smoke else torch.float16, device, _copies(shape[0] * shape[1], l2_bytes, smoke)
-        )
-        for tokens in token_counts:
-            xs = layer.inputs(tokens, len(layer.dense))
-            table = pick_config(tokens, shape[0], shape[1] // 2, sms)
-            candidates = [table] + [
-                Config(n, k, 1, w, s) for n, k, w, s in CANDIDATES[block_m(tokens)][: 1 if smoke else None]
-            ]
+    shapes = {(64, 128): 1, (128, 256): 1} if smoke else LLAMA_7B_SHAPES
+    candidates = SMOKE_CANDIDATES if smoke else CANDIDATES
+    dtype = torch.float16 if smoke else torch.bfloat16
+    layers = {shape: _Layer(shape, dtype, device, _copies(shape[0] * shape[1], l2_bytes, smoke)) for shape in shapes}
+    before = {tile: str(config) for tile, config in table().items()}
+    results, chosen = [], {}
+    for tile, options in candidates.items():
+        scores: dict[tuple[str, int, int, int, int], list[float]] = {option: [] for option in options}
+        for shape, layer in layers.items():
+            xs = layer.inputs(tile, len(layer.dense))
             timed = []
-            for config in candidates:
+            for option in options:
+                style, block_n, block_kh, warps, stages = option
+                config = with_split(Config(block_n, block_kh, 1, warps, stages, style), shape[0], shape[1] // 2, sms)
                 if time.monotonic() - started > budget_s:
                     timed.append({"config": str(config), "status": "skipped: out of time"})
+                    scores[option].append(math.inf)
                     continue
                 try:
                     reference = F.linear(xs[0], layer.dense[0]).float()
@@ -537,16 +576,45 @@ def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: f
                     ]
                     samples = _graph_ms(calls, 20) if device.type == "cuda" else _loop_ms(calls, 1, device)
                     timed.append({"config": str(config), "status": "ok", **_stats(samples)})
+                    scores[option].append(statistics.median(samples))
                 except Exception as exc:  # a configuration that does not compile or fit is a result, not a stop
                     timed.append({"config": str(config), "status": f"error: {type(exc).__name__}: {exc}"[:300]})
+                    scores[option].append(math.inf)
+            dense_ms = (
+                _stats(_graph_ms([(lambda x=x, w=w: F.linear(x, w)) for x, w in zip(xs, layer.dense, strict=True)], 20))
+                if device.type == "cuda"
+                else None
+            )
             ok = [t for t in timed if t["status"] == "ok"]
             best = min(ok, key=lambda t: t["median_ms"]) if ok else None
-            results.append({"shape": shape, "tokens": tokens, "table": str(table), "best": best, "all": timed})
+            results.append({"shape": shape, "tokens": tile, "dense": dense_ms, "best": best, "all": timed})
             if best is not None:
-                say(f"  {shape} x{tokens}: table {timed[0].get('median_ms', float('nan')) * 1e3:.1f} us, "
-                    f"best {best['median_ms'] * 1e3:.1f} us ({best['config']})")  # fmt: skip
-        del layer
-    return {"timer": "cuda_graph" if device.type == "cuda" else "perf_counter", "results": results}
+                dense_text = f"dense {dense_ms['median_ms'] * 1e3:.1f} us, " if dense_ms else ""
+                say(f"  {shape} x{tile}: {dense_text}best {best['median_ms'] * 1e3:.1f} us ({best['config']})")
+        fastest = [min(times[i] for times in scores.values()) for i in range(len(layers))]
+
+        def score(times: list[float], fastest: list[float] = fastest) -> float:
+            if any(not math.isfinite(t) for t in times):
+                return math.inf
+            return math.exp(statistics.fmean(math.log(t / f) for t, f in zip(times, fastest, strict=True)))
+
+        option, times = min(scores.items(), key=lambda item: score(item[1]))
+        if math.isfinite(score(times)):
+            style, block_n, block_kh, warps, stages = option
+            chosen[tile] = Config(block_n, block_kh, 1, warps, stages, style)
+            say(f"  tile {tile}: chosen {chosen[tile]} ({score(times):.3f}x the fastest per shape, geometric mean)")
+    for tile in (2, 8):  # tiles without candidates of their own follow their neighbour
+        if tile not in chosen and tile // 2 in chosen and chosen[tile // 2].style == "tiles":
+            chosen[tile] = chosen[tile // 2]
+    set_table(chosen)
+    del layers
+    return {
+        "timer": "cuda_graph" if device.type == "cuda" else "perf_counter",
+        "rule": "per token tile, the lowest geometric mean over the shapes of time / fastest candidate's time",
+        "table_before": before,
+        "table_after": {tile: str(config) for tile, config in table().items()},
+        "results": results,
+    }
 
 
 # --- speed_llama / speed_smollm2 -----------------------------------------------------------------------------
@@ -880,13 +948,14 @@ def main() -> None:
     sections: list[tuple[str, float, Callable[[], Any]]] = [
         ("environment", 5, lambda: environment(device)),
         ("kernel_check", 30, lambda: kernel_check(device, smoke)),
-        ("pytest_gpu", 60, lambda: pytest_gpu(args.out, min(150.0, max(run.left() - 200, 60)))),
-        ("kernel_timing", 40, lambda: kernel_timing(device, smoke, l2)),
-        ("speed_llama", 40, lambda: speed_llama(device, smoke)),
-        ("decode_graph", 40, lambda: decode_graph(device, smoke)),
+        # First the tuning: every later section runs the table it measured.
+        ("kernel_configs", 30, lambda: kernel_configs(device, smoke, l2, min(120.0, run.left() - 150))),
+        ("kernel_timing", 30, lambda: kernel_timing(device, smoke, l2)),
+        ("decode_graph", 30, lambda: decode_graph(device, smoke)),
+        ("speed_llama", 30, lambda: speed_llama(device, smoke)),
+        ("pytest_gpu", 60, lambda: pytest_gpu(args.out, min(150.0, max(run.left() - 60, 60)))),
         ("prune_cuda", 40, lambda: prune_cuda(device, smoke)),
-        ("speed_smollm2", 60, lambda: speed_smollm2(device, smoke)),
-        ("kernel_configs", 30, lambda: kernel_configs(device, smoke, l2, min(90.0, run.left() - 15))),
+        ("speed_smollm2", 100, lambda: speed_smollm2(device, smoke)),
     ]
     for name, needs, section in sections:
         if only and name not in only:

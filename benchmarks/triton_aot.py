@@ -24,56 +24,75 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARGS = (  # the kernel's arguments, in order
-    *("x_ptr", "values_ptr", "indices_ptr", "bias_ptr", "out_ptr", "M", "N", "KH"),
-    *("stride_xm", "stride_xk", "stride_vn", "stride_in", "stride_om"),
-    *("HAS_BIAS", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_KH"),
-)
-
 
 def compile_kernel(
     *,
     arch: int = 90,
     dtype: str = "bf16",
     tokens: int = 1,
+    style: str | None = None,
     block_n: int | None = None,
     block_kh: int | None = None,
     split_k: int = 1,
-    warps: int = 4,
-    stages: int = 2,
+    warps: int | None = None,
+    stages: int | None = None,
     bias: bool = False,
+    even: bool = True,
 ) -> dict[str, Any]:
-    """Compile one specialization and return its resource use and global-load widths (``dtype``: bf16/fp16)."""
+    """Compile one specialization and return its resource use and global-load widths (``dtype``: bf16/fp16).
+
+    Unset options come from the configuration table (``style`` None: the table's style for this token tile).
+    """
+    import dataclasses
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from secateurs.kernels.sparse.triton_decode import _TABLE, _kernel, block_m
+    from secateurs.kernels.sparse.triton_decode import _kernel, _tiles_kernel, _words_kernel, block_m, table
 
-    tile = block_m(tokens)
-    default_n, default_kh = _TABLE[tile]
-    block_n, block_kh = block_n or default_n, block_kh or default_kh
-    signature = {name: "i32" for name in ARGS}
+    base = table()[block_m(tokens)]
+    if style is not None and style != base.style:
+        base = dataclasses.replace(base, style=style, block_n=block_n or base.block_n, block_kh=block_kh or 512)
+    config = dataclasses.replace(
+        base,
+        block_n=block_n or base.block_n,
+        block_kh=block_kh or base.block_kh,
+        split_k=split_k,
+        num_warps=warps or base.num_warps,
+        num_stages=stages or base.num_stages,
+    )
+    tile = max(16, block_m(tokens)) if config.style == "tiles" and tokens > 1 else block_m(tokens)
+    kernel = {"bytes": _kernel, "words": _words_kernel, "tiles": _tiles_kernel}[config.style]()
+    names = list(kernel.arg_names)
+    codes = "indices_ptr" if config.style == "bytes" else "words_ptr"
+    signature = {name: "i32" for name in names}
     signature.update(
-        x_ptr=f"*{dtype}", values_ptr=f"*{dtype}", indices_ptr="*u8", bias_ptr=f"*{dtype}",
-        out_ptr=f"*{dtype}" if split_k == 1 else "*fp32",
+        {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", codes: "*u8" if config.style == "bytes" else "*i32",
+         "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}" if split_k == 1 else "*fp32"}
     )  # fmt: skip
     constants: dict[str, Any] = {
-        "HAS_BIAS": bias, "SPLIT_K": split_k, "BLOCK_M": tile, "BLOCK_N": block_n, "BLOCK_KH": block_kh,
+        "HAS_BIAS": bias, "SPLIT_K": split_k, "BLOCK_M": tile, "BLOCK_N": config.block_n,
         # the JIT folds an integer argument equal to 1 into the kernel: x's unit stride
         "stride_xk" if tile == 1 else "stride_xm": 1,
     }  # fmt: skip
+    if config.style == "bytes":
+        constants["BLOCK_KH"] = config.block_kh
+    else:
+        constants.update(BLOCK_W=config.block_kh // 16, EVEN=even)
     for name in constants:
         signature[name] = "constexpr"
     # The JIT marks pointer and integer arguments divisible by 16 (LLaMA-size layers: all of them but M).
     attrs = {
-        (ARGS.index(name),): [["tt.divisibility", 16]]
-        for name in ARGS
+        (names.index(name),): [["tt.divisibility", 16]]
+        for name in names
         if signature[name] != "constexpr" and name != "M"
     }
-    source = ASTSource(fn=_kernel(), signature=signature, constexprs=constants, attrs=attrs)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
     ptx = compiled.asm["ptx"]
     loads: dict[str, int] = {}
@@ -84,11 +103,13 @@ def compile_kernel(
         "arch": f"sm_{arch}",
         "dtype": dtype,
         "tokens_tile": tile,
-        "config": f"BLOCK_N={block_n} BLOCK_KH={block_kh} SPLIT_K={split_k} warps={warps} stages={stages}",
+        "config": str(config),
+        "even": even if config.style != "bytes" else None,
         "bias": bias,
         "shared_bytes": compiled.metadata.shared,
         "global_loads": loads,
         "shared_memory_ops": len(re.findall(r"(?:ld|st)\.shared", ptx)),
+        "mma": len(re.findall(r"\b(?:mma|wgmma)\.", ptx)),
     }
     result.update(_resource_usage(compiled.asm["cubin"]))
     return result
@@ -122,11 +143,12 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 = H100/H200, 80 = A100")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--style", default=None, choices=["bytes", "words", "tiles"], help="default: the table's")
     parser.add_argument("--block-n", type=int, default=None)
     parser.add_argument("--block-kh", type=int, default=None)
     parser.add_argument("--split-k", type=int, default=1)
-    parser.add_argument("--warps", type=int, default=4)
-    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--warps", type=int, default=None)
+    parser.add_argument("--stages", type=int, default=None)
     parser.add_argument("--bias", action="store_true")
     args = parser.parse_args()
     for tokens in args.tokens:
@@ -134,6 +156,7 @@ def main() -> None:
             arch=args.arch,
             dtype=args.dtype,
             tokens=tokens,
+            style=args.style,
             block_n=args.block_n,
             block_kh=args.block_kh,
             split_k=args.split_k,

@@ -98,13 +98,39 @@ def test_token_tile_is_the_next_power_of_two() -> None:
 def test_split_k_only_when_rows_leave_the_gpu_idle() -> None:
     assert pick_config(1, 4096, 2048, 132).split_k == 1  # 1024 row blocks: plenty
     assert pick_config(1, 11008, 2048, 132).split_k == 1
-    few = pick_config(1, 64, 8192, 132)  # 16 row blocks, 16 chunks per row
+    few = pick_config(1, 64, 8192, 132)  # 8 row blocks, 8 chunks per row
     assert few.split_k > 1
     assert -(-8192 // few.block_kh) // few.split_k >= 2  # each split keeps at least two chunks
     assert pick_config(1, 64, 512, 132).split_k == 1  # one chunk per row: nothing to split
     for tokens in range(1, MAX_TOKENS + 1):
         config = pick_config(tokens, 4096, 2048, 132)
-        assert config.block_n * config.block_kh * block_m(tokens) <= 2048
+        if config.style == "tiles" and tokens > 1:  # tensor-core tiles: the accumulator is [BLOCK_N, 16 tokens]
+            assert config.block_n * max(16, block_m(tokens)) <= 4096
+        else:  # CUDA cores: one fp32 accumulator per product in flight, at most 64 per thread at 8 warps
+            assert config.block_n * config.block_kh * block_m(tokens) <= 64 * 32 * config.num_warps
+
+
+def test_layers_without_whole_code_words_take_the_bytes_style() -> None:
+    assert pick_config(1, 4096, 2048, 132).style != "bytes"  # in = 4096: 128 words per row
+    assert pick_config(1, 37, 36, 132).style == "bytes"  # in = 72: not a multiple of 32
+    packed = pack_nm(random_24(8, 72, torch.float32, "cpu", torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="in_features % 32 == 0"):
+        packed24_linear(torch.randn(1, 72), packed.values, packed.indices, config=Config(4, 32, style="words"))
+    with pytest.raises(ValueError, match="block_kh % 16 == 0"):
+        Config(4, 24, style="words")
+    with pytest.raises(ValueError, match="style 'dot'"):
+        Config(4, 32, style="dot")
+
+
+def test_a_tuning_run_replaces_table_entries() -> None:
+    before = triton_decode.table()
+    try:
+        triton_decode.set_table({1: Config(2, 256, 4, 8, 3, style="words")})
+        assert pick_config(1, 4096, 2048, 132) == Config(2, 256, 1, 8, 3, style="words")  # split_k per call
+        with pytest.raises(ValueError, match="token tile 3"):
+            triton_decode.set_table({3: Config(2, 256)})
+    finally:
+        triton_decode.set_table(before)
 
 
 def test_launcher_refuses_tensors_that_do_not_fit() -> None:

@@ -18,17 +18,24 @@ import torch
 from secateurs.kernels.sparse.packing import pack_nm
 from secateurs.kernels.sparse.triton_decode import Config, check, interpreting, packed24_linear, random_24
 
-# (rows, cols): rows not a multiple of any BLOCK_N, kept values (cols/2) not a multiple of any chunk.
-SHAPES = ((37, 72), (8, 24), (130, 200))
+# (rows, cols): rows not a multiple of any BLOCK_N, kept values (cols/2) not a multiple of any chunk. The first
+# three are not word-aligned (in % 32 != 0: the bytes style only), the last two are (every style).
+SHAPES = ((37, 72), (8, 24), (130, 200), (37, 64), (130, 320))
 TOKENS = (1, 3, 16)
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # The table's own choice; a small chunk (several chunks per row, the last one ragged); split-K over 3 programs
-# (a split with fewer chunks than the others, and atomics).
+# (a split with fewer chunks than the others, and atomics); the words and tiles styles likewise, on word-aligned
+# shapes (an even launch, no masks, on 64 x 1024: the EVEN path).
 CONFIGS = {
     "table": None,
     "small": Config(block_n=4, block_kh=16),
     "split3": Config(block_n=8, block_kh=8, split_k=3),
+    "words": Config(block_n=4, block_kh=32, style="words"),
+    "words_split3": Config(block_n=8, block_kh=16, split_k=3, style="words"),
+    "tiles": Config(block_n=16, block_kh=32, style="tiles"),
+    "tiles_split3": Config(block_n=16, block_kh=64, split_k=3, style="tiles"),
 }
+EVEN_SHAPE = (64, 1024)  # rows % 16 == 0, words per row (32) a multiple of every chunk above
 
 
 def case_id(shape: tuple[int, int], tokens: int, dtype: str, bias: bool, config: str) -> str:
@@ -39,7 +46,13 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
     """Every shape x token count x dtype x configuration; bias on every other case (each configuration gets both:
     the interpreter takes about a second a case on 2 cores, so the full product with bias would double the time)."""
     out = []
-    for index, (shape, tokens, dtype, config) in enumerate(itertools.product(SHAPES, TOKENS, DTYPES, CONFIGS)):
+    shapes = (*SHAPES, EVEN_SHAPE)
+    for index, (shape, tokens, dtype, config) in enumerate(itertools.product(shapes, TOKENS, DTYPES, CONFIGS)):
+        word_aligned = shape[1] % 32 == 0
+        if CONFIGS[config] is not None and CONFIGS[config].style != "bytes" and not word_aligned:
+            continue
+        if shape == EVEN_SHAPE and CONFIGS[config] is not None and CONFIGS[config].split_k != 1:
+            continue  # 32 words do not split evenly in 3
         bias = index % 2 == 0
         spec = {"shape": shape, "tokens": tokens, "dtype": dtype, "bias": bias, "config": config}
         out.append((case_id(shape, tokens, dtype, bias, config), spec))

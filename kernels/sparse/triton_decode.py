@@ -28,6 +28,7 @@ Under ``TRITON_INTERPRET=1`` the launcher also runs on CPU tensors (fp32/fp16), 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -129,22 +130,227 @@ def _kernel() -> Any:
     return packed24_kernel
 
 
+@functools.cache
+def _words_kernel() -> Any:
+    """The ``words`` style: the codes read as int32 words (16 codes each, one load per 16 kept values instead of
+    one byte gather per value), tiles shaped [BLOCK_N, BLOCK_W, 16] (word-aligned, so value loads are 16-byte
+    vectors), and no masks at all when the launch divides the layer evenly (``EVEN``)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def packed24_words_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
+        x_ptr,  # [M, K] (BLOCK_M == 1: any stride) or BLOCK_M tokens stored [K, BLOCK_M]
+        values_ptr,  # [N, KH] kept values, row-major
+        words_ptr,  # [N, KH / 16] int32: 16 two-bit codes per word, first in the low bits
+        bias_ptr,  # [N]
+        out_ptr,  # [M, N]
+        M,
+        N,
+        W,  # words per row = KH / 16
+        stride_xm,
+        stride_xk,
+        stride_vn,
+        stride_wn,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EVEN: tl.constexpr,  # N % BLOCK_N == 0 and W % (BLOCK_W * SPLIT_K) == 0: no masks
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        tokens = tl.arange(0, BLOCK_M)  # [BM]
+        token_ok = tokens < M
+        j = tl.arange(0, 16)  # kept value inside its word
+        shift = (2 * j)[None, None, :]  # [1, 1, 16]
+        group = ((j // 2) * 4)[None, None, :]  # [1, 1, 16] first input of the value's group, inside the word
+        chunks = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT_K)
+        w_begin = pid_k * chunks * BLOCK_W
+        w_end = tl.minimum(w_begin + chunks * BLOCK_W, W)
+        value_rows = values_ptr + rows64[:, None, None] * stride_vn  # [BN, 1, 1]
+        word_rows = words_ptr + rows64[:, None] * stride_wn  # [BN, 1]
+        if BLOCK_M == 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_W, 16], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_W, 16, BLOCK_M], dtype=tl.float32)
+        for chunk in range(0, chunks):
+            w = w_begin + chunk * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW] word index in the row
+            value_offsets = (w * 16)[None, :, None] + j[None, None, :]  # [1, BW, 16]
+            if EVEN:
+                word = tl.load(word_rows + w[None, :])  # [BN, BW]
+                vals = tl.load(value_rows + value_offsets)  # [BN, BW, 16]
+            else:
+                mask2 = row_ok[:, None] & (w < w_end)[None, :]  # [BN, BW]
+                word = tl.load(word_rows + w[None, :], mask=mask2, other=0)
+                vals = tl.load(value_rows + value_offsets, mask=mask2[:, :, None], other=0.0)
+            code = (word[:, :, None] >> shift) & 3  # [BN, BW, 16]
+            col = (w * 32)[None, :, None] + group + code  # [BN, BW, 16] input position
+            if BLOCK_M == 1:
+                if EVEN:
+                    xv = tl.load(x_ptr + col * stride_xk)
+                else:
+                    xv = tl.load(x_ptr + col * stride_xk, mask=mask2[:, :, None], other=0.0)
+                acc += vals.to(tl.float32) * xv.to(tl.float32)  # [BN, BW, 16]
+            else:
+                x_offsets = col[:, :, :, None] * stride_xk + tokens[None, None, None, :] * stride_xm
+                if EVEN:
+                    xv = tl.load(x_ptr + x_offsets)  # [BN, BW, 16, BM]
+                else:
+                    xv = tl.load(x_ptr + x_offsets, mask=mask2[:, :, None, None], other=0.0)
+                acc += vals.to(tl.float32)[:, :, :, None] * xv.to(tl.float32)
+        if BLOCK_M == 1:  # noqa: SIM108
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BN, 1]
+        else:
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN, BM]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BN]
+            y += tl.where(pid_k == 0, bias, 0.0)[:, None]
+        out = out_ptr + tokens[None, :] * stride_om + rows[:, None]  # [BN, BM]
+        out_mask = row_ok[:, None] & token_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out, y, mask=out_mask)
+
+    return packed24_words_kernel
+
+
+@functools.cache
+def _tiles_kernel() -> Any:
+    """The ``tiles`` style: each [BLOCK_N, 32·BLOCK_W] tile of the weight is expanded from the packed form in
+    registers (a kept value lands where its code says, zeros elsewhere), then multiplied with x: for several
+    tokens on the tensor cores (``tl.dot`` with a [32·BLOCK_W, BLOCK_M] tile of x, BLOCK_M >= 16, zero-padded),
+    for one token by FMAs with x read as contiguous vectors (no gather, twice the FMAs of the kept values). The
+    memory traffic is still the packed bytes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def packed24_tiles_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
+        x_ptr,  # BLOCK_M tokens stored [K, BLOCK_M] (zero-padded)
+        values_ptr,  # [N, KH]
+        words_ptr,  # [N, KH / 16] int32
+        bias_ptr,  # [N]
+        out_ptr,  # [M, N]
+        M,
+        N,
+        W,
+        stride_xm,
+        stride_xk,
+        stride_vn,
+        stride_wn,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EVEN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        tokens = tl.arange(0, BLOCK_M)  # [BM]
+        token_ok = tokens < M
+        g = tl.arange(0, 8)  # group inside the word
+        position = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4] input inside the group
+        chunks = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT_K)
+        w_begin = pid_k * chunks * BLOCK_W
+        w_end = tl.minimum(w_begin + chunks * BLOCK_W, W)
+        value_rows = values_ptr + rows64[:, None, None] * stride_vn  # [BN, 1, 1]
+        word_rows = words_ptr + rows64[:, None] * stride_wn  # [BN, 1]
+        if BLOCK_M == 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_W * 32], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for chunk in range(0, chunks):
+            w = w_begin + chunk * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW]
+            value_offsets = (w * 16)[None, :, None] + tl.arange(0, 16)[None, None, :]  # [1, BW, 16]
+            k = (w_begin + chunk * BLOCK_W) * 32 + tl.arange(0, BLOCK_W * 32)  # [BK] inputs of this chunk
+            if BLOCK_M == 1:  # noqa: SIM108 (a static branch of the kernel)
+                x_offsets = k[None, :] * stride_xk  # [1, BK]
+            else:
+                x_offsets = k[:, None] * stride_xk + tokens[None, :] * stride_xm  # [BK, BM]
+            if EVEN:
+                word = tl.load(word_rows + w[None, :])  # [BN, BW]
+                vals = tl.load(value_rows + value_offsets)  # [BN, BW, 16]
+                xt = tl.load(x_ptr + x_offsets)  # [1, BK] or [BK, BM]
+            else:
+                mask2 = row_ok[:, None] & (w < w_end)[None, :]  # [BN, BW]
+                word = tl.load(word_rows + w[None, :], mask=mask2, other=0)
+                vals = tl.load(value_rows + value_offsets, mask=mask2[:, :, None], other=0.0)
+                if BLOCK_M == 1:
+                    xt = tl.load(x_ptr + x_offsets, mask=(k < w_end * 32)[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_ptr + x_offsets, mask=(k < w_end * 32)[:, None], other=0.0)
+            v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_W, 8, 2)))  # [BN, BW, 8] each
+            c0 = (word[:, :, None] >> (4 * g)[None, None, :]) & 3  # [BN, BW, 8]
+            c1 = (word[:, :, None] >> (4 * g + 2)[None, None, :]) & 3
+            dense = tl.where(
+                c0[:, :, :, None] == position,
+                v0[:, :, :, None],
+                tl.where(c1[:, :, :, None] == position, v1[:, :, :, None], 0.0),
+            )  # [BN, BW, 8, 4]
+            tile = tl.reshape(dense, (BLOCK_N, BLOCK_W * 32))  # [BN, BK] the dense weight tile
+            if BLOCK_M == 1:  # one token: FMAs on the CUDA cores, x read as contiguous vectors (no gather)
+                acc += tile.to(tl.float32) * xt.to(tl.float32)  # [BN, BK]
+            else:
+                acc = tl.dot(tile.to(xt.dtype), xt, acc)  # [BN, BM]
+        if BLOCK_M == 1:  # noqa: SIM108
+            y = tl.sum(acc, axis=1)[:, None]  # [BN, 1]
+        else:
+            y = acc
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BN]
+            y += tl.where(pid_k == 0, bias, 0.0)[:, None]
+        out = out_ptr + tokens[None, :] * stride_om + rows[:, None]  # [BN, BM]
+        out_mask = row_ok[:, None] & token_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out, y, mask=out_mask)
+
+    return packed24_tiles_kernel
+
+
 # --- Configurations ------------------------------------------------------------------------------------------
+
+
+STYLES = ("bytes", "words", "tiles")
 
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration: rows per program, kept values per chunk, K splits, warps, pipeline stages."""
+    """One launch configuration: rows per program, kept values per chunk, K splits, warps, pipeline stages, and
+    the kernel style (``bytes``: one code byte gathered per value, any width; ``words``: int32 code words and x
+    gathered per kept value, on the CUDA cores; ``tiles``: weight tiles expanded in registers, then tensor cores
+    for 2-16 tokens (x padded to 16) or vector FMAs for one). ``words`` and ``tiles`` need in_features % 32 == 0
+    (whole code words per row); ``tiles`` for more than one token needs block_n >= 16."""
 
     block_n: int
     block_kh: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    style: str = "bytes"
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"style {self.style!r}: one of {', '.join(STYLES)}")
+        if self.style != "bytes" and self.block_kh % 16:
+            raise ValueError(f"the {self.style} style reads whole code words: block_kh % 16 == 0, not {self.block_kh}")
 
     def __str__(self) -> str:
         return (
-            f"BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} SPLIT_K={self.split_k} "
+            f"{self.style} BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} SPLIT_K={self.split_k} "
             f"warps={self.num_warps} stages={self.num_stages}"
         )
 
@@ -154,10 +360,41 @@ def block_m(tokens: int) -> int:
     return 1 << max(0, (tokens - 1).bit_length())
 
 
-# Per token tile: (BLOCK_N, BLOCK_KH) holding about 2048 products per program (16 per thread at 4 warps), so the
-# fp32 accumulator stays in registers whatever the token count. A first table, chosen by that rule and NOT yet
-# tuned on a GPU: benchmarks/gpu_check.py times alternatives on the shapes that matter and reports the best.
-_TABLE = {1: (4, 512), 2: (4, 256), 4: (4, 128), 8: (4, 64), 16: (4, 32)}
+# Per token tile, for layers whose rows hold whole code words (in_features % 32 == 0: every LLaMA/SmolLM2 layer):
+# the best of 94 candidates timed on an NVIDIA H200 (CUDA graphs, LLaMA-7B's three shapes, bf16; the lowest
+# geometric mean of time over the fastest candidate per shape) by benchmarks/gpu_check.py on 2026-11-29,
+# benchmarks/results/gpu-check-h200-b/gpu_check.json, section kernel_configs. Other GPUs: run that check, whose
+# tuning step replaces this table in its process (set_table) and reports what it chose.
+_TABLE: dict[int, Config] = {
+    1: Config(8, 512, num_warps=8, style="words"),
+    2: Config(8, 256, num_warps=8, style="words"),
+    4: Config(8, 128, num_warps=8, style="words"),
+    8: Config(32, 128, num_stages=3, style="tiles"),
+    16: Config(32, 128, num_stages=3, style="tiles"),
+}
+# Any width (the codes gathered byte by byte): (BLOCK_N, BLOCK_KH) holding about 2048 products per program (16
+# per thread at 4 warps), so the fp32 accumulator stays in registers whatever the token count; one token at 8
+# warps (measured on the H200 above: 15.0 against 19.4 us on 4096 x 4096).
+_BYTES_TABLE: dict[int, Config] = {
+    1: Config(4, 512, num_warps=8),
+    2: Config(4, 256),
+    4: Config(4, 128),
+    8: Config(4, 64),
+    16: Config(4, 32),
+}
+
+
+def set_table(configs: dict[int, Config]) -> None:
+    """Replace table entries (token tile -> configuration; split_k is chosen per call): what a tuning run measured."""
+    for tile, config in configs.items():
+        if tile not in _TABLE:
+            raise ValueError(f"token tile {tile}: one of {sorted(_TABLE)}")
+        _TABLE[tile] = dataclasses.replace(config, split_k=1)
+    pick_config.cache_clear()
+
+
+def table() -> dict[int, Config]:
+    return dict(_TABLE)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -167,13 +404,18 @@ def pick_config(tokens: int, rows: int, kept: int, multiprocessors: int) -> Conf
     Split-K only when the row blocks would leave most multiprocessors idle and each split keeps at least two
     chunks of the row (the fp32 buffer, the atomics and the final cast cost more than they give otherwise).
     """
-    block_n, block_kh = _TABLE[block_m(tokens)]
-    programs = -(-rows // block_n)
-    chunks = -(-kept // block_kh)
+    tile = block_m(tokens)
+    return with_split(_TABLE[tile] if kept % 16 == 0 else _BYTES_TABLE[tile], rows, kept, multiprocessors)
+
+
+def with_split(base: Config, rows: int, kept: int, multiprocessors: int) -> Config:
+    """``base`` with the split-K that :func:`pick_config` gives it for a [rows, 2·kept] layer."""
+    programs = -(-rows // base.block_n)
+    chunks = -(-kept // base.block_kh)
     split = 1
     while programs * split * 2 <= 2 * multiprocessors and chunks // (split * 2) >= 2:
         split *= 2
-    return Config(block_n, block_kh, split)
+    return dataclasses.replace(base, split_k=split)
 
 
 # --- The launcher ----------------------------------------------------------------------------------------------
@@ -214,43 +456,57 @@ def packed24_linear(
         )
     if x.dtype != values.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"x is {x.dtype}, the weight {values.dtype}, the bias {getattr(bias, 'dtype', None)}")
+    if config is not None and config.style != "bytes" and kept % 16:
+        raise ValueError(f"the {config.style} style needs in_features % 32 == 0 (whole code words), not {k}")
     if not x.is_cuda and not interpreting():
         raise ValueError(f"the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not {x.device}")
     x2 = x.reshape(-1, k)  # [M, K]
     tokens = x2.shape[0]
-    tile = block_m(tokens)
-    if tokens > 1:  # stored [K, BLOCK_M], zero-padded: one gathered position loads every token in one vector
-        x2 = (x2.t().contiguous() if tile == tokens else F.pad(x2.t(), (0, tile - tokens))).t()  # [BLOCK_M, K]
     if config is None:
         config = pick_config(tokens, rows, kept, _multiprocessors(x.device) if x.is_cuda else 1)
     values, indices = values.contiguous(), indices.contiguous()
+    tile = block_m(tokens)
+    if config.style == "tiles" and tokens > 1:  # tensor-core tiles: 16 tokens at least, a 16-row block at least
+        if config.block_n < 16:
+            raise ValueError(f"the tiles style needs block_n >= 16 for more than one token, not {config.block_n}")
+        tile = max(16, tile)
+    if tile > 1:  # stored [K, BLOCK_M], zero-padded: one gathered position loads every token in one vector
+        x2 = (x2.t().contiguous() if tile == tokens else F.pad(x2.t(), (0, tile - tokens))).t()  # [BLOCK_M, K]
     if config.split_k == 1:
         out = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)  # [M, N]
     else:
         out = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device)  # [M, N] partial sums
     if tokens:
         grid = (-(-rows // config.block_n), config.split_k)
-        _kernel()[grid](
+        if config.style == "bytes":
+            kernel, codes, width, block = _kernel(), indices, kept, {"BLOCK_KH": config.block_kh}
+        else:
+            words = kept // 16
+            kernel = _words_kernel() if config.style == "words" else _tiles_kernel()
+            codes, width = indices.view(torch.int32), words  # [N, KH/16]: 16 codes per word
+            even = rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0
+            block = {"BLOCK_W": config.block_kh // 16, "EVEN": even}
+        kernel[grid](
             x2,
             values,
-            indices,
+            codes,
             bias if bias is not None else values,  # any pointer: not read without HAS_BIAS
             out,
             tokens,
             rows,
-            kept,
+            width,
             x2.stride(0),
             x2.stride(1),
             values.stride(0),
-            indices.stride(0),
+            codes.stride(0),
             out.stride(0),
             HAS_BIAS=bias is not None,
             SPLIT_K=config.split_k,
             BLOCK_M=tile,
             BLOCK_N=config.block_n,
-            BLOCK_KH=config.block_kh,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
+            **block,
         )
     return out.to(x.dtype).reshape(*x.shape[:-1], rows)  # [..., N]
 
