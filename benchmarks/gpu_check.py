@@ -12,27 +12,29 @@ run in order of importance and each is skipped (status ``skipped``, with the rea
 H100/H200 with the start-up). Nothing here needs the offline assets or the network: the models are random,
 built from configs.
 
-Sections:
+Sections, in this order:
 
 * ``environment``: GPU name, capability, multiprocessors, L2, memory, driver, CUDA, torch, Triton, transformers.
 * ``kernel_check``: the Triton kernel against dense-with-zeros in fp64, float16 and bfloat16, LLaMA-7B, SmolLM2
-  and odd shapes, 1-16 tokens, with and without bias, split-K, outputs poisoned with NaN before every call.
-* ``pytest_gpu``: ``pytest -m gpu`` on the test files that have gpu-marked tests (junit XML + log).
+  and odd shapes, 1-16 tokens, with and without bias, split-K, every style, outputs poisoned with NaN.
+* ``kernel_configs``: the tuning step. Candidate configurations per token tile (:data:`CANDIDATES`: style, block
+  sizes, warps, stages) on the LLaMA-7B shapes, each checked against dense, then timed by CUDA-graph replay; the
+  best per tile goes into the kernel's table for every later section of this run (``table_after``).
 * ``kernel_timing``: measured copy bandwidth (the ceiling); then per LLaMA-7B and SmolLM2 shape and token count,
   dense ``F.linear`` (cuBLAS) against the Triton kernel, weights rotated over more than 3x the L2 cache, timed
   two ways: replaying a CUDA graph of the calls (kernel time, no launch overhead) and eager back-to-back calls
   between two events (what an eager decode step pays, launch overhead included); achieved GB/s for each.
-* ``speed_llama``: the project's speed sweep (:func:`secateurs.kernels.measure.speed.sweep_linear`: correctness
-  gate, then timed) on the LLaMA-7B layers, 1, 4, 16, 64 and 512 tokens, bfloat16, every registered path.
 * ``decode_graph``: batch-1 greedy decode with a static KV cache, one step per CUDA-graph replay, dense versus
   the Triton kernel in every pruned linear, on a SmolLM2-shaped and a 4-block LLaMA-7B-shaped random 2:4 model.
+* ``speed_llama``: the project's speed sweep (:func:`secateurs.kernels.measure.speed.sweep_linear`: correctness
+  gate, then timed) on the LLaMA-7B layers, 1, 4, 16, 64 and 512 tokens, bfloat16, every registered path.
+* ``pytest_gpu``: ``pytest -m gpu`` on the test files that have gpu-marked tests (junit XML + log).
 * ``prune_cuda``: SparseGPT jobs (``run_job``) on ``cuda`` for a tiny random LLaMA and a SmolLM2-shaped random
-  one: peak device memory (``torch.cuda.max_memory_allocated``) and the report's timings and environment.
+  one: peak device memory (``torch.cuda.max_memory_allocated``; ``device_bytes_before``: what earlier sections
+  still held) and the report's timings and environment.
 * ``speed_smollm2``: the job's speed step (:func:`secateurs.workers.speed.run_speed_step`) on a SmolLM2-shaped
   random model pruned 2:4 by magnitude, bfloat16: every shape at 1/16/128/512 tokens, prefill 1x512, decode
   batch 1 and 16, dense versus every path, all eager.
-* ``kernel_configs``: alternative launch configurations of the kernel on the LLaMA-7B shapes at 1, 4 and 16
-  tokens (CUDA-graph timing), against the configuration table's choice: the data to tune the table with.
 """
 
 from __future__ import annotations
@@ -895,6 +897,9 @@ def _prune_job(folder: Path, device: torch.device, samples: int, seqlen: int, wo
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    # What the check's earlier sections still hold in this process: the job's peak below includes it (a worker
+    # process starts from none).
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     started = time.perf_counter()
     report = run_job(spec, output_dir=work / f"{folder.name}-out")
     seconds = time.perf_counter() - started
@@ -903,6 +908,7 @@ def _prune_job(folder: Path, device: torch.device, samples: int, seqlen: int, wo
         "model": folder.name,
         "calibration": f"{samples} x {seqlen} tokens",
         "seconds": seconds,
+        "device_bytes_before": before,
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_device_memory_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         # Whatever the report carries under these names (the fields change as the report grows).
