@@ -168,6 +168,13 @@ def test_packed_linear_computes_what_the_dense_layer_computes(dtype: torch.dtype
     assert layer.values.numel() + layer.indices.numel() < weight.numel()  # it holds the packed form, not W
 
 
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_packed_linear_names_its_width_when_the_input_does_not_fit(tokens: int) -> None:
+    layer = PackedLinear.from_dense(nm_weight((8, 64), 2, 4, torch.float32))
+    with pytest.raises(ValueError, match=r"in_features=64.*width 60|width 60.*in_features = 64"):
+        layer(torch.randn(tokens, 60))
+
+
 def test_packed_linear_offers_inputs_to_registered_kernels_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(packing, "_KERNELS", {})  # only this test's kernels (the CPU kernel registers on import)
     layer = PackedLinear.from_dense(nm_weight((8, 16), 2, 4, torch.float32))
