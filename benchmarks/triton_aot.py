@@ -49,11 +49,20 @@ def compile_kernel(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from secateurs.kernels.sparse.triton_decode import _kernel, _tiles_kernel, _words_kernel, block_m, table
+    from secateurs.kernels.sparse.triton_decode import (
+        _BYTES_TABLE,
+        Config,
+        _kernel,
+        _words_kernel,
+        block_m,
+        table,
+    )
 
     base = table()[block_m(tokens)]
-    if style is not None and style != base.style:
-        base = dataclasses.replace(base, style=style, block_n=block_n or base.block_n, block_kh=block_kh or 512)
+    if style is not None and style != base.style:  # another style's defaults: the bytes table's, 32 x 128 tiles
+        bytes_base = _BYTES_TABLE[block_m(tokens)]
+        base = bytes_base if style != "tiles" else Config(32, 128, num_stages=3, style="tiles")
+        base = dataclasses.replace(base, style=style, block_kh=max(16, base.block_kh))
     config = dataclasses.replace(
         base,
         block_n=block_n or base.block_n,
@@ -63,7 +72,7 @@ def compile_kernel(
         num_stages=stages or base.num_stages,
     )
     tile = max(16, block_m(tokens)) if config.style == "tiles" and tokens > 1 else block_m(tokens)
-    kernel = {"bytes": _kernel, "words": _words_kernel, "tiles": _tiles_kernel}[config.style]()
+    kernel = _kernel() if config.style == "bytes" else _words_kernel()
     names = list(kernel.arg_names)
     codes = "indices_ptr" if config.style == "bytes" else "words_ptr"
     signature = {name: "i32" for name in names}
@@ -79,7 +88,7 @@ def compile_kernel(
     if config.style == "bytes":
         constants["BLOCK_KH"] = config.block_kh
     else:
-        constants.update(BLOCK_W=config.block_kh // 16, EVEN=even)
+        constants.update(BLOCK_W=config.block_kh // 16, EVEN=even, EXPAND=config.style == "tiles")
     for name in constants:
         signature[name] = "constexpr"
     # The JIT marks pointer and integer arguments divisible by 16 (LLaMA-size layers: all of them but M).

@@ -343,8 +343,8 @@ def test_the_bound_call_repeats_the_dispatch_and_declines_what_it_would_not_deci
     bound = layer.__dict__[packing._FAST]
     layer.__dict__[packing._FAST] = (bound[0], lambda x: calls.append(x) or bound[1](x), bound[2])
     assert torch.equal(layer(x), first) and len(calls) == 1 and layer.last_path == cpu.KERNEL_NAME
-    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(1x20 and 100x67\)"):
-        layer(torch.randn(1, 20))  # the wrong width: declined, so the reference's error, as for an unbound layer
+    with pytest.raises(ValueError, match=r"width 20 .*in_features = 100"):
+        layer(torch.randn(1, 20))  # the wrong width: declined, so the reference path's error, as for an unbound layer
     key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
     kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
     try:

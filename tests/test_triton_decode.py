@@ -195,8 +195,11 @@ def test_speed_sweep_lists_the_triton_path_and_says_why_not_here() -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("style", ["bytes", "words", "tiles"])
 @pytest.mark.parametrize(("dtype", "tokens", "split_k", "bias"), [("bf16", 1, 1, False), ("fp16", 16, 2, True)])
-def test_kernel_compiles_for_hopper_without_a_gpu(dtype: str, tokens: int, split_k: bool, bias: bool) -> None:
+def test_kernel_compiles_for_hopper_without_a_gpu(
+    style: str, dtype: str, tokens: int, split_k: int, bias: bool
+) -> None:
     """Triton's ahead-of-time path (ptxas from Triton's wheel) catches what the interpreter cannot: code the GPU
     compiler rejects, and register spills (local memory)."""
     if os.environ.get("TRITON_INTERPRET"):
@@ -204,7 +207,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype: str, tokens: int, split
     sys.path.insert(0, str(REPO_ROOT))
     from benchmarks.triton_aot import compile_kernel
 
-    result = compile_kernel(arch=90, dtype=dtype, tokens=tokens, split_k=split_k, bias=bias)
+    result = compile_kernel(arch=90, dtype=dtype, tokens=tokens, style=style, split_k=split_k, bias=bias)
     assert result["global_loads"], result
     assert result.get("local_bytes", 0) == 0 and result.get("stack_bytes", 0) == 0, result
 

@@ -51,11 +51,54 @@ INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter computes 
 # --- The kernel ----------------------------------------------------------------------------------------------
 
 
+store_rows: Any = None  # the jitted helper below, set on first use: the kernels call it by this global name
+
+
+@functools.cache
+def _store_rows() -> Any:
+    """The kernels' common end, a jitted helper (inlined by Triton): y [BN, BM] fp32 plus the bias (added once, by
+    the first split) written to out [M, N] at (tokens, rows): a store in out's dtype, or an atomic add into the
+    fp32 buffer when the row is split (SPLIT_K > 1). Kernels reach it as the module global ``store_rows`` (Triton
+    resolves a kernel's callees among its globals, also in the interpreter), which this sets."""
+    global store_rows  # noqa: PLW0603 (Triton resolves callees among the kernel's globals)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _store(  # type: ignore[no-untyped-def]  # noqa: PLR0917
+        y,
+        pid_k,
+        rows,
+        row_ok,
+        tokens,
+        token_ok,
+        bias_ptr,
+        out_ptr,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BN]
+            y += tl.where(pid_k == 0, bias, 0.0)[:, None]
+        out = out_ptr + tokens[None, :] * stride_om + rows[:, None]  # [BN, BM]
+        out_mask = row_ok[:, None] & token_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out, y, mask=out_mask)
+
+    store_rows = _store
+    return _store
+
+
 @functools.cache
 def _kernel() -> Any:
     """The jitted kernel, built on first use so that importing this module never imports Triton."""
     import triton
     import triton.language as tl
+
+    _store_rows()  # defines the global store_rows that the kernel calls
 
     @triton.jit
     def packed24_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917 (Triton kernels take flat arguments)
@@ -117,30 +160,33 @@ def _kernel() -> Any:
             y = tl.sum(acc, axis=1)[:, None]  # [BN, 1]
         else:
             y = tl.sum(acc, axis=1)  # [BN, BM]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BN]
-            y += tl.where(pid_k == 0, bias, 0.0)[:, None]  # added once, by the first split
-        out = out_ptr + tokens[None, :] * stride_om + rows[:, None]  # [BN, BM]
-        out_mask = row_ok[:, None] & token_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.atomic_add(out, y, mask=out_mask)
+        store_rows(y, pid_k, rows, row_ok, tokens, token_ok, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT_K)
 
     return packed24_kernel
 
 
 @functools.cache
 def _words_kernel() -> Any:
-    """The ``words`` style: the codes read as int32 words (16 codes each, one load per 16 kept values instead of
-    one byte gather per value), tiles shaped [BLOCK_N, BLOCK_W, 16] (word-aligned, so value loads are 16-byte
-    vectors), and no masks at all when the launch divides the layer evenly (``EVEN``)."""
+    """The kernel of the word-aligned styles (in_features % 32 == 0). The codes are read as int32 words (16 codes
+    each: one load per 16 kept values instead of one byte gather per value) beside tiles of values shaped
+    [BLOCK_N, BLOCK_W, 16] (word-aligned, so the value loads are 16-byte vectors), and nothing is masked when the
+    launch divides the layer evenly (``EVEN``). Then, by ``EXPAND``:
+
+    * ``words`` (False): x gathered at each kept value's input, one FMA per kept value and token (CUDA cores);
+    * ``tiles`` (True): each [BLOCK_N, 32·BLOCK_W] tile of the weight expanded in registers (a kept value lands
+      where its code says, zeros elsewhere), then multiplied with x: for several tokens on the tensor cores
+      (``tl.dot`` with a [32·BLOCK_W, BLOCK_M] tile of x, BLOCK_M >= 16, zero-padded), for one token by FMAs with
+      x read as contiguous vectors (no gather, twice the FMAs of the kept values).
+
+    Either way the memory traffic is the packed bytes."""
     import triton
     import triton.language as tl
 
+    _store_rows()  # defines the global store_rows that the kernel calls
+
     @triton.jit
     def packed24_words_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
-        x_ptr,  # [M, K] (BLOCK_M == 1: any stride) or BLOCK_M tokens stored [K, BLOCK_M]
+        x_ptr,  # [M, K] (BLOCK_M == 1: any stride) or BLOCK_M tokens stored [K, BLOCK_M] (zero-padded)
         values_ptr,  # [N, KH] kept values, row-major
         words_ptr,  # [N, KH / 16] int32: 16 two-bit codes per word, first in the low bits
         bias_ptr,  # [N]
@@ -156,6 +202,7 @@ def _words_kernel() -> Any:
         HAS_BIAS: tl.constexpr,
         SPLIT_K: tl.constexpr,
         EVEN: tl.constexpr,  # N % BLOCK_N == 0 and W % (BLOCK_W * SPLIT_K) == 0: no masks
+        EXPAND: tl.constexpr,  # the tiles style
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_W: tl.constexpr,
@@ -168,14 +215,18 @@ def _words_kernel() -> Any:
         tokens = tl.arange(0, BLOCK_M)  # [BM]
         token_ok = tokens < M
         j = tl.arange(0, 16)  # kept value inside its word
-        shift = (2 * j)[None, None, :]  # [1, 1, 16]
-        group = ((j // 2) * 4)[None, None, :]  # [1, 1, 16] first input of the value's group, inside the word
+        g = tl.arange(0, 8)  # group inside the word
+        position = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4] input inside the group
         chunks = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT_K)
         w_begin = pid_k * chunks * BLOCK_W
         w_end = tl.minimum(w_begin + chunks * BLOCK_W, W)
         value_rows = values_ptr + rows64[:, None, None] * stride_vn  # [BN, 1, 1]
         word_rows = words_ptr + rows64[:, None] * stride_wn  # [BN, 1]
-        if BLOCK_M == 1:
+        if EXPAND and BLOCK_M == 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_W * 32], dtype=tl.float32)
+        elif EXPAND:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        elif BLOCK_M == 1:
             acc = tl.zeros([BLOCK_N, BLOCK_W, 16], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_W, 16, BLOCK_M], dtype=tl.float32)
@@ -189,136 +240,58 @@ def _words_kernel() -> Any:
                 mask2 = row_ok[:, None] & (w < w_end)[None, :]  # [BN, BW]
                 word = tl.load(word_rows + w[None, :], mask=mask2, other=0)
                 vals = tl.load(value_rows + value_offsets, mask=mask2[:, :, None], other=0.0)
-            code = (word[:, :, None] >> shift) & 3  # [BN, BW, 16]
-            col = (w * 32)[None, :, None] + group + code  # [BN, BW, 16] input position
-            if BLOCK_M == 1:
-                if EVEN:
-                    xv = tl.load(x_ptr + col * stride_xk)
-                else:
-                    xv = tl.load(x_ptr + col * stride_xk, mask=mask2[:, :, None], other=0.0)
-                acc += vals.to(tl.float32) * xv.to(tl.float32)  # [BN, BW, 16]
-            else:
-                x_offsets = col[:, :, :, None] * stride_xk + tokens[None, None, None, :] * stride_xm
-                if EVEN:
-                    xv = tl.load(x_ptr + x_offsets)  # [BN, BW, 16, BM]
-                else:
-                    xv = tl.load(x_ptr + x_offsets, mask=mask2[:, :, None, None], other=0.0)
-                acc += vals.to(tl.float32)[:, :, :, None] * xv.to(tl.float32)
-        if BLOCK_M == 1:  # noqa: SIM108
-            y = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BN, 1]
-        else:
-            y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN, BM]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BN]
-            y += tl.where(pid_k == 0, bias, 0.0)[:, None]
-        out = out_ptr + tokens[None, :] * stride_om + rows[:, None]  # [BN, BM]
-        out_mask = row_ok[:, None] & token_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.atomic_add(out, y, mask=out_mask)
-
-    return packed24_words_kernel
-
-
-@functools.cache
-def _tiles_kernel() -> Any:
-    """The ``tiles`` style: each [BLOCK_N, 32·BLOCK_W] tile of the weight is expanded from the packed form in
-    registers (a kept value lands where its code says, zeros elsewhere), then multiplied with x: for several
-    tokens on the tensor cores (``tl.dot`` with a [32·BLOCK_W, BLOCK_M] tile of x, BLOCK_M >= 16, zero-padded),
-    for one token by FMAs with x read as contiguous vectors (no gather, twice the FMAs of the kept values). The
-    memory traffic is still the packed bytes."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def packed24_tiles_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
-        x_ptr,  # BLOCK_M tokens stored [K, BLOCK_M] (zero-padded)
-        values_ptr,  # [N, KH]
-        words_ptr,  # [N, KH / 16] int32
-        bias_ptr,  # [N]
-        out_ptr,  # [M, N]
-        M,
-        N,
-        W,
-        stride_xm,
-        stride_xk,
-        stride_vn,
-        stride_wn,
-        stride_om,
-        HAS_BIAS: tl.constexpr,
-        SPLIT_K: tl.constexpr,
-        EVEN: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_W: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        row_ok = rows < N
-        rows64 = rows.to(tl.int64)
-        tokens = tl.arange(0, BLOCK_M)  # [BM]
-        token_ok = tokens < M
-        g = tl.arange(0, 8)  # group inside the word
-        position = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4] input inside the group
-        chunks = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT_K)
-        w_begin = pid_k * chunks * BLOCK_W
-        w_end = tl.minimum(w_begin + chunks * BLOCK_W, W)
-        value_rows = values_ptr + rows64[:, None, None] * stride_vn  # [BN, 1, 1]
-        word_rows = words_ptr + rows64[:, None] * stride_wn  # [BN, 1]
-        if BLOCK_M == 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_W * 32], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for chunk in range(0, chunks):
-            w = w_begin + chunk * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW]
-            value_offsets = (w * 16)[None, :, None] + tl.arange(0, 16)[None, None, :]  # [1, BW, 16]
-            k = (w_begin + chunk * BLOCK_W) * 32 + tl.arange(0, BLOCK_W * 32)  # [BK] inputs of this chunk
-            if BLOCK_M == 1:  # noqa: SIM108 (a static branch of the kernel)
-                x_offsets = k[None, :] * stride_xk  # [1, BK]
-            else:
-                x_offsets = k[:, None] * stride_xk + tokens[None, :] * stride_xm  # [BK, BM]
-            if EVEN:
-                word = tl.load(word_rows + w[None, :])  # [BN, BW]
-                vals = tl.load(value_rows + value_offsets)  # [BN, BW, 16]
-                xt = tl.load(x_ptr + x_offsets)  # [1, BK] or [BK, BM]
-            else:
-                mask2 = row_ok[:, None] & (w < w_end)[None, :]  # [BN, BW]
-                word = tl.load(word_rows + w[None, :], mask=mask2, other=0)
-                vals = tl.load(value_rows + value_offsets, mask=mask2[:, :, None], other=0.0)
+            if EXPAND:
+                k = (w_begin + chunk * BLOCK_W) * 32 + tl.arange(0, BLOCK_W * 32)  # [BK] inputs of this chunk
                 if BLOCK_M == 1:
+                    x_offsets = k[None, :] * stride_xk  # [1, BK]
+                else:
+                    x_offsets = k[:, None] * stride_xk + tokens[None, :] * stride_xm  # [BK, BM]
+                if EVEN:
+                    xt = tl.load(x_ptr + x_offsets)  # [1, BK] or [BK, BM]
+                elif BLOCK_M == 1:
                     xt = tl.load(x_ptr + x_offsets, mask=(k < w_end * 32)[None, :], other=0.0)
                 else:
                     xt = tl.load(x_ptr + x_offsets, mask=(k < w_end * 32)[:, None], other=0.0)
-            v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_W, 8, 2)))  # [BN, BW, 8] each
-            c0 = (word[:, :, None] >> (4 * g)[None, None, :]) & 3  # [BN, BW, 8]
-            c1 = (word[:, :, None] >> (4 * g + 2)[None, None, :]) & 3
-            dense = tl.where(
-                c0[:, :, :, None] == position,
-                v0[:, :, :, None],
-                tl.where(c1[:, :, :, None] == position, v1[:, :, :, None], 0.0),
-            )  # [BN, BW, 8, 4]
-            tile = tl.reshape(dense, (BLOCK_N, BLOCK_W * 32))  # [BN, BK] the dense weight tile
-            if BLOCK_M == 1:  # one token: FMAs on the CUDA cores, x read as contiguous vectors (no gather)
-                acc += tile.to(tl.float32) * xt.to(tl.float32)  # [BN, BK]
+                v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_W, 8, 2)))  # [BN, BW, 8] each
+                c0 = (word[:, :, None] >> (4 * g)[None, None, :]) & 3  # [BN, BW, 8]
+                c1 = (word[:, :, None] >> (4 * g + 2)[None, None, :]) & 3
+                dense = tl.where(
+                    c0[:, :, :, None] == position,
+                    v0[:, :, :, None],
+                    tl.where(c1[:, :, :, None] == position, v1[:, :, :, None], 0.0),
+                )  # [BN, BW, 8, 4]
+                tile = tl.reshape(dense, (BLOCK_N, BLOCK_W * 32))  # [BN, BK] the dense weight tile
+                if BLOCK_M == 1:  # one token: FMAs on the CUDA cores, x read as contiguous vectors (no gather)
+                    acc += tile.to(tl.float32) * xt.to(tl.float32)  # [BN, BK]
+                else:
+                    acc = tl.dot(tile.to(xt.dtype), xt, acc)  # [BN, BM]
             else:
-                acc = tl.dot(tile.to(xt.dtype), xt, acc)  # [BN, BM]
-        if BLOCK_M == 1:  # noqa: SIM108
+                code = (word[:, :, None] >> (2 * j)[None, None, :]) & 3  # [BN, BW, 16]
+                col = (w * 32)[None, :, None] + ((j // 2) * 4)[None, None, :] + code  # [BN, BW, 16] input position
+                if BLOCK_M == 1:
+                    if EVEN:
+                        xv = tl.load(x_ptr + col * stride_xk)
+                    else:
+                        xv = tl.load(x_ptr + col * stride_xk, mask=mask2[:, :, None], other=0.0)
+                    acc += vals.to(tl.float32) * xv.to(tl.float32)  # [BN, BW, 16]
+                else:
+                    x_offsets = col[:, :, :, None] * stride_xk + tokens[None, None, None, :] * stride_xm
+                    if EVEN:
+                        xv = tl.load(x_ptr + x_offsets)  # [BN, BW, 16, BM]
+                    else:
+                        xv = tl.load(x_ptr + x_offsets, mask=mask2[:, :, None, None], other=0.0)
+                    acc += vals.to(tl.float32)[:, :, :, None] * xv.to(tl.float32)
+        if EXPAND and BLOCK_M == 1:
             y = tl.sum(acc, axis=1)[:, None]  # [BN, 1]
+        elif EXPAND:
+            y = acc  # [BN, BM]
+        elif BLOCK_M == 1:
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BN, 1]
         else:
-            y = acc
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BN]
-            y += tl.where(pid_k == 0, bias, 0.0)[:, None]
-        out = out_ptr + tokens[None, :] * stride_om + rows[:, None]  # [BN, BM]
-        out_mask = row_ok[:, None] & token_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.atomic_add(out, y, mask=out_mask)
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN, BM]
+        store_rows(y, pid_k, rows, row_ok, tokens, token_ok, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT_K)
 
-    return packed24_tiles_kernel
+    return packed24_words_kernel
 
 
 # --- Configurations ------------------------------------------------------------------------------------------
@@ -482,10 +455,10 @@ def packed24_linear(
             kernel, codes, width, block = _kernel(), indices, kept, {"BLOCK_KH": config.block_kh}
         else:
             words = kept // 16
-            kernel = _words_kernel() if config.style == "words" else _tiles_kernel()
+            kernel = _words_kernel()
             codes, width = indices.view(torch.int32), words  # [N, KH/16]: 16 codes per word
             even = rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0
-            block = {"BLOCK_W": config.block_kh // 16, "EVEN": even}
+            block = {"BLOCK_W": config.block_kh // 16, "EVEN": even, "EXPAND": config.style == "tiles"}
         kernel[grid](
             x2,
             values,
