@@ -60,7 +60,8 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
 
 
 def non_contiguous() -> float:
-    """x a strided view [2, 3, K] (every other column of a wider tensor): the kernel follows the strides."""
+    """x a strided view [2, 3, K] (every other column of a wider tensor): the kernel follows the strides; and codes
+    at an odd byte offset."""
     generator = torch.Generator().manual_seed(1)
     dense = random_24(20, 40, torch.float32, "cpu", generator)  # [20, 40]
     packed = pack_nm(dense)
@@ -73,6 +74,18 @@ def non_contiguous() -> float:
     torch.testing.assert_close(
         packed24_linear(single, packed.values, packed.indices).double(), reference[0, 0], rtol=1e-5, atol=1e-5
     )
+    # Codes that are a view at an odd byte offset of a larger buffer (as a memory-mapped file can hand them over):
+    # the word-aligned styles read them as int32 words, which need 4-byte alignment, so the launcher copies them.
+    dense64 = random_24(12, 64, torch.float32, "cpu", generator)  # [12, 64]
+    packed64 = pack_nm(dense64)
+    buffer = torch.cat([torch.zeros(1, dtype=torch.uint8), packed64.indices.flatten()])
+    codes = buffer[1:].view(packed64.indices.shape)  # storage offset 1
+    x64 = torch.randn(3, 64, generator=generator)
+    for style in ("words", "tiles"):
+        y64 = packed24_linear(x64, packed64.values, codes, config=Config(16, 32, style=style))
+        torch.testing.assert_close(
+            y64.double(), torch.nn.functional.linear(x64.double(), dense64.double()), rtol=1e-5, atol=1e-5
+        )
     return float((y.double() - reference).norm() / reference.norm())
 
 

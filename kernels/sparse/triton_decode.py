@@ -456,6 +456,8 @@ def packed24_linear(
         else:
             words = kept // 16
             kernel = _words_kernel()
+            if indices.storage_offset() % 4:  # a view into a larger buffer: int32 words need 4-byte alignment
+                indices = indices.clone()
             codes, width = indices.view(torch.int32), words  # [N, KH/16]: 16 codes per word
             even = rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0
             block = {"BLOCK_W": config.block_kh // 16, "EVEN": even, "EXPAND": config.style == "tiles"}
