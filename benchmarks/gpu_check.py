@@ -963,6 +963,10 @@ def main() -> None:
         ("prune_cuda", 40, lambda: prune_cuda(device, smoke)),
         ("speed_smollm2", 100, lambda: speed_smollm2(device, smoke)),
     ]
+    unknown = only - {name for name, _, _ in sections}
+    if unknown:
+        names = ", ".join(name for name, _, _ in sections)
+        parser.error(f"--only: no section {', '.join(sorted(unknown))}; the sections: {names}")
     for name, needs, section in sections:
         if only and name not in only:
             continue

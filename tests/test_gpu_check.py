@@ -165,3 +165,17 @@ def test_shell_wrapper_runs_the_check_and_keeps_its_log(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["sections"]["environment"]["status"] == "ok"
     assert "environment: ok" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_an_unknown_section_is_refused_with_the_list(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--smoke", "--only", "kernel_chek"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "no section kernel_chek" in done.stderr and "kernel_check" in done.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
