@@ -243,7 +243,8 @@ def kernel_check(device: torch.device, smoke: bool) -> dict[str, Any]:
     configs = [
         Config(4, 16, 3), Config(8, 64, 4), Config(2, 128, num_warps=2), Config(16, 256, 2, 8, 3),
         Config(4, 64, 3, style="words"), Config(8, 32, 1, 8, 3, style="words"), Config(16, 64, 2, style="tiles"),
-        Config(32, 128, 1, 4, 3, style="tiles"),
+        Config(32, 128, 1, 4, 3, style="tiles"), Config(8, 256, 1, 8, style="words", prefetch=True),
+        Config(32, 128, 2, 4, 3, style="tiles", prefetch=True),
     ]  # fmt: skip
     # (shapes, dtypes, token counts, bias): every shape at the tiles 1, 4 and 16; every tile on one shape; odd
     # shapes with bias. Few distinct specializations: each costs a compile (about a second).
@@ -504,34 +505,47 @@ def kernel_timing(device: torch.device, smoke: bool, l2_bytes: int) -> dict[str,
 
 # Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
 CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
-    1: [("bytes", 4, 512, 4, 2), ("bytes", 4, 512, 8, 2),
-        ("words", 4, 512, 4, 2), ("words", 4, 512, 8, 2), ("words", 1, 512, 4, 2), ("words", 1, 1024, 4, 2),
-        ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 1024, 8, 2),
-        ("words", 8, 256, 4, 2), ("words", 8, 512, 8, 2), ("words", 16, 256, 8, 2), ("words", 2, 2048, 8, 2),
-        ("words", 4, 512, 4, 3), ("words", 4, 512, 8, 1), ("words", 2, 1024, 8, 3), ("words", 8, 512, 8, 3),
-        ("words", 64, 32, 4, 3), ("words", 32, 64, 4, 3), ("words", 128, 16, 4, 4), ("words", 64, 16, 4, 4),
-        ("words", 16, 64, 4, 3), ("words", 8, 1024, 8, 2), ("words", 16, 512, 8, 2),
-        ("tiles", 2, 512, 4, 2), ("tiles", 4, 256, 4, 2), ("tiles", 4, 512, 8, 2), ("tiles", 8, 256, 8, 2),
-        ("tiles", 8, 128, 4, 3), ("tiles", 16, 64, 4, 2), ("tiles", 16, 128, 8, 2), ("tiles", 32, 64, 8, 3)],
-    2: [("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2), ("words", 2, 512, 4, 2),
-        ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2), ("tiles", 16, 128, 4, 2)],
-    4: [("bytes", 4, 128, 4, 2), ("words", 4, 128, 4, 2), ("words", 4, 256, 8, 2), ("words", 8, 128, 8, 2),
-        ("words", 2, 256, 4, 2), ("words", 8, 64, 4, 2), ("words", 16, 64, 8, 2),
-        ("tiles", 16, 64, 4, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2), ("tiles", 32, 128, 4, 2),
-        ("tiles", 64, 128, 8, 2), ("tiles", 128, 64, 8, 2), ("tiles", 16, 128, 4, 2), ("tiles", 64, 32, 4, 2),
-        ("tiles", 32, 128, 4, 3), ("tiles", 64, 64, 4, 3)],
-    8: [("words", 4, 64, 4, 2), ("words", 4, 128, 8, 2), ("words", 8, 64, 8, 2), ("words", 2, 128, 4, 2),
-        ("tiles", 16, 64, 4, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2), ("tiles", 32, 128, 4, 3),
-        ("tiles", 64, 128, 8, 2)],
-    16: [("bytes", 4, 32, 4, 2), ("words", 2, 64, 4, 2), ("words", 4, 64, 8, 2), ("words", 4, 32, 4, 2),
+    1: [("bytes", 4, 512, 4, 2), ("bytes", 4, 512, 8, 2), ("words", 4, 512, 4, 2), ("words", 4, 512, 8, 2),
+        ("words", 1, 512, 4, 2), ("words", 1, 1024, 4, 2), ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2),
+        ("words", 4, 256, 4, 2), ("words", 4, 1024, 8, 2), ("words", 8, 256, 4, 2), ("words", 8, 512, 8, 2),
+        ("words", 16, 256, 8, 2), ("words", 2, 2048, 8, 2), ("words", 4, 512, 4, 3), ("words", 4, 512, 8, 1),
+        ("words", 2, 1024, 8, 3), ("words", 8, 512, 8, 3), ("words", 64, 32, 4, 3), ("words", 32, 64, 4, 3),
+        ("words", 128, 16, 4, 4), ("words", 64, 16, 4, 4), ("words", 16, 64, 4, 3), ("words", 8, 1024, 8, 2),
+        ("words", 16, 512, 8, 2), ("words+prefetch", 8, 512, 8, 2), ("words+prefetch", 4, 512, 4, 2),
+        ("words+prefetch", 8, 256, 8, 2), ("words+prefetch", 16, 256, 8, 2), ("words+prefetch", 4, 1024, 8, 2),
+        ("words+prefetch", 8, 512, 4, 2), ("tiles", 2, 512, 4, 2), ("tiles", 4, 256, 4, 2), ("tiles", 4, 512, 8, 2),
+        ("tiles", 8, 256, 8, 2), ("tiles", 8, 128, 4, 3), ("tiles", 16, 64, 4, 2), ("tiles", 16, 128, 8, 2),
+        ("tiles", 32, 64, 8, 3)],
+    2: [("words+prefetch", 8, 256, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2),
+        ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
+        ("tiles", 16, 128, 4, 2)],
+    4: [("words+prefetch", 8, 128, 8, 2), ("tiles+prefetch", 32, 128, 4, 3), ("bytes", 4, 128, 4, 2),
+        ("words", 4, 128, 4, 2), ("words", 4, 256, 8, 2), ("words", 8, 128, 8, 2), ("words", 2, 256, 4, 2),
+        ("words", 8, 64, 4, 2), ("words", 16, 64, 8, 2), ("tiles", 16, 64, 4, 2), ("tiles", 32, 64, 4, 2),
+        ("tiles", 64, 64, 4, 2), ("tiles", 32, 128, 4, 2), ("tiles", 64, 128, 8, 2), ("tiles", 128, 64, 8, 2),
+        ("tiles", 16, 128, 4, 2), ("tiles", 64, 32, 4, 2), ("tiles", 32, 128, 4, 3), ("tiles", 64, 64, 4, 3)],
+    8: [("tiles+prefetch", 32, 128, 4, 3), ("tiles+prefetch", 64, 64, 4, 2), ("words", 4, 64, 4, 2),
+        ("words", 4, 128, 8, 2), ("words", 8, 64, 8, 2), ("words", 2, 128, 4, 2), ("tiles", 16, 64, 4, 2),
+        ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2), ("tiles", 32, 128, 4, 3), ("tiles", 64, 128, 8, 2)],
+    16: [("tiles+prefetch", 32, 128, 4, 3), ("tiles+prefetch", 64, 64, 4, 2), ("tiles+prefetch", 32, 128, 4, 2),
+         ("bytes", 4, 32, 4, 2), ("words", 2, 64, 4, 2), ("words", 4, 64, 8, 2), ("words", 4, 32, 4, 2),
          ("words", 8, 32, 8, 2), ("tiles", 16, 64, 4, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
          ("tiles", 32, 128, 4, 2), ("tiles", 64, 128, 8, 2), ("tiles", 128, 64, 8, 2), ("tiles", 16, 128, 4, 2),
          ("tiles", 64, 32, 4, 2), ("tiles", 32, 128, 4, 3), ("tiles", 64, 64, 4, 3), ("tiles", 64, 128, 4, 3)],
 }  # fmt: skip
 SMOKE_CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
-    1: [("bytes", 4, 32, 4, 2), ("words", 4, 32, 4, 2), ("tiles", 4, 32, 4, 2)],
-    16: [("words", 4, 16, 4, 2), ("tiles", 16, 32, 4, 2)],
+    1: [("bytes", 4, 32, 4, 2), ("words", 4, 32, 4, 2), ("words+prefetch", 4, 32, 4, 2), ("tiles", 4, 32, 4, 2)],
+    16: [("words", 4, 16, 4, 2), ("tiles", 16, 32, 4, 2), ("tiles+prefetch", 16, 32, 4, 2)],
 }
+
+
+def _candidate(option: tuple[str, int, int, int, int]) -> Any:
+    """A :data:`CANDIDATES` entry as the kernel's Config ("words+prefetch": the words style with the prefetch)."""
+    from secateurs.kernels.sparse.triton_decode import Config
+
+    style, block_n, block_kh, warps, stages = option
+    base, _, extra = style.partition("+")
+    return Config(block_n, block_kh, 1, warps, stages, base, prefetch=extra == "prefetch")
 
 
 def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: float) -> dict[str, Any]:
@@ -540,13 +554,7 @@ def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: f
     geometric mean over the shapes of its time over the fastest candidate's) into the kernel's table for the rest
     of this process (:func:`~secateurs.kernels.sparse.triton_decode.set_table`), and returns both: the data to
     write the committed table from."""
-    from secateurs.kernels.sparse.triton_decode import (
-        Config,
-        packed24_linear,
-        set_table,
-        table,
-        with_split,
-    )
+    from secateurs.kernels.sparse.triton_decode import packed24_linear, set_table, table, with_split
 
     started = time.monotonic()
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -562,8 +570,7 @@ def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: f
             xs = layer.inputs(tile, len(layer.dense))
             timed = []
             for option in options:
-                style, block_n, block_kh, warps, stages = option
-                config = with_split(Config(block_n, block_kh, 1, warps, stages, style), shape[0], shape[1] // 2, sms)
+                config = with_split(_candidate(option), shape[0], shape[1] // 2, sms)
                 if time.monotonic() - started > budget_s:
                     timed.append({"config": str(config), "status": "skipped: out of time"})
                     scores[option].append(math.inf)
@@ -602,8 +609,7 @@ def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: f
 
         option, times = min(scores.items(), key=lambda item: score(item[1]))
         if math.isfinite(score(times)):
-            style, block_n, block_kh, warps, stages = option
-            chosen[tile] = Config(block_n, block_kh, 1, warps, stages, style)
+            chosen[tile] = _candidate(option)
             say(f"  tile {tile}: chosen {chosen[tile]} ({score(times):.3f}x the fastest per shape, geometric mean)")
     for tile in (2, 8):  # tiles without candidates of their own follow their neighbour
         if tile not in chosen and tile // 2 in chosen and chosen[tile // 2].style == "tiles":

@@ -38,6 +38,7 @@ def compile_kernel(
     stages: int | None = None,
     bias: bool = False,
     even: bool = True,
+    prefetch: bool = False,
 ) -> dict[str, Any]:
     """Compile one specialization and return its resource use and global-load widths (``dtype``: bf16/fp16).
 
@@ -70,6 +71,7 @@ def compile_kernel(
         split_k=split_k,
         num_warps=warps or base.num_warps,
         num_stages=stages or base.num_stages,
+        prefetch=prefetch,
     )
     tile = max(16, block_m(tokens)) if config.style == "tiles" and tokens > 1 else block_m(tokens)
     kernel = _kernel() if config.style == "bytes" else _words_kernel()
@@ -88,7 +90,9 @@ def compile_kernel(
     if config.style == "bytes":
         constants["BLOCK_KH"] = config.block_kh
     else:
-        constants.update(BLOCK_W=config.block_kh // 16, EVEN=even, EXPAND=config.style == "tiles")
+        constants.update(
+            BLOCK_W=config.block_kh // 16, EVEN=even, EXPAND=config.style == "tiles", PREFETCH=config.prefetch
+        )
     for name in constants:
         signature[name] = "constexpr"
     # The JIT marks pointer and integer arguments divisible by 16 (LLaMA-size layers: all of them but M).
@@ -159,6 +163,7 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=None)
     parser.add_argument("--stages", type=int, default=None)
     parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--prefetch", action="store_true", help="words/tiles: load the next chunk ahead")
     args = parser.parse_args()
     for tokens in args.tokens:
         result = compile_kernel(
@@ -172,6 +177,7 @@ def main() -> None:
             warps=args.warps,
             stages=args.stages,
             bias=args.bias,
+            prefetch=args.prefetch,
         )
         print(json.dumps(result))
 

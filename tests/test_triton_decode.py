@@ -120,6 +120,9 @@ def test_layers_without_whole_code_words_take_the_bytes_style() -> None:
         Config(4, 24, style="words")
     with pytest.raises(ValueError, match="style 'dot'"):
         Config(4, 32, style="dot")
+    with pytest.raises(ValueError, match="prefetch is a words/tiles option"):
+        Config(4, 32, prefetch=True)
+    assert str(Config(8, 512, num_warps=8, style="words", prefetch=True)).startswith("words+prefetch BLOCK_N=8")
 
 
 def test_a_tuning_run_replaces_table_entries() -> None:

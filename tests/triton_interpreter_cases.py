@@ -24,8 +24,8 @@ SHAPES = ((37, 72), (8, 24), (130, 200), (37, 64), (130, 320))
 TOKENS = (1, 3, 16)
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # The table's own choice; a small chunk (several chunks per row, the last one ragged); split-K over 3 programs
-# (a split with fewer chunks than the others, and atomics); the words and tiles styles likewise, on word-aligned
-# shapes (an even launch, no masks, on 64 x 1024: the EVEN path).
+# (a split with fewer chunks than the others, and atomics); the words and tiles styles likewise, with and without
+# the prefetch of the next chunk, on word-aligned shapes (an even launch, no masks, on 64 x 1024: the EVEN path).
 CONFIGS = {
     "table": None,
     "small": Config(block_n=4, block_kh=16),
@@ -34,6 +34,8 @@ CONFIGS = {
     "words_split3": Config(block_n=8, block_kh=16, split_k=3, style="words"),
     "tiles": Config(block_n=16, block_kh=32, style="tiles"),
     "tiles_split3": Config(block_n=16, block_kh=64, split_k=3, style="tiles"),
+    "words_prefetch_split3": Config(block_n=8, block_kh=16, split_k=3, style="words", prefetch=True),
+    "tiles_prefetch": Config(block_n=16, block_kh=32, style="tiles", prefetch=True),
 }
 EVEN_SHAPE = (64, 1024)  # rows % 16 == 0, words per row (32) a multiple of every chunk above
 

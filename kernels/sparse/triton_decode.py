@@ -203,6 +203,7 @@ def _words_kernel() -> Any:
         SPLIT_K: tl.constexpr,
         EVEN: tl.constexpr,  # N % BLOCK_N == 0 and W % (BLOCK_W * SPLIT_K) == 0: no masks
         EXPAND: tl.constexpr,  # the tiles style
+        PREFETCH: tl.constexpr,  # load the next chunk's codes and values before computing this one's
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_W: tl.constexpr,
@@ -230,14 +231,29 @@ def _words_kernel() -> Any:
             acc = tl.zeros([BLOCK_N, BLOCK_W, 16], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_W, 16, BLOCK_M], dtype=tl.float32)
+        if PREFETCH:  # the first chunk, loaded before the loop (each iteration then loads the next one)
+            w_ahead = w_begin + tl.arange(0, BLOCK_W)  # [BW]
+            ahead = row_ok[:, None] & (w_ahead < w_end)[None, :]  # [BN, BW]: constant along the 16 values
+            word_next = tl.load(word_rows + w_ahead[None, :], mask=ahead, other=0)
+            vals_next = tl.load(
+                value_rows + ((w_ahead * 16)[None, :, None] + j[None, None, :]), mask=ahead[:, :, None], other=0.0
+            )
         for chunk in range(0, chunks):
             w = w_begin + chunk * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW] word index in the row
             value_offsets = (w * 16)[None, :, None] + j[None, None, :]  # [1, BW, 16]
-            if EVEN:
+            if not EVEN:
+                mask2 = row_ok[:, None] & (w < w_end)[None, :]  # [BN, BW]
+            if PREFETCH:  # this chunk's codes and values arrived during the last one; ask for the next now
+                word = word_next
+                vals = vals_next
+                w_ahead = w + BLOCK_W
+                ahead = row_ok[:, None] & (w_ahead < w_end)[None, :]
+                word_next = tl.load(word_rows + w_ahead[None, :], mask=ahead, other=0)
+                vals_next = tl.load(value_rows + (value_offsets + BLOCK_W * 16), mask=ahead[:, :, None], other=0.0)
+            elif EVEN:
                 word = tl.load(word_rows + w[None, :])  # [BN, BW]
                 vals = tl.load(value_rows + value_offsets)  # [BN, BW, 16]
             else:
-                mask2 = row_ok[:, None] & (w < w_end)[None, :]  # [BN, BW]
                 word = tl.load(word_rows + w[None, :], mask=mask2, other=0)
                 vals = tl.load(value_rows + value_offsets, mask=mask2[:, :, None], other=0.0)
             if EXPAND:
@@ -314,17 +330,20 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     style: str = "bytes"
+    prefetch: bool = False  # words/tiles: the next chunk's loads issued before this chunk's products
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(f"style {self.style!r}: one of {', '.join(STYLES)}")
+        if self.prefetch and self.style == "bytes":
+            raise ValueError("prefetch is a words/tiles option (the bytes kernel has none)")
         if self.style != "bytes" and self.block_kh % 16:
             raise ValueError(f"the {self.style} style reads whole code words: block_kh % 16 == 0, not {self.block_kh}")
 
     def __str__(self) -> str:
         return (
-            f"{self.style} BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} SPLIT_K={self.split_k} "
-            f"warps={self.num_warps} stages={self.num_stages}"
+            f"{self.style}{'+prefetch' if self.prefetch else ''} BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} "
+            f"SPLIT_K={self.split_k} warps={self.num_warps} stages={self.num_stages}"
         )
 
 
@@ -334,8 +353,8 @@ def block_m(tokens: int) -> int:
 
 
 # Per token tile, for layers whose rows hold whole code words (in_features % 32 == 0: every LLaMA/SmolLM2 layer):
-# the best of 94 candidates timed on an NVIDIA H200 (CUDA graphs, LLaMA-7B's three shapes, bf16; the lowest
-# geometric mean of time over the fastest candidate per shape) by benchmarks/gpu_check.py on 2026-11-29,
+# the best of its candidates (83 in all) timed on an NVIDIA H200 (CUDA graphs, LLaMA-7B's three shapes, bf16; the
+# lowest geometric mean of time over the fastest candidate per shape) by benchmarks/gpu_check.py on 2026-11-29,
 # benchmarks/results/gpu-check-h200-b/gpu_check.json, section kernel_configs. Other GPUs: run that check, whose
 # tuning step replaces this table in its process (set_table) and reports what it chose.
 _TABLE: dict[int, Config] = {
@@ -460,7 +479,12 @@ def packed24_linear(
                 indices = indices.clone()
             codes, width = indices.view(torch.int32), words  # [N, KH/16]: 16 codes per word
             even = rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0
-            block = {"BLOCK_W": config.block_kh // 16, "EVEN": even, "EXPAND": config.style == "tiles"}
+            block = {
+                "BLOCK_W": config.block_kh // 16,
+                "EVEN": even,
+                "EXPAND": config.style == "tiles",
+                "PREFETCH": config.prefetch,
+            }
         kernel[grid](
             x2,
             values,
