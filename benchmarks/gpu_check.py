@@ -611,9 +611,6 @@ def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: f
         if math.isfinite(score(times)):
             chosen[tile] = _candidate(option)
             say(f"  tile {tile}: chosen {chosen[tile]} ({score(times):.3f}x the fastest per shape, geometric mean)")
-    for tile in (2, 8):  # tiles without candidates of their own follow their neighbour
-        if tile not in chosen and tile // 2 in chosen and chosen[tile // 2].style == "tiles":
-            chosen[tile] = chosen[tile // 2]
     set_table(chosen)
     del layers
     return {

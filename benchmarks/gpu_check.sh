@@ -5,8 +5,8 @@
 #
 # The GPU machine has torch, Triton and transformers but not pydantic and its dependencies: when the Python lacks
 # them and .whl/ holds wheels (README "GPU check" says which, and how to download them), they are installed into a
-# private folder first and put on PYTHONPATH with the repository. Ends within about 8 minutes: the Python side keeps to its
-# --budget (420 s), and a hard timeout stops it at 470 s (the JSON then holds every section finished so far).
+# private folder first and put on PYTHONPATH with the repository. Ends within about 8 minutes: the Python side keeps
+# to its --budget (420 s), and a hard timeout stops it at 470 s (the JSON then holds every section finished so far).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [options]}

@@ -52,7 +52,6 @@ def compile_kernel(
 
     from secateurs.kernels.sparse.triton_decode import (
         _BYTES_TABLE,
-        Config,
         _kernel,
         _words_kernel,
         block_m,
@@ -60,9 +59,8 @@ def compile_kernel(
     )
 
     base = table()[block_m(tokens)]
-    if style is not None and style != base.style:  # another style's defaults: the bytes table's, 32 x 128 tiles
-        bytes_base = _BYTES_TABLE[block_m(tokens)]
-        base = bytes_base if style != "tiles" else Config(32, 128, num_stages=3, style="tiles")
+    if style is not None and style != base.style:  # another style's defaults: the bytes table's, or the 16-token
+        base = table()[16] if style == "tiles" else _BYTES_TABLE[block_m(tokens)]  # entry's blocks for tiles
         base = dataclasses.replace(base, style=style, block_kh=max(16, base.block_kh))
     config = dataclasses.replace(
         base,

@@ -55,7 +55,7 @@ store_rows: Any = None  # the jitted helper below, set on first use: the kernels
 
 
 @functools.cache
-def _store_rows() -> Any:
+def _store_rows() -> None:
     """The kernels' common end, a jitted helper (inlined by Triton): y [BN, BM] fp32 plus the bias (added once, by
     the first split) written to out [M, N] at (tokens, rows): a store in out's dtype, or an atomic add into the
     fp32 buffer when the row is split (SPLIT_K > 1). Kernels reach it as the module global ``store_rows`` (Triton
@@ -89,7 +89,6 @@ def _store_rows() -> Any:
             tl.atomic_add(out, y, mask=out_mask)
 
     store_rows = _store
-    return _store
 
 
 @functools.cache
