@@ -119,11 +119,12 @@ def test_the_token_vector_kernel_equals_the_dense_product(
     isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype, token_vectors_from_one: None
 ) -> None:
     """The token-vector kernel (csrc/tokens.h) over token counts that fill a vector, a chunk (64 tokens on AVX2, 128
-    on AVX-512) or spill into the next, rows that are not a register tile or a block of 16, inputs that end in half a
-    code byte (in % 8 == 4) or span several blocks of x, with and without bias, x not contiguous."""
+    on AVX-512) or spill into the next, rows that are not a register tile or a block of 16 or 64 (150: two blocks
+    of 64 and a short one, the next block's prefetch cut at the end), inputs that end in half a code byte
+    (in % 8 == 4) or span several blocks of x, with and without bias, x not contiguous."""
     module = kernel._module()
     assert module.kernel_name(kernel._STATE.isa_index, False, w_dtype == torch.bfloat16, 1) == f"{isa}_tokens"
-    shapes = [(1, 20), (13, 36), (67, 100), (13, 4100), (37, 1540)]
+    shapes = [(1, 20), (13, 36), (67, 100), (150, 68), (13, 4100), (37, 1540)]
     failures = dense_mismatches(shapes, [1, 3, 17, 64, 65, 129, 300], w_dtype, x_dtype)
     assert not failures, "\n".join(failures)
 
@@ -416,9 +417,26 @@ def test_dense_tiles_equal_the_dense_product(
     weight, bias = weight_24((67, 100), w_dtype, 3), torch.randn(67).to(w_dtype)
     packed = pack_nm(weight)
     x = torch.randn(9, 200).to(x_dtype)[:, ::2]
-    for tile_bytes in (1, 10 * 100 * 4, 1 << 20):  # the most tiles (9 rows), 7 tiles of 10 rows, one tile
+    for tile_bytes in (1, 10 * 100 * 4, 1 << 20):  # the most tiles (1 row, or 9 under the cap), 10 rows, one tile
         y = cpu.dense_tiles_product(x, packed.values, packed.indices, bias, dense=dense, tile_bytes=tile_bytes)
         assert y.dtype == x_dtype and mismatch(y, reference(x, weight, bias)) is None, tile_bytes
+
+
+def test_tiles_are_capped_in_number_only_with_threads() -> None:
+    """One thread takes tiles of the asked size however many; more threads at most MAX_TILES (each tile's product is
+    a parallel region that can wait on a descheduled thread), equal tiles in multiples of 16 rows."""
+    row = 4096 * 4  # one fp32 row of 4096 inputs
+    assert kernel.tile_rows(11008, row, 2 << 20, max_tiles=11008) == 128  # 86 tiles of 2 MiB
+    assert kernel.tile_rows(11008, row, 2 << 20, max_tiles=8) == 1376  # 8 tiles of 22 MiB
+    assert kernel.tile_rows(100, row, 1, max_tiles=100) == 1 and kernel.tile_rows(10, row, 1 << 30) == 10
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert kernel.tile_rows(11008, row, 2 << 20) == 128
+        torch.set_num_threads(2)
+        assert kernel.tile_rows(11008, row, 2 << 20) == 1376
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) -> None:

@@ -85,11 +85,15 @@ BLOCK_ROWS = 16  # output rows a thread takes at a time
 # Dense tile of the hand-over. Measured (Xeon, 1 thread, shared machine, best of 8): tiles of 256 KiB and 1 MiB lose
 # 20-50% to dense at 128-512 tokens (per-tile overheads, skinny products); 4 MiB and above are within noise of
 # decompressing the whole weight on SmolLM2's shapes and better than it on 4096x4096 (the tile stays in cache).
-TILE_BYTES = 4 << 20
+# Re-measured on an AMD EPYC Zen 5 (1 thread, quiet, two weight copies alternated, medians of 7; tiles / dense on the
+# LLaMA-7B shapes at 128 and 512 tokens, bf16 and fp32, uncapped tiles of 1 / 2 / 4 / 8 MiB): 2 MiB 0.86-0.98,
+# 4 MiB 0.84-0.97, 8 MiB 0.88-0.95 (1 MiB 0.83-0.99, the widest spread), so 2 MiB since 2026-11-30.
+TILE_BYTES = 2 << 20
 # Each tile's dense product is one parallel region of the dense library when threads > 1, and on a shared 2-vCPU VM
 # any region can stall for milliseconds waiting for a descheduled thread (GUIDE §6). Measured: 11008x4096 fp32,
-# 4 tokens, 2 threads, load average 7: 22 tiles of 4 MiB took 340-580 ms against 77-95 ms on one thread. So a
-# weight is cut into at most this many tiles (LLaMA-7B's 11008x4096 in fp32: 8 tiles of 22.5 MiB, in L3).
+# 4 tokens, 2 threads, load average 7: 22 tiles of 4 MiB took 340-580 ms against 77-95 ms on one thread. So with
+# more than one thread a weight is cut into at most this many tiles (LLaMA-7B's 11008x4096 in fp32: 8 tiles of
+# 22.5 MiB, in L3); one thread has no region to wait for, and takes tiles of TILE_BYTES whatever their number.
 MAX_TILES = 8
 # Token counts the crossover probe may time (within its budget). Up to 256 until 2026-11-29: a kernel that won at 256
 # was never timed above it, and every longer prompt took the tiles (on the Xeon, 2 threads, bf16 4096x4096 at 512
@@ -253,10 +257,13 @@ def _dense_fn(name: str) -> Callable[..., torch.Tensor]:
     return matmul.linear if name == "oneDNN" else F.linear
 
 
-def tile_rows(out: int, row_bytes: int, tile_bytes: int) -> int:
-    """Rows per tile: tiles of about ``tile_bytes`` (at least one row), at most :data:`MAX_TILES` of them, equal in
-    size, a multiple of 16 rows when they are that large (the kernel's row blocks)."""
-    tiles = min(MAX_TILES, max(1, -(-out * row_bytes // max(tile_bytes, 1))))
+def tile_rows(out: int, row_bytes: int, tile_bytes: int, max_tiles: int | None = None) -> int:
+    """Rows per tile: tiles of about ``tile_bytes`` (at least one row), at most ``max_tiles`` of them (None: the
+    :data:`MAX_TILES` cap when torch runs more than one thread, no cap on one), equal in size, a multiple of 16 rows
+    when they are that large (the kernel's row blocks)."""
+    if max_tiles is None:
+        max_tiles = MAX_TILES if torch.get_num_threads() > 1 else out
+    tiles = min(max_tiles, out, max(1, -(-out * row_bytes // max(tile_bytes, 1))))
     rows = -(-out // tiles)  # equal tiles: never one full tile and a sliver
     return min(out, -(-rows // 16) * 16) if rows >= 16 and tiles > 1 else max(1, rows)
 

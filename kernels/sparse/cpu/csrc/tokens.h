@@ -21,7 +21,7 @@
 // points at the 512-bit loads as the bound there.
 //
 //   xT chunk (tokens_pack_xt): [in][W] fp32, W = 16·NV tokens (AVX-512; 8·NV on AVX2), tokens past the end zero
-//   a block of KB inputs of a chunk (KB·W·4 bytes, about 32 KiB): stays in L1 while a block of rows reads it
+//   a block of KB inputs of a chunk (KB·W·4 bytes, 16 or 24 KiB): stays in L1 while a block of rows reads it
 //   ys [16 or 64 rows][W]: each row's running sums; every block's products are summed in fresh registers
 //   and then added (a cascade: no lane adds more than KB/2 products in a row, so fp32 rounding stays near the
 //   dense product's)
@@ -41,16 +41,30 @@ struct sec24_position_table {
 };
 constexpr sec24_position_table sec24_positions;
 
-constexpr int64_t kTokensXBlockBytes = 32 << 10;  // one block of the xT chunk: kept in L1 while a row block reads it
-// Rows that read each block of x before the next block: the whole chunk of x passes through L1 once per row block,
-// from L2 or, where it does not fit there, from L3. So a chunk of x over kTokensLargeChunk bytes (4096 inputs at 128
-// tokens: 2 MiB; 11008 at 64: 2.75 MiB) is read by blocks of 64 rows, a smaller one by blocks of 16, whose weights
-// are fewer streams for the prefetchers. Measured (Xeon, 1 thread, weights rotated, medians; fp32, token-vector /
-// dense ms): 16 rows throughout: 4096x11008 at 64 tokens 53.4 / 53.9, at 512 367 / 281, 4096x4096 at 512 140 / 106;
-// 64 rows throughout: 45.3 / 51.9, 282 / 260 and 115 / 102, but 4096x4096 at 32 tokens 13.5 / 15.2 where 16 rows
-// take 8.5 / 15.5.
-constexpr int kTokensRowBlock = 64;
-constexpr int64_t kTokensLargeChunk = 1 << 20;
+// How a chunk of x meets the rows. Each block of inputs of the xT chunk (kb inputs × W tokens) stays in L1 while a
+// block of rows reads it; the whole chunk passes through L1 once per row block, from L2 or L3. Two regimes, measured
+// (AMD EPYC Zen 5, 1 thread, fp32, two weight copies alternated (68-180 MB), medians of 9; G vector FMAs/s, LLaMA-7B
+// shapes 4096x4096, 11008x4096, 4096x11008 / SmolLM2's 1536x576, 576x1536, 576x576):
+// * full chunks of 512-bit vectors (NV = kMaxVectors: 128 tokens): blocks of 64 rows and 16 KiB of x, no prefetch:
+//   3.8-4.0 / 3.3-3.8 at 128 and 512 tokens, where blocks of 16 rows with the prefetch below ran 3.3-3.5 / 3.2-3.8
+//   and the layout before 2026-11-30 (64 rows from 1 MiB chunks, 32 KiB blocks) 1.9-2.2 on the LLaMA-7B shapes
+//   (likely cause: 64 rows' sums, 32 KiB, and a 32 KiB block of x cannot share the 48 KiB L1);
+// * everything else (fewer tokens, a chunk's last, every AVX2 chunk): blocks of 16 rows and 24 KiB of x, the next
+//   block's packed bytes prefetched while this one computes: 2.6-2.8 at 32 tokens and 2.9-3.2 at 64, where 64-row
+//   blocks fell to 1.2-2.2 on 4096x11008 (an 11008-input chunk of 64 tokens is 2.75 MiB) and the earlier layout ran
+//   2.3-2.4 at 32 and 1.8-2.8 at 64; SmolLM2's shapes alike within 5 % either way. The AVX2 build on the same Zen 5
+//   (8-lane vectors: full chunks of 64 tokens) ran its full chunks at 0.9-1.0 in 64-row blocks, 2.3-2.4 in 16-row
+//   ones (the earlier layout 1.8-2.2), so there they take 16-row blocks too; from 8 to 32 tokens all alike (5 %).
+// (On the Xeon in 2026-11, with the earlier layout, 64-row blocks had been 15-25 % faster than 16-row ones at 64 and
+// 512 tokens on the LLaMA-7B shapes; the present split is not yet measured there.)
+constexpr int kTokensRowBlockFull = 64, kTokensRowBlock = 16;
+constexpr int64_t kTokensXBlockFull = 16 << 10, kTokensXBlock = 24 << 10;
+
+// Whether a chunk of NV vectors takes the 64-row blocks: full chunks of 512-bit vectors only (above).
+template <class V>
+constexpr bool tokens_tall_blocks(int nv) {
+    return V::kLanes == 16 && nv == V::kMaxVectors;
+}
 
 // Rows per register tile for NV token vectors: enough independent accumulators (R·NV ≥ 8) to hide the FMA latency
 // with two FMA units, within the register file (V::kAccumulators).
@@ -135,26 +149,41 @@ inline void tokens_write(const sec24_args* a, const float* ys, int64_t W, int m,
         for (int64_t t = 0; t < count; ++t) sec24_store(a, t0 + t, rb + i, ys[i * W + t]);
 }
 
-// Rows [r0, r1) × the tokens [t0, t0 + count) of one xT chunk (count ≤ W), in blocks of 16 or kTokensRowBlock rows.
+// Rows [r0, r1) × the tokens [t0, t0 + count) of one xT chunk (count ≤ W), in blocks of rows as above.
 template <class V, int NV, bool BF16>
 void tokens_chunk(const sec24_args* a, const float* xt, int64_t t0, int64_t count, int64_t r0, int64_t r1) {
     constexpr int W = V::kLanes * NV, R = tokens_rows<V, NV>();
-    const int64_t in = a->in;
-    // Inputs per block: a multiple of 8 (one code byte) whose xT rows fill about kTokensXBlockBytes.
-    const int64_t fit = kTokensXBlockBytes / (W * 4) / 8 * 8;
+    constexpr bool full = tokens_tall_blocks<V>(NV);
+    constexpr int block_rows = full ? kTokensRowBlockFull : kTokensRowBlock;
+    const int64_t in = a->in, row_values = in / 2 * (a->values_bf16 ? 2 : 4);
+    // Inputs per block: a multiple of 8 (one code byte) whose xT rows fill about the block's bytes.
+    const int64_t fit = (full ? kTokensXBlockFull : kTokensXBlock) / (W * 4) / 8 * 8;
     const int64_t kb = sec24_min((in + 7) / 8 * 8, fit > 8 ? fit : 8);
-    alignas(64) float ys[kTokensRowBlock * W];
-    const int64_t block_rows = in * W * 4 > kTokensLargeChunk ? kTokensRowBlock : 16;
+    alignas(64) float ys[block_rows * W];
     for (int64_t rb = r0; rb < r1; rb += block_rows) {
         const int m = (int)sec24_min(block_rows, r1 - rb);
         for (int64_t i = 0; i < m * W; ++i) ys[i] = 0.0f;
+        // The next block's rows are one contiguous range of values and one of codes: one prefetch step per tile.
+        const int64_t next = full ? 0 : sec24_min(block_rows, r1 - rb - m);
+        const int64_t steps = (in + kb - 1) / kb * (m / R + m % R);
+        const char* next_values = (const char*)a->values + (rb + m) * row_values;
+        sec24_prefetch nv = sec24_prefetch_range(next_values, next * row_values, steps);
+        sec24_prefetch nc = sec24_prefetch_range(a->codes + (rb + m) * a->code_bytes, next * a->code_bytes, steps);
         for (int64_t k0 = 0; k0 < in; k0 += kb) {
             const int64_t inputs = sec24_min(kb, in - k0), bytes = inputs / 8;
             const bool half = inputs % 8 != 0;  // 4 inputs left: in % 8 == 4 and this is the last block
             const float* xblk = xt + k0 * W;
             int i = 0;
-            for (; i + R <= m; i += R) tokens_tile<V, NV, R, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
-            for (; i < m; ++i) tokens_tile<V, NV, 1, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
+            for (; i + R <= m; i += R) {
+                sec24_prefetch_step(&nv);
+                sec24_prefetch_step(&nc);
+                tokens_tile<V, NV, R, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
+            }
+            for (; i < m; ++i) {
+                sec24_prefetch_step(&nv);
+                sec24_prefetch_step(&nc);
+                tokens_tile<V, NV, 1, BF16>(a, xblk, k0, bytes, half, rb + i, ys + i * W);
+            }
         }
         tokens_write<V>(a, ys, W, m, t0, count, rb);
     }
