@@ -347,7 +347,7 @@ def test_the_bound_call_repeats_the_dispatch_and_declines_what_it_would_not_deci
     with pytest.raises(ValueError, match=r"width 20 .*in_features = 100"):
         layer(torch.randn(1, 20))  # the wrong width: declined, so the reference path's error, as for an unbound layer
     key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
-    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
+    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK, loses_at=4)
     try:
         layer = PackedLinear.from_dense(weight, bias)
         layer(x)  # binds, with the crossover's 3 tokens as its limit
@@ -399,12 +399,37 @@ def test_above_the_crossover_the_dense_tiles_run_and_agree(built: cpu_build.Buil
     x = torch.randn(5, 100)
     assert cpu.ensure()
     key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
-    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
+    kernel._STATE.crossovers[key] = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK, loses_at=4)
     try:
         assert mismatch(layer(x[:3]), F.linear(x[:3], weight, bias)) is None
         assert layer.last_path == cpu.KERNEL_NAME
         assert mismatch(layer(x), F.linear(x, weight, bias)) is None
         assert layer.last_path == cpu.TILES_NAME
+    finally:
+        del kernel._STATE.crossovers[key]
+
+
+def test_a_crossover_the_budget_left_open_is_extended_by_the_call_that_needs_it(built: cpu_build.Built) -> None:
+    """A first probe stopped by its budget while the kernel still won leaves the larger counts unmeasured: the first
+    call of more tokens measures the probe point it needs (once; later calls look it up), and its result decides."""
+    weight = weight_24((67, 100), torch.float32, 5)
+    layer = PackedLinear.from_dense(weight)
+    assert cpu.ensure()
+    key = (67, 100, torch.float32, torch.float32, torch.get_num_threads(), cpu.isa_in_use())
+    stopped = cpu.Crossover(64, "F.linear", "probe budget 0 s: 256 tokens not measured", 0.0, kernel.SERIAL_WORK)
+    kernel._STATE.crossovers[key] = stopped
+    try:
+        x = torch.randn(100, 100)
+        assert mismatch(layer(x), F.linear(x, weight)) is None
+        found = kernel._STATE.crossovers[key]
+        assert "at a first call of 100 tokens: 128: kernel" in found.how and found.how.startswith(stopped.how)
+        assert (found.tokens, found.loses_at) in {(128, None), (64, 128)}  # the point 128 measured, one way or other
+        assert layer.last_path == (cpu.KERNEL_NAME if found.tokens == 128 else cpu.TILES_NAME)
+        assert mismatch(layer(x[:90]), F.linear(x[:90], weight)) is None
+        assert kernel._STATE.crossovers[key] is found  # nothing measured again
+        closed = cpu.Crossover(64, "F.linear", "closed", 0.0, kernel.SERIAL_WORK, loses_at=128)
+        assert kernel.extend_crossover(closed, layer.values, layer.indices, torch.float32, 100) is closed
+        assert kernel.extend_crossover(stopped, layer.values, layer.indices, torch.float32, 5000) is stopped  # > 1024
     finally:
         del kernel._STATE.crossovers[key]
 

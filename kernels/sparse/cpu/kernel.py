@@ -120,6 +120,9 @@ class Crossover:
     how: str  # what was measured
     seconds: float  # the probe's cost
     serial_work: int  # the kernel's work size below which it runs on the calling thread (ONE_THREAD: always)
+    # The smallest count measured as a tiles win (None: none). Probe points between `tokens` and it that the budget
+    # left unmeasured are measured when a call first needs them (extend_crossover).
+    loses_at: int | None = None
 
 
 @dataclass
@@ -345,50 +348,12 @@ def measure_crossover(
     where the tiles probed 2-10 % faster, and with cold weights it then ran 0.70-0.94× dense at 64 tokens on five
     of them.) Points up to :data:`ALWAYS_PROBED` tokens are always measured; a larger one is not started when, at
     the previous point's cost per token, it would end past ``budget_s``. The crossover is the largest count measured
-    as a kernel win (0: none).
+    as a kernel win (0: none), with the smallest measured as a loss (``loses_at``; points the budget left between
+    the two are measured by :func:`extend_crossover` when a call needs them).
     """
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-    in_features = values.shape[1] * 2
-    choices = _dense_choices(x_dtype, values.dtype)
-    rows = tile_rows(values.shape[0], in_features * values.element_size(), TILE_BYTES)
-    buffer = torch.empty(rows, in_features, dtype=values.dtype)  # [rows, in]
-    module, isa = _module(), _STATE.isa_index
     notes: list[str] = []
-    serial_work = _measure_threads(values, codes, x_dtype, notes)
-
-    def decompress_all() -> None:
-        for start in range(0, values.shape[0], rows):
-            module.decompress(values, codes, start, min(values.shape[0], start + rows), buffer, isa, serial_work)
-
-    repeats: dict[str, int] = {}
-
-    def timed(name: str, run: Callable[[], object]) -> float:
-        if name not in repeats:  # warm-up, which also sets how many calls are affordable
-            repeats[name] = 3 if _best_of(run, 1) < 0.02 else 1
-        return _best_of(run, repeats[name])
-
-    floor = timed("decompression", decompress_all)
-    dense: str | None = None
-
-    def kernel_wins(count: int) -> bool:
-        nonlocal dense
-        x = torch.randn(count, in_features, generator=generator).to(x_dtype)  # [count, in]
-        kernel = timed("kernel", lambda: packed_product(x, values, codes, serial_work=serial_work))
-        if kernel < floor:
-            notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms < decompression alone {floor * 1e3:.3g} ms")
-            return True
-        tiles: dict[str, float] = {}
-        for name in choices:  # the project's default first; another only while the tiles are in the running
-            if tiles and min(tiles.values()) > 1.5 * kernel:
-                break
-            tiles[name] = timed(
-                name, functools.partial(dense_tiles_product, x, values, codes, dense=name, serial_work=serial_work)
-            )
-        dense = min(tiles, key=lambda name: tiles[name])
-        notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms, tiles ({dense}) {tiles[dense] * 1e3:.3g} ms")
-        return tiles[dense] > kernel
-
+    probe = _Probe(values, codes, x_dtype, _measure_threads(values, codes, x_dtype, notes), notes)
     # Gallop (1, 4, 16, 64, ... tokens: the cheap decode sizes first), then bisect between the last win and the
     # first loss, until the budget is spent.
     # Decode and small-batch sizes (up to ALWAYS_PROBED tokens) are always measured; a larger point is not started
@@ -407,16 +372,95 @@ def measure_crossover(
             notes.append(f"probe budget {budget_s:g} s: {tokens[index]} tokens not measured")
             break
         point_started = time.perf_counter()
-        if kernel_wins(tokens[index]):
+        if probe.kernel_wins(tokens[index]):
             won = index
         else:
             lost = index
         per_token = (time.perf_counter() - point_started) / tokens[index]
+    dense = probe.dense
     if dense is None:
-        dense = choices[0]
+        dense = probe.choices[0]
         notes.append(f"tiles' dense product not timed: {dense}, the project's default")
     won_tokens = tokens[won] if won >= 0 else 0
-    return Crossover(won_tokens, dense, "; ".join(notes), time.perf_counter() - started, serial_work)
+    loses_at = tokens[lost] if lost < len(tokens) else None
+    return Crossover(won_tokens, dense, "; ".join(notes), time.perf_counter() - started, probe.serial_work, loses_at)
+
+
+class _Probe:
+    """Times the kernel against the dense tiles on one layer's packed weight at given token counts (one per
+    :meth:`kernel_wins` call), for :func:`measure_crossover` and :func:`extend_crossover`."""
+
+    def __init__(
+        self, values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, serial_work: int, notes: list[str]
+    ) -> None:
+        self.values, self.codes, self.x_dtype, self.serial_work, self.notes = values, codes, x_dtype, serial_work, notes
+        self.generator = torch.Generator().manual_seed(0)
+        self.in_features = values.shape[1] * 2
+        self.choices = _dense_choices(x_dtype, values.dtype)
+        self.dense: str | None = None  # the faster dense product of the tiles, once they are timed
+        self.repeats: dict[str, int] = {}
+        rows = tile_rows(values.shape[0], self.in_features * values.element_size(), TILE_BYTES)
+        buffer = torch.empty(rows, self.in_features, dtype=values.dtype)  # [rows, in]
+        module, isa = _module(), _STATE.isa_index
+
+        def decompress_all() -> None:
+            for start in range(0, values.shape[0], rows):
+                module.decompress(values, codes, start, min(values.shape[0], start + rows), buffer, isa, serial_work)
+
+        self.floor = self.timed("decompression", decompress_all)
+
+    def timed(self, name: str, run: Callable[[], object]) -> float:
+        if name not in self.repeats:  # warm-up, which also sets how many calls are affordable
+            self.repeats[name] = 3 if _best_of(run, 1) < 0.02 else 1
+        return _best_of(run, self.repeats[name])
+
+    def kernel_wins(self, count: int) -> bool:
+        values, codes, serial_work = self.values, self.codes, self.serial_work
+        x = torch.randn(count, self.in_features, generator=self.generator).to(self.x_dtype)  # [count, in]
+        kernel = self.timed("kernel", lambda: packed_product(x, values, codes, serial_work=serial_work))
+        if kernel < self.floor:
+            self.notes.append(f"{count}: kernel {kernel * 1e3:.3g} ms < decompression alone {self.floor * 1e3:.3g} ms")
+            return True
+        tiles: dict[str, float] = {}
+        for name in self.choices:  # the project's default first; another only while the tiles are in the running
+            if tiles and min(tiles.values()) > 1.5 * kernel:
+                break
+            tiles[name] = self.timed(
+                name, functools.partial(dense_tiles_product, x, values, codes, dense=name, serial_work=serial_work)
+            )
+        self.dense = min(tiles, key=lambda name: tiles[name])
+        self.notes.append(
+            f"{count}: kernel {kernel * 1e3:.3g} ms, tiles ({self.dense}) {tiles[self.dense] * 1e3:.3g} ms"
+        )
+        return tiles[self.dense] > kernel
+
+
+@torch.no_grad()
+def extend_crossover(
+    found: Crossover, values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, count: int
+) -> Crossover:
+    """``found`` after measuring the probe point a call of ``count`` tokens needs, when the first probe's budget
+    left it unmeasured: the smallest point of :data:`PROBE_TOKENS` at or above ``count``, when it lies between
+    ``found.tokens`` and ``found.loses_at``; ``found`` itself when there is none. (Decode-sized calls keep their
+    quick first probe; a long prompt pays for its own size once. Measured on an AMD Zen 5, fp32: with the token-
+    vector kernel faster than the tiles at 128-1024 tokens on the LLaMA-7B shapes, the first probe's 0.5 s stopped
+    at 64 tokens, and above it those layers took tiles that ran 0.88-0.98× dense at 128 and 512 tokens, where the
+    kernel ran 1.05-1.19×.)"""
+    point = next((p for p in PROBE_TOKENS if p >= count), None)
+    if point is None or point <= found.tokens or (found.loses_at is not None and point >= found.loses_at):
+        return found
+    started = time.perf_counter()
+    notes: list[str] = []
+    probe = _Probe(values, codes, x_dtype, found.serial_work, notes)
+    wins = probe.kernel_wins(point)
+    return Crossover(
+        point if wins else found.tokens,
+        probe.dense or found.dense,
+        f"{found.how}; at a first call of {count} tokens: {'; '.join(notes)}",
+        found.seconds + time.perf_counter() - started,
+        found.serial_work,
+        found.loses_at if wins else point,
+    )
 
 
 def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, notes: list[str]) -> int:
@@ -442,33 +486,49 @@ def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.d
 
 def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | None = None) -> Crossover:
     """The crossover of ``layer`` for inputs like ``x`` on this machine: measured at the first call per (shape,
-    dtypes, threads, instruction set), then looked up."""
+    dtypes, threads, instruction set), then looked up; extended (:func:`extend_crossover`) when ``x`` has more tokens
+    than it reaches and the probe point for them was left unmeasured."""
     values = _tensors(layer)[0] if values is None else values
     threads = torch.get_num_threads()
+    count = x.numel() // max(1, x.shape[-1])  # tokens
     cached = layer.__dict__.get(_LAYER_CACHE)  # the last answer for this layer, if the conditions still hold
     if cached is not None and cached[:4] == (x.dtype, values.dtype, threads, _STATE.isa):
-        return cached[4]
+        found: Crossover = cached[4]
+        if count <= found.tokens or (found.loses_at is not None and count >= found.loses_at):
+            return found
     key = (layer.out_features, layer.in_features, values.dtype, x.dtype, threads, _STATE.isa)
-    found = _STATE.crossovers.get(key)
-    if found is None:
+    known = _STATE.crossovers.get(key)
+    if known is None:
         found = measure_crossover(values, _tensors(layer)[1], x.dtype)
-        _STATE.crossovers[key] = found
-        log.info(
-            "packed 2:4 CPU kernel, %dx%d %s weights x %s inputs, %d threads, %s: kernel up to %d tokens, dense "
-            "tiles (%s) above [%s; %.2f s]",
-            layer.out_features,
-            layer.in_features,
-            str(values.dtype).removeprefix("torch."),
-            str(x.dtype).removeprefix("torch."),
-            key[4],
-            _STATE.isa,
-            found.tokens,
-            found.dense,
-            found.how,
-            found.seconds,
-        )
+        _log_crossover(key, found)
+    else:
+        found = known
+    if count > found.tokens:
+        extended = extend_crossover(found, values, _tensors(layer)[1], x.dtype, count)
+        if extended is not found:
+            found = extended
+            _log_crossover(key, found)
+    _STATE.crossovers[key] = found
     layer.__dict__[_LAYER_CACHE] = (x.dtype, values.dtype, threads, _STATE.isa, found)
     return found
+
+
+def _log_crossover(key: tuple[Any, ...], found: Crossover) -> None:
+    out, inp, w_dtype, x_dtype, threads, isa = key
+    log.info(
+        "packed 2:4 CPU kernel, %dx%d %s weights x %s inputs, %d threads, %s: kernel up to %d tokens, dense tiles "
+        "(%s) above [%s; %.2f s]",
+        out,
+        inp,
+        str(w_dtype).removeprefix("torch."),
+        str(x_dtype).removeprefix("torch."),
+        threads,
+        isa,
+        found.tokens,
+        found.dense,
+        found.how,
+        found.seconds,
+    )
 
 
 def _tensors(layer: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -612,6 +672,7 @@ def measured_crossovers() -> list[dict[str, Any]]:
             "threads": threads,
             "isa": isa,
             "tokens": found.tokens,
+            "loses_at": found.loses_at,
             "dense": found.dense,
             "kernel_threads": 1 if found.serial_work == ONE_THREAD else threads,
             "how": found.how,
