@@ -419,6 +419,7 @@ def test_a_crossover_the_budget_left_open_is_extended_by_the_call_that_needs_it(
     stopped = cpu.Crossover(64, "F.linear", "probe budget 0 s: 256 tokens not measured", 0.0, kernel.SERIAL_WORK)
     kernel._STATE.crossovers[key] = stopped
     try:
+        assert "67x100 float32" in cpu.describe().detail and "larger counts not yet measured" in cpu.describe().detail
         x = torch.randn(100, 100)
         assert mismatch(layer(x), F.linear(x, weight)) is None
         found = kernel._STATE.crossovers[key]

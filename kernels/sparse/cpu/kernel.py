@@ -435,6 +435,11 @@ class _Probe:
         return tiles[self.dense] > kernel
 
 
+def _open(found: Crossover) -> bool:
+    """Whether probe points between ``found.tokens`` and ``found.loses_at`` are still unmeasured."""
+    return any(found.tokens < p and (found.loses_at is None or p < found.loses_at) for p in PROBE_TOKENS)
+
+
 @torch.no_grad()
 def extend_crossover(
     found: Crossover, values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, count: int
@@ -620,9 +625,10 @@ def _crossovers_text() -> str:
             "" if w_dtype == x_dtype else f" x {str(x_dtype).removeprefix('torch.')}"
         )
         pool = "on 1 thread (measured faster)" if found.serial_work == ONE_THREAD and threads > 1 else ""
+        later = " (larger counts not yet measured: at their first call)" if _open(found) else ""
         parts.append(
             f"{out}x{inp} {dtypes} {threads} threads: kernel <= {found.tokens} tokens{' ' + pool if pool else ''}, "
-            f"tiles ({found.dense}) above"
+            f"tiles ({found.dense}) above{later}"
         )
     how = "crossover measured at first use per shape (kernel vs dense tiles timed, galloping then bisecting): "
     return how + "; ".join(parts)
