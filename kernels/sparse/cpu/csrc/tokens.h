@@ -12,13 +12,14 @@
 // left). The positions come from a 256-entry table per code byte.
 //
 // What bounds it: every FMA loads its own vector of x (no other row keeps the same inputs), so it runs at the load
-// ports' rate, not the FMA units'. Measured (Xeon with AMX, 1 thread, everything in cache, fp32): 1.7-2.0 G FMAs/s
-// against dense F.linear's 3.7-4.2 G, so with half the FMAs it about ties dense at 128+ tokens, where dense is
-// compute-bound; it wins where dense is not yet (16-64 tokens: 4096x4096 at 32 tokens 8.2 ms against 14.9 dense,
-// 12.3 for the AVX-512 permute kernel, 16.8 for the hand-over; at 64, 15.0 / 20.3 / 22.9 / 22.6). Rows in register
-// tiles of 16 accumulators instead of 8, and blocks of x of 16 KiB instead of 32, measured alike. The same kernel
-// on 256-bit vectors (the AVX2 build on that Xeon) issues 2.9-3.8 G FMAs/s against 512-bit's 1.7-2.4 G, which
-// points at the 512-bit loads as the bound there.
+// ports' rate, not the FMA units'. Measured (Xeon with AMX, 1 thread, everything in cache, fp32, the layout before
+// 2026-11-30): 1.7-2.0 G FMAs/s against dense F.linear's 3.7-4.2 G, so with half the FMAs it about tied dense at 128+
+// tokens, where dense is compute-bound, and won where dense was not yet (16-64 tokens: 4096x4096 at 32 tokens 8.2 ms
+// against 14.9 dense, 12.3 for the AVX-512 permute kernel, 16.8 for the hand-over; at 64, 15.0 / 20.3 / 22.9 / 22.6);
+// rows in register tiles of 16 accumulators instead of 8, and blocks of x of 16 KiB instead of 32, measured alike
+// there. The same kernel on 256-bit vectors (the AVX2 build on that Xeon) issued 2.9-3.8 G FMAs/s against 512-bit's
+// 1.7-2.4 G, which pointed at the 512-bit loads. On an AMD Zen 5, with the blocks below, 3.8-4.0 G at 128+ tokens
+// against dense's 7.3 G: 1.05-1.19x dense on the LLaMA-7B shapes.
 //
 //   xT chunk (tokens_pack_xt): [in][W] fp32, W = 16·NV tokens (AVX-512; 8·NV on AVX2), tokens past the end zero
 //   a block of KB inputs of a chunk (KB·W·4 bytes, 16 or 24 KiB): stays in L1 while a block of rows reads it
