@@ -13,7 +13,9 @@ transformers, load average, the kernels registered and the ones that ran):
 * **Decode** (``--dtypes`` x ``--batches``): :func:`secateurs.workers.bench.run_bench`: dense = the HF folder
   (pruned weights stored as zeros), packed = ``secateurs.load`` (``PackedLinear`` on the fastest registered
   path); ``--warmup`` untimed runs each, then ``--repetitions`` timed runs alternating; decode tokens/s from the
-  first generated token to the last (prefill excluded), median and spread.
+  first generated token to the last (prefill excluded), median and spread. ``--dense-linears fast`` runs the
+  dense model's linears through secateurs' faster dense products (oneDNN or MKL, as measured on this CPU)
+  instead of transformers' ``F.linear``: the stricter baseline where MKL's fp32 products are slow (AMD CPUs).
 * **Memory** (fp32): in a fresh subprocess each, the peak RSS that loading adds (over a baseline taken after every
   import), for the dense folder (``from_pretrained``, whose weights are memory-mapped: pages count once read) and
   for the packed form (``secateurs.load``), (a) after loading and reading every weight once, (b) after that and
@@ -150,6 +152,13 @@ def main() -> None:
     parser.add_argument("--pruned", type=Path, default=None, help="a pruned SmolLM2 output folder to reuse")
     parser.add_argument("--no-memory", action="store_true", help="skip the load-memory measurement")
     parser.add_argument("--cache", type=Path, default=None, help="offline assets (default: the settings' cache dir)")
+    parser.add_argument(
+        "--dense-linears",
+        choices=("torch", "fast"),
+        default="torch",
+        help="the dense model's linears: torch (F.linear, as transformers runs them) or fast (secateurs' faster "
+        "dense products, kernels/matmul.py)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
@@ -213,6 +222,7 @@ def main() -> None:
                     warmup=args.warmup,
                     repetitions=args.repetitions,
                     threads=args.threads,
+                    dense_linears=args.dense_linears,
                     say=lambda line: _say(f"  {line}"),
                 )
                 target = TARGETS.get(f"batch {batch}")
@@ -221,6 +231,7 @@ def main() -> None:
                     {
                         "dtype": dtype,
                         "batch": batch,
+                        "dense_linears": args.dense_linears,
                         "target": target,
                         "met": None if target is None else report.speedup >= target,
                         **report.model_dump(mode="json"),

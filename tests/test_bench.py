@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.app.cli import cli
 from secateurs.app.schemas import BenchReport, JobSpec
+from secateurs.kernels import matmul
 from secateurs.kernels.measure.decode import agreement, compare_greedy, greedy_generate
 from secateurs.kernels.sparse.packing import (
     PackedLinear,
@@ -110,6 +111,33 @@ def test_bench_rebuilds_the_dense_model_from_a_packed_folder_alone(out: Path, tm
     assert code == 0, stderr
     report = BenchReport.model_validate_json(stdout)
     assert "unpacked" in report.dense.source and report.tokens_agree
+
+
+def test_bench_can_run_the_dense_linears_through_the_faster_dense_products(out: Path) -> None:
+    """--dense-linears fast: the dense model's linears go through kernels/matmul.py's products for the timed runs
+    (said in the dense side's source), and come back to their own forward afterwards."""
+    from secateurs.workers import bench as bench_module
+
+    seen: list[bool] = []
+    compare = bench_module.compare_greedy
+
+    def spying(dense: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        seen.append(any("forward" in m.__dict__ for m in dense.modules() if isinstance(m, torch.nn.Linear)))
+        return compare(dense, *args, **kwargs)  # type: ignore[arg-type]
+
+    bench_module.compare_greedy = spying  # type: ignore[assignment]
+    try:
+        code, stdout, stderr = _bench(str(out), *QUICK, "--dense-linears", "fast", "--json")
+    finally:
+        bench_module.compare_greedy = compare
+    assert code == 0, stderr
+    report = BenchReport.model_validate_json(stdout)
+    backend = matmul.cpu_gemm_backend()
+    assert f"linears through secateurs' faster dense products ({backend})" in report.dense.source
+    assert seen == [backend == "onednn"]  # routed where oneDNN is the faster; F.linear itself is MKL's route
+    assert report.tokens_agree  # fp32: another summation order, the same greedy tokens here
+    code, _stdout, stderr = _bench(str(out), *QUICK, "--dense-linears", "mkl")
+    assert code == 2 and "'mkl' is not one of" in stderr
 
 
 @pytest.mark.parametrize(

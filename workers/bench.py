@@ -2,7 +2,11 @@
 stored) and its packed model (``secateurs.load``: ``PackedLinear`` on the fastest registered path), timed with
 :func:`secateurs.kernels.measure.decode.compare_greedy`, with the conditions of every figure.
 
-Same process, same threads, same dtype, same prompt tokens, both eager; the runs alternate. The tokens the two
+Same process, same threads, same dtype, same prompt tokens, both eager; the runs alternate. The dense model's linears
+compute as transformers runs them (``F.linear``: MKL for fp32 on x86 builds), or with ``dense_linears="fast"``
+through :func:`secateurs.kernels.matmul.fast_linears` (oneDNN or MKL, whichever measured faster on this CPU): on an
+AMD Zen 5 F.linear's fp32 products took 1.2-2.2x oneDNN's time from 4 to 512 tokens on SmolLM2's shapes, so the
+first baseline flatters the packed model there and the second does not. The tokens the two
 generate are compared: in float32 they must agree (the kernels compute the same sums in another order, so a
 near-tie could in principle flip, which the report would show), in 16-bit dtypes the count that agree is reported.
 """
@@ -13,14 +17,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from secateurs.app.errors import InvalidSpecError, ModelSourceError
 from secateurs.app.schemas import BenchConditions, BenchReport, BenchSide, BenchSpread
+from secateurs.kernels.matmul import cpu_gemm_backend, fast_linears
 from secateurs.kernels.measure.decode import GreedyRun, Spread, compare_greedy
 from secateurs.kernels.sparse.packing import describe_packed_kernels
 from secateurs.workers.packed import MANIFEST_NAME, PACKED_DIR, load_dense_model
@@ -28,6 +34,8 @@ from secateurs.workers.runtime import load_dense, load_packed, packed_folder, pa
 from secateurs.workers.speed import cpu_isa, cpu_name
 
 log = logging.getLogger(__name__)
+
+DenseLinears = Literal["torch", "fast"]
 
 # The prompt's source when the folder has a tokenizer: a fixed English text, repeated as needed.
 PROMPT_TEXT = (
@@ -107,12 +115,14 @@ def run_bench(
     repetitions: int = 5,
     prompt: str = "text",
     threads: int | None = None,
+    dense_linears: DenseLinears = "torch",
     say: Callable[[str], None] = log.info,
 ) -> BenchReport:
     """Load ``path``'s dense and packed models and time the same greedy generation through both (module docstring).
 
     ``path`` is a pruned output folder with its ``packed/`` copy (or a packed folder: the dense model is then
     rebuilt from it, bit for bit). ``threads`` sets torch's thread count for the run (restored afterwards).
+    ``dense_linears``: how the dense model's linears compute (module docstring).
     Errors a user can act on are :class:`SecateursError` subclasses naming the option.
     """
     if threads is not None and threads < 1:
@@ -131,6 +141,7 @@ def run_bench(
             warmup=warmup,
             repetitions=repetitions,
             prompt=prompt,
+            dense_linears=dense_linears,
             say=say,
         )
     finally:
@@ -148,8 +159,13 @@ def _run_bench(
     warmup: int,
     repetitions: int,
     prompt: str,
+    dense_linears: DenseLinears,
     say: Callable[[str], None],
 ) -> BenchReport:
+    if dense_linears not in ("torch", "fast"):
+        raise InvalidSpecError(
+            f"--dense-linears must be 'torch' or 'fast', got {dense_linears!r}", hint="pass --dense-linears torch"
+        )
     for name, value, low in (
         ("--batch", batch, 1),
         ("--prompt-tokens", prompt_tokens, 1),
@@ -189,6 +205,9 @@ def _run_bench(
         dense = load_dense_model(packed_dir).to(device=target, dtype=dtype_used)
         dense_source = f"{packed_dir} unpacked (pruned weights as zeros)"
     dense_seconds = time.perf_counter() - started
+    if dense_linears == "fast":
+        backend = cpu_gemm_backend() if target.type == "cpu" else "F.linear (not on CPU)"
+        dense_source += f"; linears through secateurs' faster dense products ({backend})"
     _check_lengths(packed, prompt_tokens, new_tokens)
     ids, prompt_source = _prompt(packed_dir, packed, batch, prompt_tokens, prompt)
     ids = ids.to(target)
@@ -202,7 +221,10 @@ def _run_bench(
         label = "dense" if which == "baseline" else "packed"
         say(f"  {label} run {index + 1}/{repetitions}: {run.tokens_per_second:.1f} tokens/s")
 
-    comparison = compare_greedy(dense, packed, ids, new_tokens, warmup=warmup, repetitions=repetitions, on_run=on_run)
+    with fast_linears(dense) if dense_linears == "fast" else nullcontext():
+        comparison = compare_greedy(
+            dense, packed, ids, new_tokens, warmup=warmup, repetitions=repetitions, on_run=on_run
+        )
     ran = paths_that_ran(packed)
     agree = comparison.agreement
     notes = []

@@ -390,6 +390,14 @@ def unpack(packed: str, output: str, overwrite: bool, as_json: bool) -> None:
     show_default=True,
     help="text: a fixed English paragraph through the folder's tokenizer; random: random ids (seed 0).",
 )
+@click.option(
+    "--dense-linears",
+    type=click.Choice(["torch", "fast"]),
+    default="torch",
+    show_default=True,
+    help="torch: the dense model's linears as transformers runs them (F.linear); fast: through secateurs' faster "
+    "dense products (oneDNN or MKL, measured on this CPU), the stricter baseline where F.linear is slow.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 def bench(output_dir: str, as_json: bool, **options: Any) -> None:
     """Time the same greedy generation through OUT_DIR's dense model and its packed 2:4 model.
@@ -417,6 +425,7 @@ def bench(output_dir: str, as_json: bool, **options: Any) -> None:
             repetitions=options["repetitions"],
             prompt=options["prompt"],
             threads=options["threads"],
+            dense_linears=options["dense_linears"],
             say=lambda line: console.print(line, highlight=False),
         )
     if as_json:
