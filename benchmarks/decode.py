@@ -13,9 +13,10 @@ transformers, load average, the kernels registered and the ones that ran):
 * **Decode** (``--dtypes`` x ``--batches``): :func:`secateurs.workers.bench.run_bench`: dense = the HF folder
   (pruned weights stored as zeros), packed = ``secateurs.load`` (``PackedLinear`` on the fastest registered
   path); ``--warmup`` untimed runs each, then ``--repetitions`` timed runs alternating; decode tokens/s from the
-  first generated token to the last (prefill excluded), median and spread. ``--dense-linears fast`` runs the
-  dense model's linears through secateurs' faster dense products (oneDNN or MKL, as measured on this CPU)
-  instead of transformers' ``F.linear``: the stricter baseline where MKL's fp32 products are slow (AMD CPUs).
+  first generated token to the last (prefill excluded), median and spread. Every dense linear (the dense
+  model's, the packed one's ``lm_head``) runs through secateurs' faster dense products (oneDNN or MKL, as measured
+  on this CPU); ``--dense-linears torch`` leaves them on transformers' ``F.linear``, which flatters the packed
+  model where MKL's fp32 products are slow (AMD CPUs; the JSONs before 2026-11-30 were measured that way).
 * **Memory** (fp32): in a fresh subprocess each, the peak RSS that loading adds (over a baseline taken after every
   import), for the dense folder (``from_pretrained``, whose weights are memory-mapped: pages count once read) and
   for the packed form (``secateurs.load``), (a) after loading and reading every weight once, (b) after that and
@@ -154,10 +155,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="offline assets (default: the settings' cache dir)")
     parser.add_argument(
         "--dense-linears",
-        choices=("torch", "fast"),
-        default="torch",
-        help="the dense model's linears: torch (F.linear, as transformers runs them) or fast (secateurs' faster "
-        "dense products, kernels/matmul.py)",
+        choices=("fast", "torch"),
+        default="fast",
+        help="the dense linears (the dense model's, the packed one's lm_head): fast (secateurs' faster dense "
+        "products, kernels/matmul.py) or torch (F.linear, as transformers runs them)",
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()

@@ -113,28 +113,35 @@ def test_bench_rebuilds_the_dense_model_from_a_packed_folder_alone(out: Path, tm
     assert "unpacked" in report.dense.source and report.tokens_agree
 
 
-def test_bench_can_run_the_dense_linears_through_the_faster_dense_products(out: Path) -> None:
-    """--dense-linears fast: the dense model's linears go through kernels/matmul.py's products for the timed runs
-    (said in the dense side's source), and come back to their own forward afterwards."""
+def test_bench_runs_every_dense_linear_through_the_faster_dense_products_by_default(out: Path) -> None:
+    """By default the dense linears of both models (all of the dense one's, the packed one's lm_head) go through
+    kernels/matmul.py's products for the timed runs (said in the dense side's source) and come back to their own
+    forward afterwards; --dense-linears torch leaves them on F.linear."""
     from secateurs.workers import bench as bench_module
 
-    seen: list[bool] = []
+    seen: list[tuple[bool, bool]] = []
     compare = bench_module.compare_greedy
 
-    def spying(dense: torch.nn.Module, *args: object, **kwargs: object) -> object:
-        seen.append(any("forward" in m.__dict__ for m in dense.modules() if isinstance(m, torch.nn.Linear)))
-        return compare(dense, *args, **kwargs)  # type: ignore[arg-type]
+    def routed(model: torch.nn.Module) -> bool:
+        return any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def spying(dense: torch.nn.Module, packed: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        seen.append((routed(dense), routed(packed)))
+        return compare(dense, packed, *args, **kwargs)  # type: ignore[arg-type]
 
     bench_module.compare_greedy = spying  # type: ignore[assignment]
     try:
-        code, stdout, stderr = _bench(str(out), *QUICK, "--dense-linears", "fast", "--json")
+        code, stdout, stderr = _bench(str(out), *QUICK, "--json")
+        code_torch, stdout_torch, _stderr = _bench(str(out), *QUICK, "--dense-linears", "torch", "--json")
     finally:
         bench_module.compare_greedy = compare
-    assert code == 0, stderr
-    report = BenchReport.model_validate_json(stdout)
+    assert code == 0 and code_torch == 0, stderr
+    report, plain = BenchReport.model_validate_json(stdout), BenchReport.model_validate_json(stdout_torch)
     backend = matmul.cpu_gemm_backend()
     assert f"linears through secateurs' faster dense products ({backend})" in report.dense.source
-    assert seen == [backend == "onednn"]  # routed where oneDNN is the faster; F.linear itself is MKL's route
+    assert "faster dense products" not in plain.dense.source
+    onednn = backend == "onednn"  # routed where oneDNN is the faster; F.linear itself is MKL's route
+    assert seen == [(onednn, onednn), (False, False)]
     assert report.tokens_agree  # fp32: another summation order, the same greedy tokens here
     code, _stdout, stderr = _bench(str(out), *QUICK, "--dense-linears", "mkl")
     assert code == 2 and "'mkl' is not one of" in stderr

@@ -2,11 +2,13 @@
 stored) and its packed model (``secateurs.load``: ``PackedLinear`` on the fastest registered path), timed with
 :func:`secateurs.kernels.measure.decode.compare_greedy`, with the conditions of every figure.
 
-Same process, same threads, same dtype, same prompt tokens, both eager; the runs alternate. The dense model's linears
-compute as transformers runs them (``F.linear``: MKL for fp32 on x86 builds), or with ``dense_linears="fast"``
-through :func:`secateurs.kernels.matmul.fast_linears` (oneDNN or MKL, whichever measured faster on this CPU): on an
-AMD Zen 5 F.linear's fp32 products took 1.2-2.2x oneDNN's time from 4 to 512 tokens on SmolLM2's shapes, so the
-first baseline flatters the packed model there and the second does not. The tokens the two
+Same process, same threads, same dtype, same prompt tokens, both eager; the runs alternate. By default
+(``dense_linears="fast"``) every linear that is dense, all of the dense model's and the packed model's ``lm_head``
+and the like, computes through :func:`secateurs.kernels.matmul.fast_linears` (oneDNN or MKL's ``F.linear``,
+whichever measured faster on this CPU); ``"torch"`` leaves them as transformers runs them (``F.linear``: MKL for
+fp32 on x86 builds). On an AMD Zen 5 F.linear's fp32 products took 1.2-2.2x oneDNN's time from 16 to 512 tokens on
+SmolLM2's shapes, so there the torch baseline flatters the packed model (decode fp32 batch 1: 1.75x against it,
+1.40x against oneDNN's dense, 1 thread, 2026-11-30) and the default does not. The tokens the two
 generate are compared: in float32 they must agree (the kernels compute the same sums in another order, so a
 near-tie could in principle flip, which the report would show), in 16-bit dtypes the count that agree is reported.
 """
@@ -17,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,7 +117,7 @@ def run_bench(
     repetitions: int = 5,
     prompt: str = "text",
     threads: int | None = None,
-    dense_linears: DenseLinears = "torch",
+    dense_linears: DenseLinears = "fast",
     say: Callable[[str], None] = log.info,
 ) -> BenchReport:
     """Load ``path``'s dense and packed models and time the same greedy generation through both (module docstring).
@@ -221,7 +223,10 @@ def _run_bench(
         label = "dense" if which == "baseline" else "packed"
         say(f"  {label} run {index + 1}/{repetitions}: {run.tokens_per_second:.1f} tokens/s")
 
-    with fast_linears(dense) if dense_linears == "fast" else nullcontext():
+    with ExitStack() as stack:
+        if dense_linears == "fast":  # both sides: the packed model's dense linears (lm_head) too
+            stack.enter_context(fast_linears(dense))
+            stack.enter_context(fast_linears(packed))
         comparison = compare_greedy(
             dense, packed, ids, new_tokens, warmup=warmup, repetitions=repetitions, on_run=on_run
         )

@@ -392,11 +392,12 @@ def unpack(packed: str, output: str, overwrite: bool, as_json: bool) -> None:
 )
 @click.option(
     "--dense-linears",
-    type=click.Choice(["torch", "fast"]),
-    default="torch",
+    type=click.Choice(["fast", "torch"]),
+    default="fast",
     show_default=True,
-    help="torch: the dense model's linears as transformers runs them (F.linear); fast: through secateurs' faster "
-    "dense products (oneDNN or MKL, measured on this CPU), the stricter baseline where F.linear is slow.",
+    help="fast: every dense linear (the dense model's, the packed one's lm_head) through secateurs' faster dense "
+    "products (oneDNN or MKL, measured on this CPU); torch: as transformers runs them (F.linear), which flatters "
+    "the packed model where F.linear is slow (fp32 on AMD CPUs).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 def bench(output_dir: str, as_json: bool, **options: Any) -> None:

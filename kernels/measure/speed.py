@@ -2,12 +2,18 @@
 
 What is measured and how (GUIDE §3 "2:4 execution in 2026", "Physical limits"):
 
-* **Per linear shape**, at several token counts: dense ``F.linear`` (cuBLAS on GPU) on the dense-with-zeros
-  weight versus every registered sparse path that runs on the device. Each weight and input exists in several
+* **Per linear shape**, at several token counts: the dense product on the dense-with-zeros weight (on CPU
+  :func:`secateurs.kernels.matmul.linear`: oneDNN or MKL's ``F.linear``, whichever measured faster on this CPU, the
+  benchmarks' "faster of F.linear and oneDNN"; cuBLAS ``F.linear`` on GPU) versus every registered sparse path that
+  runs on the device. Each weight and input exists in several
   copies, used in turn, so that repeated reads are not served from cache (on GPU enough copies to span twice the
   L2 cache).
 * **End to end**: prefill latency and decode tokens/s of the whole model, dense versus each path (every pruned
-  linear swapped for the path's module), both eager.
+  linear swapped for the path's module), both eager, and on both sides every linear that stays dense (all of the
+  dense model's; ``lm_head`` and the like in the sparse one) through the same faster dense products
+  (:func:`secateurs.kernels.matmul.fast_linears`). Until 2026-11-30 the dense side ran transformers' ``F.linear``,
+  which on an AMD Zen 5 took 1.2-2.2x oneDNN's time in fp32 from 16 to 512 tokens: the report's CPU speedups
+  then counted MKL's slowness there as the kernels' gain (the quick start's decode read 2.02x against F.linear).
 * **Correctness gate**: before a path is timed, its output is compared with the dense-with-zeros output by
   ``torch.testing.assert_close`` (rtol: torch's default for the dtype; atol: rtol × RMS of the reference (× 8 in
   fp32, where dense libraries differ that much among themselves), since
@@ -39,6 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from secateurs.kernels import matmul
+from secateurs.kernels.matmul import fast_linears
+from secateurs.kernels.matmul import linear as dense_linear
 from secateurs.kernels.patterns import SparsityPattern, prune_mask
 from secateurs.kernels.sparse.packing import PackedLinear, describe_packed_kernels, packed_kernels, packed_nbytes
 
@@ -670,8 +679,8 @@ def _measure_path(
 
 
 def _rotating_linear(weights: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Callable[[int], torch.Tensor]:
-    """Call i: dense ``F.linear`` on weight copy i and input copy i (each modulo its count)."""
-    return lambda i: F.linear(inputs[i % len(inputs)], weights[i % len(weights)])
+    """Call i: the dense product (:func:`dense_linear`) on weight copy i and input copy i (each modulo its count)."""
+    return lambda i: dense_linear(inputs[i % len(inputs)], weights[i % len(weights)])
 
 
 @torch.no_grad()
@@ -931,6 +940,11 @@ class _Plan:
 
 
 def _time_plan(model: nn.Module, plan: _Plan, device: torch.device, settings: SpeedSettings) -> Timing:
+    with fast_linears(model):  # the linears that are dense, on either side, through the faster dense products
+        return _time_plan_eagerly(model, plan, device, settings)
+
+
+def _time_plan_eagerly(model: nn.Module, plan: _Plan, device: torch.device, settings: SpeedSettings) -> Timing:
     if plan.kind == "decode":
         return _time_decode(model, plan.inputs, plan.steps, device, settings)
     kwargs = _forward_kwargs(model)
@@ -1039,6 +1053,17 @@ def measure_end_to_end(
     ]
 
 
+def _cpu_dense(dtype: torch.dtype) -> str:
+    """What the CPU's dense side computes with, for the report (kernels/matmul.py measured the choice)."""
+    if dtype == torch.float32:
+        backend = matmul.cpu_gemm_backend()
+        onednn = backend == "onednn" and matmul._onednn_linear_op() is not None
+        return f"{'oneDNN' if onednn else 'F.linear (MKL)'}, the faster of the two measured on this CPU"
+    if dtype in matmul.HALF_DTYPES and matmul.upcast_pays(dtype):
+        return f"{str(dtype).removeprefix('torch.')} as fp32 products (measured faster than the native one here)"
+    return f"F.linear's native {str(dtype).removeprefix('torch.')} product"
+
+
 def distinct_shapes(model: nn.Module, names: Sequence[str]) -> dict[tuple[int, int], int]:
     """(out, in) -> how many of the named linears have it, in first-seen order."""
     from transformers.pytorch_utils import Conv1D
@@ -1090,6 +1115,8 @@ def measure_speed(
             "decompresses to dense before every product and measures the cost of the format"
         )
     notes.append("end to end: dense and sparse both run eagerly; prefill without KV cache, decode greedy with it")
+    if device.type == "cpu":
+        notes.append(f"dense products (per layer, and every linear that stays dense end to end): {_cpu_dense(dtype)}")
     return SpeedResult(
         conditions=facts,
         dtype=str(dtype).removeprefix("torch."),
