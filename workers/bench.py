@@ -8,7 +8,7 @@ and the like, computes through :func:`secateurs.kernels.matmul.fast_linears` (on
 whichever measured faster on this CPU); ``"torch"`` leaves them as transformers runs them (``F.linear``: MKL for
 fp32 on x86 builds). On an AMD Zen 5 F.linear's fp32 products took 1.2-2.2x oneDNN's time from 16 to 512 tokens on
 SmolLM2's shapes, so there the torch baseline flatters the packed model (decode fp32 batch 1: 1.75x against it,
-1.40x against oneDNN's dense, 1 thread, 2026-11-30) and the default does not. The tokens the two
+1.65x against the default, 1 thread, 2026-11-30) and the default does not. The tokens the two
 generate are compared: in float32 they must agree (the kernels compute the same sums in another order, so a
 near-tie could in principle flip, which the report would show), in 16-bit dtypes the count that agree is reported.
 """
