@@ -167,6 +167,37 @@ def test_the_cpu_report_shows_only_what_was_measured_and_says_there_is_no_2_4_ha
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # left as it came
 
 
+def test_the_dense_side_is_the_faster_of_f_linear_and_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per layer the dense product is timed as F.linear and, in fp32 on CPU where oneDNN exists, as oneDNN's; the
+    faster median is the baseline (each computes the same product)."""
+    from secateurs.kernels import matmul
+    from secateurs.kernels.measure import speed as speed_module
+
+    weights, inputs = [torch.randn(8, 16)], [torch.randn(3, 16)]
+    outputs, medians = [], iter([2.0, 1.0])
+
+    def fake_time_calls(call: Any, device: torch.device, **kwargs: Any) -> Any:
+        outputs.append(call(0))
+        return dataclasses.replace(real(lambda i: None, device, warmup=0, repetitions=1), median_ms=next(medians))
+
+    real = speed_module.time_calls
+    monkeypatch.setattr(speed_module, "time_calls", fake_time_calls)
+    settings = dataclasses.replace(default_settings(torch.device("cpu"), torch.float32, []), warmup=0, repetitions=1)
+    timing = speed_module._dense_timing(weights, inputs, torch.device("cpu"), settings)
+    if matmul._onednn_linear_op() is None:
+        assert len(outputs) == 1 and timing.median_ms == 2.0
+        return
+    assert len(outputs) == 2 and timing.median_ms == 1.0  # F.linear, then oneDNN: the faster kept
+    for y in outputs:
+        torch.testing.assert_close(y, F.linear(inputs[0], weights[0]))
+    outputs.clear()
+    medians = iter([2.0])
+    speed_module._dense_timing(
+        [w.bfloat16() for w in weights], [x.bfloat16() for x in inputs], torch.device("cpu"), settings
+    )
+    assert len(outputs) == 1  # 16-bit: F.linear only
+
+
 def test_end_to_end_points_the_model_cannot_hold_are_skipped_with_the_reason() -> None:
     model, names = pruned_tiny("gpt2")
     results = measure_end_to_end(

@@ -2,10 +2,9 @@
 
 What is measured and how (GUIDE §3 "2:4 execution in 2026", "Physical limits"):
 
-* **Per linear shape**, at several token counts: the dense product on the dense-with-zeros weight (on CPU
-  :func:`secateurs.kernels.matmul.linear`: oneDNN or MKL's ``F.linear``, whichever measured faster on this CPU, the
-  benchmarks' "faster of F.linear and oneDNN"; cuBLAS ``F.linear`` on GPU) versus every registered sparse path that
-  runs on the device. Each weight and input exists in several
+* **Per linear shape**, at several token counts: the dense product on the dense-with-zeros weight (on CPU in fp32
+  the faster of MKL's ``F.linear`` and oneDNN at each point, as the benchmarks take it; ``F.linear`` otherwise,
+  cuBLAS on GPU) versus every registered sparse path that runs on the device. Each weight and input exists in several
   copies, used in turn, so that repeated reads are not served from cache (on GPU enough copies to span twice the
   L2 cache).
 * **End to end**: prefill latency and decode tokens/s of the whole model, dense versus each path (every pruned
@@ -678,9 +677,41 @@ def _measure_path(
     return PathResult(path.name, "measured", timing=timing, speedup=speedup, fraction_of_limit=speedup / limit)
 
 
-def _rotating_linear(weights: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Callable[[int], torch.Tensor]:
-    """Call i: the dense product (:func:`dense_linear`) on weight copy i and input copy i (each modulo its count)."""
-    return lambda i: dense_linear(inputs[i % len(inputs)], weights[i % len(weights)])
+def _rotating_linear(
+    weights: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], backend: matmul.GemmBackend | None = None
+) -> Callable[[int], torch.Tensor]:
+    """Call i: the dense product on weight copy i and input copy i (each modulo its count): ``F.linear``, or with
+    ``backend`` (``"onednn"``, ``"aten"``) :func:`dense_linear` forced to that CPU backend."""
+    if backend is None:
+        return lambda i: F.linear(inputs[i % len(inputs)], weights[i % len(weights)])
+
+    def call(i: int) -> torch.Tensor:
+        with matmul.use_cpu_gemm(backend):
+            return dense_linear(inputs[i % len(inputs)], weights[i % len(weights)])
+
+    return call
+
+
+def _dense_timing(
+    weights: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], device: torch.device, settings: SpeedSettings
+) -> Timing:
+    """The dense product's timing: ``F.linear``, and on CPU in fp32 where this build has oneDNN also oneDNN's
+    product; the faster median (the benchmarks' "faster of F.linear and oneDNN": neither wins everywhere, e.g. on
+    an AMD Zen 5 oneDNN took 0.78-0.85x MKL's time at one token on three of SmolLM2's shapes and 1.37x on 192x576)."""
+    variants: list[matmul.GemmBackend | None] = [None]
+    if device.type == "cpu" and weights[0].dtype == torch.float32 and matmul._onednn_linear_op() is not None:
+        variants.append("onednn")
+    timings = [
+        time_calls(
+            _rotating_linear(weights, inputs, backend),
+            device,
+            warmup=settings.warmup,
+            repetitions=settings.repetitions,
+            rotation=len(weights),
+        )
+        for backend in variants
+    ]
+    return min(timings, key=lambda timing: timing.median_ms)
 
 
 @torch.no_grad()
@@ -725,13 +756,7 @@ def sweep_linear(
                 for _ in range(n_inputs)
             ]  # each [tokens, in]
             references = [F.linear(inputs[i % n_inputs], w) for i, w in enumerate(weights)]  # each [tokens, out]
-            dense = time_calls(
-                _rotating_linear(weights, inputs),
-                device,
-                warmup=settings.warmup,
-                repetitions=settings.repetitions,
-                rotation=n_weights,
-            )
+            dense = _dense_timing(weights, inputs, device, settings)
             limit, basis = linear_limit(tokens, shape, dtype, pattern, peaks)
             point = []
             for path in paths:
@@ -1116,7 +1141,10 @@ def measure_speed(
         )
     notes.append("end to end: dense and sparse both run eagerly; prefill without KV cache, decode greedy with it")
     if device.type == "cpu":
-        notes.append(f"dense products (per layer, and every linear that stays dense end to end): {_cpu_dense(dtype)}")
+        notes.append(
+            "dense products: per layer the faster of F.linear and oneDNN at each point (fp32; F.linear otherwise), "
+            f"end to end every linear that stays dense on {_cpu_dense(dtype)}"
+        )
     return SpeedResult(
         conditions=facts,
         dtype=str(dtype).removeprefix("torch."),
