@@ -124,7 +124,7 @@ def run_bench(
 
     ``path`` is a pruned output folder with its ``packed/`` copy (or a packed folder: the dense model is then
     rebuilt from it, bit for bit). ``threads`` sets torch's thread count for the run (restored afterwards).
-    ``dense_linears``: how the dense model's linears compute (module docstring).
+    ``dense_linears``: how the linears that stay dense compute, in both models (module docstring).
     Errors a user can act on are :class:`SecateursError` subclasses naming the option.
     """
     if threads is not None and threads < 1:

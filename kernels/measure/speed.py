@@ -12,7 +12,8 @@ What is measured and how (GUIDE §3 "2:4 execution in 2026", "Physical limits"):
   dense model's; ``lm_head`` and the like in the sparse one) through the same faster dense products
   (:func:`secateurs.kernels.matmul.fast_linears`). Until 2026-11-30 the dense side ran transformers' ``F.linear``,
   which on an AMD Zen 5 took 1.2-2.2x oneDNN's time in fp32 from 16 to 512 tokens: the report's CPU speedups
-  then counted MKL's slowness there as the kernels' gain (the quick start's decode read 2.02x against F.linear).
+  then counted MKL's slowness there as the kernels' gain (the quick start's decode read 2.02x against F.linear,
+  1.61x against oneDNN).
 * **Correctness gate**: before a path is timed, its output is compared with the dense-with-zeros output by
   ``torch.testing.assert_close`` (rtol: torch's default for the dtype; atol: rtol × RMS of the reference (× 8 in
   fp32, where dense libraries differ that much among themselves), since
