@@ -391,12 +391,19 @@ class _Probe:
     :meth:`kernel_wins` call), for :func:`measure_crossover` and :func:`extend_crossover`."""
 
     def __init__(
-        self, values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, serial_work: int, notes: list[str]
+        self,
+        values: torch.Tensor,
+        codes: torch.Tensor,
+        x_dtype: torch.dtype,
+        serial_work: int,
+        notes: list[str],
+        *,
+        choices: tuple[str, ...] | None = None,
     ) -> None:
         self.values, self.codes, self.x_dtype, self.serial_work, self.notes = values, codes, x_dtype, serial_work, notes
         self.generator = torch.Generator().manual_seed(0)
         self.in_features = values.shape[1] * 2
-        self.choices = _dense_choices(x_dtype, values.dtype)
+        self.choices = choices or _dense_choices(x_dtype, values.dtype)  # the dense products the tiles may use
         self.dense: str | None = None  # the faster dense product of the tiles, once they are timed
         self.repeats: dict[str, int] = {}
         rows = tile_rows(values.shape[0], self.in_features * values.element_size(), TILE_BYTES)
@@ -446,7 +453,9 @@ def extend_crossover(
 ) -> Crossover:
     """``found`` after measuring the probe point a call of ``count`` tokens needs, when the first probe's budget
     left it unmeasured: the smallest point of :data:`PROBE_TOKENS` at or above ``count``, when it lies between
-    ``found.tokens`` and ``found.loses_at``; ``found`` itself when there is none. (Decode-sized calls keep their
+    ``found.tokens`` and ``found.loses_at``; ``found`` itself when there is none. The tiles are timed with the dense
+    product the first probe chose (a point of a LLaMA-7B-sized layer at 512 tokens costs about a second per
+    product timed). (Decode-sized calls keep their
     quick first probe; a long prompt pays for its own size once. Measured on an AMD Zen 5, fp32: with the token-
     vector kernel faster than the tiles at 128-1024 tokens on the LLaMA-7B shapes, the first probe's 0.5 s stopped
     at 64 tokens, and above it those layers took tiles that ran 0.88-0.98× dense at 128 and 512 tokens, where the
@@ -456,7 +465,7 @@ def extend_crossover(
         return found
     started = time.perf_counter()
     notes: list[str] = []
-    probe = _Probe(values, codes, x_dtype, found.serial_work, notes)
+    probe = _Probe(values, codes, x_dtype, found.serial_work, notes, choices=(found.dense,))  # the one it chose
     wins = probe.kernel_wins(point)
     return Crossover(
         point if wins else found.tokens,
