@@ -673,7 +673,8 @@ def describe_tiles() -> KernelDescription:
         TILES_NAME,
         True,
         f"above each layer's measured crossover: the weight decompressed {TILE_BYTES >> 10} KiB of rows at a time "
-        f"({_STATE.isa}), each tile multiplied by the faster dense product measured (F.linear or oneDNN)",
+        f"(at most {MAX_TILES} tiles a weight with more than one thread; {_STATE.isa}), each tile multiplied by the "
+        "faster dense product measured (F.linear or oneDNN)",
     )
 
 
