@@ -442,9 +442,21 @@ class _Probe:
         return tiles[self.dense] > kernel
 
 
+def _unmeasured(found: Crossover, point: int) -> bool:
+    """Whether probe point ``point`` lies between ``found.tokens`` and ``found.loses_at``: not yet measured."""
+    return found.tokens < point and (found.loses_at is None or point < found.loses_at)
+
+
 def _open(found: Crossover) -> bool:
     """Whether probe points between ``found.tokens`` and ``found.loses_at`` are still unmeasured."""
-    return any(found.tokens < p and (found.loses_at is None or p < found.loses_at) for p in PROBE_TOKENS)
+    return any(_unmeasured(found, p) for p in PROBE_TOKENS)
+
+
+def _point_for(found: Crossover, count: int) -> int | None:
+    """The probe point a call of ``count`` tokens needs measured: the smallest of :data:`PROBE_TOKENS` at or above
+    ``count``, when it is still unmeasured; else None."""
+    point = next((p for p in PROBE_TOKENS if p >= count), None)
+    return point if point is not None and _unmeasured(found, point) else None
 
 
 @torch.no_grad()
@@ -460,8 +472,8 @@ def extend_crossover(
     vector kernel faster than the tiles at 128-1024 tokens on the LLaMA-7B shapes, the first probe's 0.5 s stopped
     at 64 tokens, and above it those layers took tiles that ran 0.88-0.98× dense at 128 and 512 tokens, where the
     kernel ran 1.05-1.19×.)"""
-    point = next((p for p in PROBE_TOKENS if p >= count), None)
-    if point is None or point <= found.tokens or (found.loses_at is not None and point >= found.loses_at):
+    point = _point_for(found, count)
+    if point is None:
         return found
     started = time.perf_counter()
     notes: list[str] = []
@@ -508,7 +520,7 @@ def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | N
     cached = layer.__dict__.get(_LAYER_CACHE)  # the last answer for this layer, if the conditions still hold
     if cached is not None and cached[:4] == (x.dtype, values.dtype, threads, _STATE.isa):
         found: Crossover = cached[4]
-        if count <= found.tokens or (found.loses_at is not None and count >= found.loses_at):
+        if count <= found.tokens or _point_for(found, count) is None:
             return found
     key = (layer.out_features, layer.in_features, values.dtype, x.dtype, threads, _STATE.isa)
     known = _STATE.crossovers.get(key)
