@@ -318,6 +318,17 @@ def _conv1d_forward(module: Conv1D) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+def linear_route(dtype: torch.dtype) -> Literal["onednn", "upcast", "aten"]:
+    """The route :func:`linear` takes for CPU operands of ``dtype`` (outside autograd and autocast): ``"onednn"``
+    (fp32, where oneDNN is the faster here), ``"upcast"`` (16-bit as fp32 products, where that pays), else
+    ``"aten"`` (``F.linear`` itself)."""
+    if dtype == torch.float32 and _onednn_linear_op() is not None and cpu_gemm_backend() == "onednn":
+        return "onednn"
+    if dtype in HALF_DTYPES and upcast_pays(dtype):
+        return "upcast"
+    return "aten"
+
+
 @contextmanager
 def fast_linears(module: nn.Module) -> Iterator[None]:
     """Route every ``nn.Linear`` / ``Conv1D`` inside ``module`` through :func:`linear` for the duration.
@@ -330,8 +341,7 @@ def fast_linears(module: nn.Module) -> Iterator[None]:
     """
     with ExitStack() as stack:
         dtypes = {p.dtype for p in module.parameters() if p.device.type == "cpu"}
-        onednn = torch.float32 in dtypes and _onednn_linear_op() is not None and cpu_gemm_backend() == "onednn"
-        if onednn or any(upcast_pays(dtype) for dtype in dtypes & set(HALF_DTYPES)):
+        if any(linear_route(dtype) != "aten" for dtype in dtypes):
             for layer in module.modules():
                 if "forward" in layer.__dict__:
                     continue  # already overridden (a nested fast_linears, or a capture stub)

@@ -137,7 +137,7 @@ def test_bench_runs_every_dense_linear_through_the_faster_dense_products_by_defa
         bench_module.compare_greedy = compare
     assert code == 0 and code_torch == 0, stderr
     report, plain = BenchReport.model_validate_json(stdout), BenchReport.model_validate_json(stdout_torch)
-    backend = matmul.cpu_gemm_backend()
+    backend = matmul.linear_route(torch.float32)
     assert f"linears through secateurs' faster dense products ({backend})" in report.dense.source
     assert "faster dense products" not in plain.dense.source
     onednn = backend == "onednn"  # routed where oneDNN is the faster; F.linear itself is MKL's route

@@ -28,7 +28,7 @@ from torch import nn
 
 from secateurs.app.errors import InvalidSpecError, ModelSourceError
 from secateurs.app.schemas import BenchConditions, BenchReport, BenchSide, BenchSpread
-from secateurs.kernels.matmul import cpu_gemm_backend, fast_linears
+from secateurs.kernels.matmul import fast_linears, linear_route
 from secateurs.kernels.measure.decode import GreedyRun, Spread, compare_greedy
 from secateurs.kernels.sparse.packing import describe_packed_kernels
 from secateurs.workers.packed import MANIFEST_NAME, PACKED_DIR, load_dense_model
@@ -208,7 +208,7 @@ def _run_bench(
         dense_source = f"{packed_dir} unpacked (pruned weights as zeros)"
     dense_seconds = time.perf_counter() - started
     if dense_linears == "fast":
-        backend = cpu_gemm_backend() if target.type == "cpu" else "F.linear (not on CPU)"
+        backend = linear_route(dtype_used) if target.type == "cpu" else "F.linear (not on CPU)"
         dense_source += f"; linears through secateurs' faster dense products ({backend})"
     _check_lengths(packed, prompt_tokens, new_tokens)
     ids, prompt_source = _prompt(packed_dir, packed, batch, prompt_tokens, prompt)

@@ -1080,14 +1080,15 @@ def measure_end_to_end(
 
 
 def _cpu_dense(dtype: torch.dtype) -> str:
-    """What the CPU's dense side computes with, for the report (kernels/matmul.py measured the choice)."""
-    if dtype == torch.float32:
-        backend = matmul.cpu_gemm_backend()
-        onednn = backend == "onednn" and matmul._onednn_linear_op() is not None
-        return f"{'oneDNN' if onednn else 'F.linear (MKL)'}, the faster of the two measured on this CPU"
-    if dtype in matmul.HALF_DTYPES and matmul.upcast_pays(dtype):
-        return f"{str(dtype).removeprefix('torch.')} as fp32 products (measured faster than the native one here)"
-    return f"F.linear's native {str(dtype).removeprefix('torch.')} product"
+    """What the CPU's dense side computes with, for the report (:func:`matmul.linear_route`)."""
+    name = str(dtype).removeprefix("torch.")
+    return {
+        "onednn": "oneDNN, the faster of it and F.linear (MKL) measured on this CPU",
+        "upcast": f"{name} as fp32 products (measured faster than the native one here)",
+        "aten": "F.linear (MKL), the faster of it and oneDNN measured on this CPU"
+        if dtype == torch.float32
+        else f"F.linear's native {name} product",
+    }[matmul.linear_route(dtype)]
 
 
 def distinct_shapes(model: nn.Module, names: Sequence[str]) -> dict[tuple[int, int], int]:
