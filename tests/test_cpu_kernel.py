@@ -112,21 +112,54 @@ def token_vectors_from_one(built: cpu_build.Built) -> Iterator[None]:
     built.module.set_token_vector_min(0)
 
 
+@pytest.fixture(params=[0, 1], ids=["short-blocks", "tall-blocks"])
+def tokens_tall(request: pytest.FixtureRequest, built: cpu_build.Built) -> Iterator[int]:
+    """The token-vector kernel's full AVX-512 chunks in 16-row blocks, then in 64-row ones, whatever this CPU's L1d
+    would choose (the rule again after the test)."""
+    built.module.set_tokens_tall(request.param)
+    yield request.param
+    built.module.set_tokens_tall(-1)
+
+
 @pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: f"x-{str(d)[6:]}")
 @pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
 @pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
 def test_the_token_vector_kernel_equals_the_dense_product(
-    isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype, token_vectors_from_one: None
+    isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype, token_vectors_from_one: None, tokens_tall: int
 ) -> None:
     """The token-vector kernel (csrc/tokens.h) over token counts that fill a vector, a chunk (64 tokens on AVX2, 128
     on AVX-512) or spill into the next, rows that are not a register tile or a block of 16 or 64 (150: two blocks
     of 64 and a short one, the next block's prefetch cut at the end), inputs that end in half a code byte
-    (in % 8 == 4) or span several blocks of x, with and without bias, x not contiguous."""
+    (in % 8 == 4) or span several blocks of x, with and without bias, x not contiguous; full AVX-512 chunks in both
+    of their row blocks."""
+    if isa == "avx2" and tokens_tall:
+        pytest.skip("AVX2 chunks always take the 16-row blocks: the tall ones are AVX-512's")
     module = kernel._module()
     assert module.kernel_name(kernel._STATE.isa_index, False, w_dtype == torch.bfloat16, 1) == f"{isa}_tokens"
     shapes = [(1, 20), (13, 36), (67, 100), (150, 68), (13, 4100), (37, 1540)]
     failures = dense_mismatches(shapes, [1, 3, 17, 64, 65, 129, 300], w_dtype, x_dtype)
     assert not failures, "\n".join(failures)
+
+
+def test_the_token_vector_blocks_follow_the_l1d(built: cpu_build.Built) -> None:
+    """Full AVX-512 chunks take the 64-row blocks only where a core's L1d holds their 32 KiB of sums beside 16 KiB of
+    x (tokens.h: on a 32 KiB L1d they ran at half the speed of 16-row blocks); the CPU's answer is the one sysconf
+    gives (Linux's sysfs says the same where it lists the caches), and the kernel's description names both."""
+    module = built.module
+    l1d = module.l1d_bytes()
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        if (index / "level").read_text().strip() == "1" and (index / "type").read_text().strip() == "Data":
+            assert l1d == int((index / "size").read_text().strip().removesuffix("K")) << 10
+    assert module.tokens_tall() == (l1d >= 48 << 10)
+    module.set_tokens_tall(1)
+    try:
+        assert module.tokens_tall()
+    finally:
+        module.set_tokens_tall(-1)
+    assert module.tokens_tall() == (l1d >= 48 << 10)
+    detail = kernel.describe().detail
+    assert f"blocks of {64 if module.tokens_tall() else 16} rows" in detail
+    assert (f"L1d {l1d >> 10} KiB" if l1d else "L1d size not reported") in detail
 
 
 def test_the_token_vector_kernel_takes_many_tokens_by_default(built: cpu_build.Built) -> None:

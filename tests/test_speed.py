@@ -480,3 +480,21 @@ def test_gpu_sweep_measures_the_hardware_path() -> None:
         assert statuses["packed_reference"] == "measured"
         if torch.cuda.get_device_capability(device) >= (8, 0) and torch.backends.cusparselt.is_available():
             assert statuses["semi_structured_cusparselt"] == "measured", point.paths
+
+
+def test_the_cpu_name_carries_family_and_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A cloud VM's model name ("AMD EPYC") does not tell a Zen 3 from a Zen 5: every report names the family and
+    model numbers beside it, read from the first processor's block of /proc/cpuinfo."""
+    from secateurs.workers import speed as worker_speed
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+        "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\nmodel name\t: other\n",
+        encoding="utf-8",
+    )
+    real_open = open
+    monkeypatch.setattr(worker_speed, "open", lambda path, *a, **k: real_open(info, *a, **k), raising=False)
+    assert worker_speed.cpu_name() == "AMD EPYC (family 25, model 17)"
+    info.write_text("model name\t: Some CPU\n", encoding="utf-8")
+    assert worker_speed.cpu_name() == "Some CPU"

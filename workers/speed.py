@@ -96,13 +96,23 @@ def default_settings(device: torch.device, dtype: torch.dtype, paths: Sequence[S
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    name = platform.processor() or platform.machine()
+    """The CPU's model name and, where ``/proc/cpuinfo`` gives them, its family and model numbers (a cloud VM's
+    "AMD EPYC" alone does not tell a Zen 3 from a Zen 5, whose caches and kernels' speeds differ); else what
+    ``platform`` knows."""
+    fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+            fields: dict[str, str] = {}
+            for line in info:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return name
+        return fallback
+    name = fields.get("model name", fallback)
+    family, model = fields.get("cpu family"), fields.get("model")
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def driver_release() -> str | None:

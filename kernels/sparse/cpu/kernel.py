@@ -671,9 +671,17 @@ def describe() -> KernelDescription:
         f"instruction set {_STATE.isa} ({how}; CPU flags: {flags}; compiled: {', '.join(_STATE.built.isas)}); "
         f"threads {torch.get_num_threads()} (one thread below {SERIAL_WORK >> 10} KiB streamed, and for shapes where "
         "the threads measured slower at one token); "
-        f"{_crossovers_text()}"
+        f"{_token_blocks_text()}; {_crossovers_text()}"
     )
     return KernelDescription(KERNEL_NAME, True, detail)
+
+
+def _token_blocks_text() -> str:
+    module = _module()
+    l1d = int(module.l1d_bytes())
+    cache = f"L1d {l1d >> 10} KiB" if l1d else "L1d size not reported"
+    rows = 64 if module.tokens_tall() else 16
+    return f"token-vector kernel: full chunks in blocks of {rows} rows ({cache})"
 
 
 def describe_tiles() -> KernelDescription:

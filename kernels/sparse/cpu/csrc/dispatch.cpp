@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <vector>
@@ -12,7 +13,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #include <sys/syscall.h>
-#include <unistd.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf
 #endif
 
 #include "packed24.h"
@@ -55,6 +58,25 @@ int64_t token_vector_min(int64_t isa) {
     return isa >= kAvx512 ? kTokenVectorMinAvx512 : kTokenVectorMinAvx2;
 }
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16", "amx"};
+
+// The L1 data cache of a core, in bytes (glibc reads it from CPUID), 0 when the system does not say.
+int64_t l1d_bytes() {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL1_DCACHE_SIZE));
+    return bytes;
+#else
+    return 0;
+#endif
+}
+// Whether the token-vector kernels take their tall row blocks (tokens.h): where the L1d holds them, unless a test
+// forces either (set_tokens_tall: 1 or 0; -1 the measured rule again). A CPU that does not report its L1d takes the
+// short blocks, which every CPU measured so far runs at least as fast as the earlier layout.
+int64_t tokens_tall_override = -1;
+
+bool tokens_tall() {
+    if (tokens_tall_override >= 0) return tokens_tall_override > 0;
+    return l1d_bytes() >= SEC24_TOKENS_TALL_L1_BYTES;
+}
 
 bool compiled(int64_t isa) {
     switch (isa) {
@@ -317,6 +339,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     args.y_bf16 = x_bf16 ? 1 : 0;
     args.x_vnni = nullptr;
     args.x_t = nullptr;
+    args.tokens_tall = tokens_tall() ? 1 : 0;
     at::Tensor x_vnni, x_t;
     if (token_vectors) {  // x once in the token-vector kernel's layout, read by every thread
         sec24_xt_floats_fn floats = nullptr;
@@ -396,6 +419,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "products of at least this many tokens (fp32 activations) take the token-vector kernel; 0: the measured "
         "defaults");
     m.def("token_vector_min", &token_vector_min, "the token count from which the token-vector kernel runs (isa)");
+    m.def(
+        "set_tokens_tall", [](int64_t tall) { tokens_tall_override = tall < 0 ? -1 : (tall > 0 ? 1 : 0); },
+        "the token-vector kernels' full chunks in tall row blocks (1), short ones (0), or as the L1d allows (-1)");
+    m.def("tokens_tall", &tokens_tall, "whether the token-vector kernels' full chunks take tall row blocks");
+    m.def("l1d_bytes", &l1d_bytes, "the L1 data cache of a core in bytes (0: not reported)");
     m.def("parallel_pieces", &parallel_pieces, "pieces at::parallel_for(0, n, 1) ran as (1 = no threads)");
     m.def("isas_compiled", &isas_compiled, "instruction sets compiled into this build, in order of preference");
     m.def("isas_runnable", &isas_runnable, "the compiled instruction sets this CPU runs");

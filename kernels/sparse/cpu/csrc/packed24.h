@@ -33,7 +33,12 @@ typedef struct {
     int32_t values_bf16, y_bf16;
     const uint32_t* x_vnni;  // the AMX kernel's copy of x_bf16 (sec24_amx_pack_x), else NULL
     const float* x_t;        // the token-vector kernels' copy of x (their sec24_tokens_pack_xt_*), else NULL
+    int32_t tokens_tall;     // the token-vector kernels: full chunks of 512-bit vectors in tall row blocks (tokens.h)
 } sec24_args;
+
+// The L1 data cache a tall block of the token-vector kernel needs (tokens.h): 64 rows' sums of 128 tokens (32 KiB)
+// beside a 16 KiB block of x. The dispatcher sets sec24_args.tokens_tall where the CPU's L1d holds that.
+#define SEC24_TOKENS_TALL_L1_BYTES (48 << 10)
 
 // y rows [0, tokens) × output columns [row_begin, row_end).
 typedef void (*sec24_rows_fn)(const sec24_args* args, int64_t row_begin, int64_t row_end);

@@ -56,12 +56,20 @@ constexpr sec24_position_table sec24_positions;
 //   2.3-2.4 at 32 and 1.8-2.8 at 64; SmolLM2's shapes alike within 5 % either way. The AVX2 build on the same Zen 5
 //   (8-lane vectors: full chunks of 64 tokens) ran its full chunks at 0.9-1.0 in 64-row blocks, 2.3-2.4 in 16-row
 //   ones (the earlier layout 1.8-2.2), so there they take 16-row blocks too; from 8 to 32 tokens all alike (5 %).
+// The tall blocks need an L1d that holds 64 rows' sums (32 KiB) beside the 16 KiB of x: 48 KiB (Zen 5, the Xeon's
+// Golden Cove cores). Where it is smaller every chunk takes the 16-row blocks (sec24_args.tokens_tall, set by the
+// dispatcher from the L1d size): measured (AMD EPYC Zen 4, CPU family 25 model 17, L1d 32 KiB; 1 thread, fp32,
+// two weight copies alternated, interleaved call by call, medians of 6; G vector FMAs/s, 4096x4096 and 4096x11008 at
+// 128 and 512 tokens): 64-row blocks 1.05-1.12, 16-row blocks 1.94-2.13 (dense's FMAs at its rate, halved for
+// comparison, 1.30-1.43); 32-row blocks with 12 KiB of x and the prefetch 1.27-2.14.
 // (On the Xeon in 2026-11, with the earlier layout, 64-row blocks had been 15-25 % faster than 16-row ones at 64 and
 // 512 tokens on the LLaMA-7B shapes; the present split is not yet measured there.)
 constexpr int kTokensRowBlockFull = 64, kTokensRowBlock = 16;
 constexpr int64_t kTokensXBlockFull = 16 << 10, kTokensXBlock = 24 << 10;
+static_assert(kTokensRowBlockFull * 128 * 4 + kTokensXBlockFull <= SEC24_TOKENS_TALL_L1_BYTES, "see packed24.h");
 
-// Whether a chunk of NV vectors takes the 64-row blocks: full chunks of 512-bit vectors only (above).
+// Whether a chunk of NV vectors may take the 64-row blocks: full chunks of 512-bit vectors only (above), and only
+// where the L1d holds them (args->tokens_tall).
 template <class V>
 constexpr bool tokens_tall_blocks(int nv) {
     return V::kLanes == 16 && nv == V::kMaxVectors;
@@ -154,13 +162,14 @@ inline void tokens_write(const sec24_args* a, const float* ys, int64_t W, int m,
 template <class V, int NV, bool BF16>
 void tokens_chunk(const sec24_args* a, const float* xt, int64_t t0, int64_t count, int64_t r0, int64_t r1) {
     constexpr int W = V::kLanes * NV, R = tokens_rows<V, NV>();
-    constexpr bool full = tokens_tall_blocks<V>(NV);
-    constexpr int block_rows = full ? kTokensRowBlockFull : kTokensRowBlock;
+    constexpr int max_rows = tokens_tall_blocks<V>(NV) ? kTokensRowBlockFull : kTokensRowBlock;
+    const bool full = tokens_tall_blocks<V>(NV) && a->tokens_tall;
+    const int block_rows = full ? kTokensRowBlockFull : kTokensRowBlock;
     const int64_t in = a->in, row_values = in / 2 * (a->values_bf16 ? 2 : 4);
     // Inputs per block: a multiple of 8 (one code byte) whose xT rows fill about the block's bytes.
     const int64_t fit = (full ? kTokensXBlockFull : kTokensXBlock) / (W * 4) / 8 * 8;
     const int64_t kb = sec24_min((in + 7) / 8 * 8, fit > 8 ? fit : 8);
-    alignas(64) float ys[block_rows * W];
+    alignas(64) float ys[max_rows * W];
     for (int64_t rb = r0; rb < r1; rb += block_rows) {
         const int m = (int)sec24_min(block_rows, r1 - rb);
         for (int64_t i = 0; i < m * W; ++i) ys[i] = 0.0f;
