@@ -470,15 +470,24 @@ def test_a_crossover_the_budget_left_open_is_extended_by_the_call_that_needs_it(
 
 @pytest.mark.parametrize(("w_dtype", "x_dtype"), [(w, x) for w in DTYPES for x in DTYPES])
 @pytest.mark.parametrize("dense", ["F.linear", "oneDNN"])
+@pytest.mark.parametrize("threads", [1, 2])
 def test_dense_tiles_equal_the_dense_product(
-    built: cpu_build.Built, w_dtype: torch.dtype, x_dtype: torch.dtype, dense: str
+    built: cpu_build.Built, w_dtype: torch.dtype, x_dtype: torch.dtype, dense: str, threads: int
 ) -> None:
-    weight, bias = weight_24((67, 100), w_dtype, 3), torch.randn(67).to(w_dtype)
-    packed = pack_nm(weight)
-    x = torch.randn(9, 200).to(x_dtype)[:, ::2]
-    for tile_bytes in (1, 10 * 100 * 4, 1 << 20):  # the most tiles (1 row, or 9 under the cap), 10 rows, one tile
-        y = cpu.dense_tiles_product(x, packed.values, packed.indices, bias, dense=dense, tile_bytes=tile_bytes)
-        assert y.dtype == x_dtype and mismatch(y, reference(x, weight, bias)) is None, tile_bytes
+    """One thread: tiles one after the other. Two: each thread its own tiles (``tiles_linear``), except fp32 on
+    oneDNN, which keeps the sequence; with and without bias, x not contiguous, from 1-row tiles to one tile."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weight, bias = weight_24((67, 100), w_dtype, 3), torch.randn(67).to(w_dtype)
+        packed = pack_nm(weight)
+        x = torch.randn(9, 200).to(x_dtype)[:, ::2]
+        for tile_bytes in (1, 10 * 100 * 4, 1 << 20):  # the most tiles (1 row, or 9 under the cap), 10 rows, one
+            for b in (bias, None):
+                y = cpu.dense_tiles_product(x, packed.values, packed.indices, b, dense=dense, tile_bytes=tile_bytes)
+                assert y.dtype == x_dtype and mismatch(y, reference(x, weight, b)) is None, (tile_bytes, b is None)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_tiles_are_capped_in_number_only_with_threads() -> None:
