@@ -228,24 +228,35 @@ int64_t tokens_xt_floats(int64_t tokens, int64_t in) {
     return full * in + (tokens - full + V::kLanes - 1) / V::kLanes * V::kLanes * in;
 }
 
-// x (fp32, args->x) into that layout, transposed in 16 × 16 blocks so that both the reads and the writes stay within
-// a few cache lines at a time.
+// x (fp32, args->x) into that layout, kLanes tokens at a time: kLanes × kLanes blocks loaded a token row per
+// vector, transposed in registers and stored an input row per vector; inputs past the last whole block and the
+// last partial vector of tokens element by element. (Element by element throughout, with inputs in the outer loop,
+// the pack of 512 tokens × 4096 inputs took 6.2 ms, measured (AMD Zen 4, 1 thread): 5 % of the 4096 × 4096 product
+// and 13 % of 576 × 576's (0.42 of 3.15 ms), on the calling thread before any other thread starts.)
 template <class V>
 void tokens_pack_xt(const sec24_args* a, float* xt) {
     constexpr int64_t chunk = V::kLanes * V::kMaxVectors;
+    constexpr int L = V::kLanes;
     const int64_t in = a->in;
     for (int64_t t0 = 0; t0 < a->tokens; t0 += chunk) {
         const int64_t count = sec24_min(chunk, a->tokens - t0);
-        const int64_t width = (count + V::kLanes - 1) / V::kLanes * V::kLanes;
+        const int64_t width = (count + L - 1) / L * L;
         float* dst = xt + t0 * in;  // [in][width]
-        for (int64_t k0 = 0; k0 < in; k0 += 16) {
-            const int64_t k1 = sec24_min(in, k0 + 16);
-            for (int64_t t = 0; t < width; t += 16) {
-                const int64_t t1 = sec24_min(width, t + 16);
-                for (int64_t k = k0; k < k1; ++k)
-                    for (int64_t u = t; u < t1; ++u)
-                        dst[k * width + u] = u < count ? a->x[(t0 + u) * a->x_stride + k] : 0.0f;
-            }
+        for (int64_t t = 0; t < width; t += L) {
+            const int64_t tokens = sec24_min(L, count - t);  // x rows t0 + t .. (the rest of the vector: zeros)
+            const float* x = a->x + (t0 + t) * a->x_stride;
+            int64_t k = 0;
+            if (tokens == L)
+                for (; k + L <= in; k += L) {
+                    typename V::reg v[L];
+                    SEC24_UNROLL
+                    for (int q = 0; q < L; ++q) v[q] = V::load(x + q * a->x_stride + k);  // token t + q, inputs k..
+                    V::transpose(v);                                                   // v[n]: input k + n, tokens t..
+                    SEC24_UNROLL
+                    for (int n = 0; n < L; ++n) V::store(dst + (k + n) * width + t, v[n]);
+                }
+            for (; k < in; ++k)
+                for (int64_t u = 0; u < L; ++u) dst[k * width + t + u] = u < tokens ? x[u * a->x_stride + k] : 0.0f;
         }
     }
 }
