@@ -24,7 +24,13 @@ from secateurs.kernels.patterns import SparsityPattern, nm_prune_mask
 from secateurs.kernels.sparse import cpu, packing
 from secateurs.kernels.sparse.cpu import build as cpu_build
 from secateurs.kernels.sparse.cpu import kernel
-from secateurs.kernels.sparse.packing import REFERENCE_PATH, PackedLinear, describe_packed_kernels, pack_nm
+from secateurs.kernels.sparse.packing import (
+    REFERENCE_PATH,
+    PackedLinear,
+    describe_packed_kernels,
+    pack_nm,
+    unpack_nm,
+)
 from secateurs.workers import cpu_kernel as worker_side
 from tests.conftest import KERNEL_DIR
 
@@ -274,7 +280,11 @@ def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
             assert "-fopenmp" in cpu_build.dispatch_flags()
         big = pack_nm(weight_24((512, 1024), torch.float32, 9))  # 1.1 MB: above the one-thread size
         found = cpu.measure_crossover(big.values, big.indices, torch.float32)
-        assert found.serial_work in {kernel.SERIAL_WORK, kernel.ONE_THREAD} and "1 token: 2 threads" in found.how
+        rechecked = kernel._work(big.values, big.indices, kernel.THREADS_RECHECK)
+        assert found.serial_work in {kernel.SERIAL_WORK, rechecked, kernel.ONE_THREAD}
+        assert "1 token: 2 threads" in found.how
+        # where threads lost at one token they were timed again at THREADS_RECHECK tokens, and that decided
+        assert (found.serial_work != kernel.SERIAL_WORK) == (f"{kernel.THREADS_RECHECK} tokens: 2 threads" in found.how)
     finally:
         torch.set_num_threads(threads)
 
@@ -488,6 +498,23 @@ def test_dense_tiles_equal_the_dense_product(
                 assert y.dtype == x_dtype and mismatch(y, reference(x, weight, b)) is None, (tile_bytes, b is None)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_the_work_size_is_counted_as_the_kernel_counts_it(built: cpu_build.Built) -> None:
+    """_work mirrors dispatch.cpp's count (packed bytes + tokens × out × in/2): a serial_work just above a product's
+    work keeps it on the calling thread, just at it lets the threads take it."""
+    packed = pack_nm(weight_24((597, 68), torch.float32, 2))
+    assert kernel._work(packed.values, packed.indices, 3) == 597 * (34 * 4 + 9) + 3 * 597 * 34
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(3, 68)
+        work = kernel._work(packed.values, packed.indices, 3)
+        for serial_work in (work, work + 1):  # both compute the same product, on the pool or on this thread
+            y = cpu.packed_product(x, packed.values, packed.indices, serial_work=serial_work)
+            assert mismatch(y, F.linear(x, unpack_nm(packed))) is None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_tiles_are_capped_in_number_only_with_threads() -> None:

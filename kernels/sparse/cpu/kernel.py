@@ -81,6 +81,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 SERIAL_WORK = 256 << 10  # bytes streamed (weights + the tokens' share) below which one thread runs the product
 ONE_THREAD = 1 << 62  # a work size no product reaches: the calling thread runs everything
+THREADS_RECHECK = 64  # where threads lose at one token, the token count at which they are timed again
 BLOCK_ROWS = 16  # output rows a thread takes at a time
 # Dense tile of the hand-over. Measured (Xeon, 1 thread, shared machine, best of 8): tiles of 256 KiB and 1 MiB lose
 # 20-50% to dense at 128-512 tokens (per-tile overheads, skinny products); 4 MiB and above are within noise of
@@ -119,7 +120,9 @@ class Crossover:
     dense: str  # the dense product the tiles use: "F.linear" or "oneDNN"
     how: str  # what was measured
     seconds: float  # the probe's cost
-    serial_work: int  # the kernel's work size below which it runs on the calling thread (ONE_THREAD: always)
+    # The kernel's work size below which it runs on the calling thread: SERIAL_WORK, the work of THREADS_RECHECK
+    # tokens (threads lost at one token, won at that count) or ONE_THREAD (always).
+    serial_work: int
     # The smallest count measured as a tiles win (None: none). Probe points between `tokens` and it that the budget
     # left unmeasured are measured when a call first needs them (extend_crossover).
     loses_at: int | None = None
@@ -514,14 +517,18 @@ def extend_crossover(
     )
 
 
-def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, notes: list[str]) -> int:
-    """The work size to pass the kernel for this weight: :data:`SERIAL_WORK` when torch's threads made a one-token
-    product faster (median of 5 interleaved calls each way), :data:`ONE_THREAD` when they did not."""
-    threads = torch.get_num_threads()
-    weight_bytes = values.numel() * values.element_size() + codes.numel()
-    if threads == 1 or weight_bytes < SERIAL_WORK:
-        return SERIAL_WORK
-    x = torch.randn(1, values.shape[1] * 2).to(x_dtype)  # [1, in]
+def _work(values: torch.Tensor, codes: torch.Tensor, tokens: int) -> int:
+    """The work size the kernel compares with ``serial_work`` for a product of ``tokens`` tokens (as ``linear`` in
+    dispatch.cpp counts it: the packed bytes streamed, plus the tokens' share)."""
+    out = values.shape[0]
+    return out * (values.shape[1] * values.element_size() + codes.shape[1]) + tokens * out * values.shape[1]
+
+
+def _threads_faster(
+    values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, tokens: int
+) -> tuple[float, float]:
+    """Medians of 5 interleaved calls of ``tokens`` tokens, through torch's threads and on the calling thread."""
+    x = torch.randn(tokens, values.shape[1] * 2).to(x_dtype)  # [tokens, in]
     samples: dict[int, list[float]] = {SERIAL_WORK: [], ONE_THREAD: []}
     for work in samples:  # warm-up: the pool's threads exist after this
         packed_product(x, values, codes, serial_work=work)
@@ -531,8 +538,26 @@ def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.d
             packed_product(x, values, codes, serial_work=work)
             times.append(time.perf_counter() - started)
     pooled, alone = (statistics.median(samples[work]) for work in (SERIAL_WORK, ONE_THREAD))
-    notes.append(f"1 token: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 5)")
-    return SERIAL_WORK if pooled < alone else ONE_THREAD
+    return pooled, alone
+
+
+def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, notes: list[str]) -> int:
+    """The work size to pass the kernel for this weight: :data:`SERIAL_WORK` when torch's threads made a one-token
+    product faster; where they did not, the work of a :data:`THREADS_RECHECK`-token product when the threads made
+    that one faster (fewer tokens then run on the calling thread), else :data:`ONE_THREAD`. (Until 2026-11-30 one
+    token decided for every count: on an AMD Zen 4, 2 threads, SmolLM2's 192 x 576 then ran 512-token products on
+    one thread, 0.60-0.67x dense, where both threads run them at 1.05-1.10x.)"""
+    threads = torch.get_num_threads()
+    weight_bytes = values.numel() * values.element_size() + codes.numel()
+    if threads == 1 or weight_bytes < SERIAL_WORK:
+        return SERIAL_WORK
+    for tokens in (1, THREADS_RECHECK):
+        pooled, alone = _threads_faster(values, codes, x_dtype, tokens)
+        what = "1 token" if tokens == 1 else f"{tokens} tokens"
+        notes.append(f"{what}: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 5)")
+        if pooled < alone:
+            return SERIAL_WORK if tokens == 1 else _work(values, codes, tokens)
+    return ONE_THREAD
 
 
 def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | None = None) -> Crossover:
@@ -670,7 +695,11 @@ def _crossovers_text() -> str:
         dtypes = str(w_dtype).removeprefix("torch.") + (
             "" if w_dtype == x_dtype else f" x {str(x_dtype).removeprefix('torch.')}"
         )
-        pool = "on 1 thread (measured faster)" if found.serial_work == ONE_THREAD and threads > 1 else ""
+        pool = ""
+        if threads > 1 and found.serial_work == ONE_THREAD:
+            pool = "on 1 thread (measured faster)"
+        elif threads > 1 and found.serial_work != SERIAL_WORK:
+            pool = f"on 1 thread below {THREADS_RECHECK} tokens (measured faster)"
         later = " (larger counts not yet measured: at their first call)" if _open(found) else ""
         parts.append(
             f"{out}x{inp} {dtypes} {threads} threads: kernel <= {found.tokens} tokens{' ' + pool if pool else ''}, "
@@ -737,6 +766,10 @@ def measured_crossovers() -> list[dict[str, Any]]:
             "loses_at": found.loses_at,
             "dense": found.dense,
             "kernel_threads": 1 if found.serial_work == ONE_THREAD else threads,
+            # below this many tokens the kernel runs on the calling thread (threads measured slower there)
+            "kernel_one_thread_below": (
+                None if threads == 1 or found.serial_work in (SERIAL_WORK, ONE_THREAD) else THREADS_RECHECK
+            ),
             "how": found.how,
             "seconds": round(found.seconds, 3),
         }
