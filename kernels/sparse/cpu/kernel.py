@@ -524,7 +524,7 @@ def _work(values: torch.Tensor, codes: torch.Tensor, tokens: int) -> int:
     return out * (values.shape[1] * values.element_size() + codes.shape[1]) + tokens * out * values.shape[1]
 
 
-def _threads_faster(
+def _thread_timings(
     values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, tokens: int
 ) -> tuple[float, float]:
     """Medians of 5 interleaved calls of ``tokens`` tokens, through torch's threads and on the calling thread."""
@@ -552,7 +552,7 @@ def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.d
     if threads == 1 or weight_bytes < SERIAL_WORK:
         return SERIAL_WORK
     for tokens in (1, THREADS_RECHECK):
-        pooled, alone = _threads_faster(values, codes, x_dtype, tokens)
+        pooled, alone = _thread_timings(values, codes, x_dtype, tokens)
         what = "1 token" if tokens == 1 else f"{tokens} tokens"
         notes.append(f"{what}: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 5)")
         if pooled < alone:
