@@ -293,6 +293,13 @@ std::string kernel_name(int64_t isa, bool x_bf16, bool w_bf16, int64_t tokens) {
     }
 }
 
+// The bias [out] as a contiguous tensor of `dtype`, or an undefined tensor when there is none.
+at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t out, at::ScalarType dtype) {
+    if (!bias.has_value() || !bias->defined()) return at::Tensor();
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be [out]");
+    return bias->to(dtype).contiguous();
+}
+
 // x [..., in] (fp32 or bf16, any strides) · W[out, in]ᵀ (+ bias) -> [..., out] in x's dtype. The leading dimensions
 // are flattened here rather than in Python: a decode step calls this for every linear of the model, and each
 // reshape through Python's dispatch costs about a microsecond on products of tens.
@@ -313,11 +320,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     at::Tensor xh = x_bf16 && x.stride(1) != 1 ? x.contiguous() : x;
     at::Tensor xf = x_bf16 ? (bf16_pair || amx ? at::Tensor() : x.to(at::kFloat).contiguous())
                            : (x.stride(1) == 1 ? x : x.contiguous());
-    at::Tensor b;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be [out]");
-        b = bias->to(at::kFloat).contiguous();
-    }
+    const at::Tensor b = checked_bias(bias, out, at::kFloat);
     std::vector<int64_t> y_sizes = x_any.sizes().vec();
     y_sizes.back() = out;
     at::Tensor y = at::empty(y_sizes, x.options().memory_format(at::MemoryFormat::Contiguous));  // [..., out]
@@ -406,11 +409,7 @@ at::Tensor tiles_linear(const at::Tensor& x, const at::Tensor& values, const at:
     check_packed(values, codes, in);
     const at::ScalarType compute = x.scalar_type() == values.scalar_type() ? x.scalar_type() : at::kFloat;
     const at::Tensor xc = x.to(compute).contiguous();  // [tokens, in]
-    at::Tensor b;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be [out]");
-        b = bias->to(compute).contiguous();
-    }
+    const at::Tensor b = checked_bias(bias, out, compute);
     at::Tensor y = at::empty({tokens, out}, x.options().dtype(compute));  // [tokens, out]
     if (tokens == 0 || out == 0) return y.to(x.scalar_type());
     const sec24_decompress_fn fn = decompress_fn(isa, values.scalar_type() == at::kBFloat16);
