@@ -3,8 +3,9 @@
     python benchmarks/cpu_kernel.py                                   # the full protocol (tens of minutes)
     python benchmarks/cpu_kernel.py --shapes smollm2 --tokens 1,16 --threads 1 --repetitions 20   # a quick look
 
-For every (threads, dtype, shape, tokens): the dense product (the faster of ``F.linear`` and the project's oneDNN
-path, ``kernels/matmul.py``; oneDNN takes fp32 only) against a :class:`PackedLinear` on the CPU, which runs the
+For every (threads, dtype, shape, tokens): the dense product (the faster of ``F.linear`` and the project's own dense
+route, ``kernels/matmul.py``'s ``linear``: oneDNN for fp32; for bf16, where the CPU has no bf16 arithmetic and fp32
+products of fp32 copies measured faster at first use, those) against a :class:`PackedLinear` on the CPU, which runs the
 packed kernel (``cpu_packed``) up to the shape's crossover and the dense tiles (``cpu_dense_tiles``) above it, the
 crossover measured by the kernel at its first call, as in real use (``secateurs.kernels.sparse.cpu``). Each point:
 
@@ -16,7 +17,7 @@ crossover measured by the kernel at its first call, as in real use (``secateurs.
 * every packed copy called once, untimed (a decoding model's layers have all run after its first step: per-layer
   state such as the crossover lookup and the kernel's bound call exists), ``--warmup`` untimed calls, then
   ``--repetitions`` (≥ 20) timed with ``time.perf_counter``, the variants interleaved call by call (dense F.linear,
-  dense oneDNN, packed) so a noisy neighbour hits them alike;
+  dense oneDNN or fp32 copies, packed) so a noisy neighbour hits them alike;
 * median, quartiles, min and max; speedup = dense median / packed median; the memory-bound limit of the point
   (weight + activation bytes, dense / packed: 1.88× fp32 and 1.78× bf16 at one token) and the fraction reached.
 
@@ -37,7 +38,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,10 +166,11 @@ def shape_points(
             "F.linear": lambda i, x=x: F.linear(x, weights[i % n_dense]),
             "packed": lambda i, x=x: layers[i % n_packed](x),
         }
-        if dtype == torch.float32 and matmul._onednn_linear_op() is not None:
+        project_dense = _project_dense(dtype)
+        if project_dense is not None:
             # Half the rotation away from F.linear's copy: both dense variants read copy i in the same round would
             # let the second read it from cache (a 576x576 fp32 weight fits a 2 MB L2), flattering dense.
-            variants["oneDNN"] = lambda i, x=x: matmul.linear(x, weights[(i + n_dense // 2) % n_dense])
+            variants[project_dense] = lambda i, x=x: matmul.linear(x, weights[(i + n_dense // 2) % n_dense])
         for layer in layers:  # each copy called once, untimed, as every layer of a model is after its first step
             layer(x)
         timings = {key: timing(values) for key, values in interleaved(variants, args.warmup, args.repetitions).items()}
@@ -192,6 +197,19 @@ def shape_points(
             f"{timings['packed']['median_ms']:.4f} ms: {speedup:.2f}x (memory limit {memory_limit:.2f}x)"
         )
     return points
+
+
+def _project_dense(dtype: torch.dtype) -> str | None:
+    """The name of the project's own dense route for ``dtype`` (``kernels/matmul.py``'s ``linear``, what a decoding
+    model's dense linears run) where it is not ``F.linear`` itself: oneDNN for fp32 wherever this build has it;
+    fp32 products of fp32 copies for bf16 where those were measured faster than the CPU's own bf16 product."""
+    import torch
+
+    from secateurs.kernels import matmul
+
+    if dtype == torch.float32:
+        return "oneDNN" if matmul._onednn_linear_op() is not None else None
+    return "fp32 copies" if matmul.linear_route(dtype) == "upcast" else None
 
 
 def main() -> None:
@@ -253,8 +271,9 @@ def main() -> None:
             "repetitions": args.repetitions,
             "rotation_span_bytes": span,
             "timer": "perf_counter",
-            "interleaved": "dense F.linear, dense oneDNN (fp32), packed: one call each in turn",
-            "dense": "the faster (median) of F.linear and oneDNN",
+            "interleaved": "dense F.linear, the project's dense (oneDNN for fp32, fp32 copies for bf16 where they "
+            "pay), packed: one call each in turn",
+            "dense": "the faster (median) of F.linear and the project's dense route (kernels/matmul.py linear)",
             "packed": "PackedLinear on CPU: cpu_packed up to the crossover measured at its first call, "
             "cpu_dense_tiles above",
             "weights": "random normal, pruned 2:4 by magnitude, no bias",
