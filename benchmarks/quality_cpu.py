@@ -70,7 +70,7 @@ def run_one(
         started = time.perf_counter()
         with heap_allocations() as heap:  # as run_job does
             tokens = None if method == "magnitude" else calibration
-            pruned = prune_model_(model, tokens, config, on_block=lambda _block: heap.release())
+            pruned = prune_model_(model, tokens, config, on_block=lambda _block: heap.between_blocks())
         result["prune_seconds"] = round(time.perf_counter() - started, 2)
         result["layers_pruned"] = len(pruned.layers)
         errors = [layer.error for layer in pruned.layers if layer.error is not None]

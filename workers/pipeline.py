@@ -698,7 +698,7 @@ def _run_streamed(
     )
 
     def on_block(progress: BlockProgress) -> None:
-        heap.release()
+        heap.between_blocks()
         emit(
             ProgressEvent(
                 stage=Stage.PRUNE,
