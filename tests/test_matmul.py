@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from secateurs.kernels.matmul import (
     fast_linears,
     gram_upper_,
     linear,
+    upcast_min_tokens,
     upcast_pays,
     use_cpu_gemm,
     use_upcast,
@@ -142,6 +144,20 @@ def test_16_bit_linears_as_fp32_products_equal_the_native_product(dtype: torch.d
     with use_upcast(False):
         assert torch.equal(linear(x, weight, b), F.linear(x, weight, b))
     torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b))  # whichever is measured faster
+
+
+def test_16_bit_linears_of_few_tokens_stay_native() -> None:
+    """The fp32 copy of the weight is made per call: a decode step (one token) or a large weight with a few tokens
+    keeps the native product, even where fp32 copies are forced."""
+    weight = torch.randn(48, 64).bfloat16()
+    assert upcast_min_tokens(weight) == 4
+    assert upcast_min_tokens(torch.empty(4096, 4096, dtype=torch.bfloat16)) == 32
+    with use_upcast(True), patch.object(matmul, "_upcast_linear", side_effect=AssertionError("upcast")) as upcast:
+        for x in (torch.randn(1, 64).bfloat16(), torch.randn(3, 1, 64).bfloat16()):  # 1 and 3 tokens
+            assert torch.equal(linear(x, weight), F.linear(x, weight))
+        upcast.assert_not_called()
+        with pytest.raises(AssertionError, match="upcast"):
+            linear(torch.randn(4, 64).bfloat16(), weight)
 
 
 def test_the_16_bit_choice_is_measured_once_per_dtype_and_never_for_fp32() -> None:
