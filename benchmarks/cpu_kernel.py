@@ -166,7 +166,7 @@ def shape_points(
             "F.linear": lambda i, x=x: F.linear(x, weights[i % n_dense]),
             "packed": lambda i, x=x: layers[i % n_packed](x),
         }
-        project_dense = _project_dense(dtype)
+        project_dense = _project_dense(dtype, tokens, base)
         if project_dense is not None:
             # Half the rotation away from F.linear's copy: both dense variants read copy i in the same round would
             # let the second read it from cache (a 576x576 fp32 weight fits a 2 MB L2), flattering dense.
@@ -199,17 +199,19 @@ def shape_points(
     return points
 
 
-def _project_dense(dtype: torch.dtype) -> str | None:
+def _project_dense(dtype: torch.dtype, tokens: int, weight: torch.Tensor) -> str | None:
     """The name of the project's own dense route for ``dtype`` (``kernels/matmul.py``'s ``linear``, what a decoding
     model's dense linears run) where it is not ``F.linear`` itself: oneDNN for fp32 wherever this build has it;
-    fp32 products of fp32 copies for bf16 where those were measured faster than the CPU's own bf16 product."""
+    fp32 products of fp32 copies for bf16 where those were measured faster than the CPU's own bf16 product and the
+    call has the tokens to repay the weight's copy (``upcast_min_tokens``)."""
     import torch
 
     from secateurs.kernels import matmul
 
     if dtype == torch.float32:
         return "oneDNN" if matmul._onednn_linear_op() is not None else None
-    return "fp32 copies" if matmul.linear_route(dtype) == "upcast" else None
+    upcast = matmul.linear_route(dtype) == "upcast" and tokens >= matmul.upcast_min_tokens(weight)
+    return "fp32 copies" if upcast else None
 
 
 def main() -> None:

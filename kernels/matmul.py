@@ -207,15 +207,17 @@ def use_upcast(upcast: bool) -> Iterator[None]:
 # The fp32 copy of the weight is made on every call, so it pays only from a number of tokens: measured (AVX2 EPYC
 # Zen 3, 1 thread, bf16, native F.linear against fp32 copies, ms): 576x576 at 1 / 2 / 4 tokens 0.07 / 0.14 / 0.27
 # against 0.14 / 0.15 / 0.19; 1536x576 at 4 tokens 0.76 against 0.41; 4096x4096 at 16 / 32 tokens 51 / 100 against
-# 71 / 86; a 49152x576 output head at 16 / 32 tokens 97 / 204 against 108 / 132 (the native product grows with
-# each token, a decode step's GEMV stays native). So from 4 tokens, and from one token per 2^19 weights above that.
+# 71 / 86; a 49152x576 output head at 16 / 32 tokens 97 / 204 against 108 / 132. The native product costs the same
+# per token at any count (a GEMV each), the copy once per call: cheap while it fits the cache, a page-faulted
+# stream beyond. So from 4 tokens for weights whose fp32 copy fits 4 MiB, from 32 above.
 _UPCAST_MIN_TOKENS = 4
-_UPCAST_WEIGHTS_PER_TOKEN = 1 << 19
+_UPCAST_MIN_TOKENS_LARGE = 32
+_UPCAST_CACHED_BYTES = 4 << 20
 
 
 def upcast_min_tokens(weight: torch.Tensor) -> int:
     """The fewest tokens from which a 16-bit ``weight`` [out, in] computes as fp32 products (where they pay)."""
-    return max(_UPCAST_MIN_TOKENS, weight.numel() // _UPCAST_WEIGHTS_PER_TOKEN)
+    return _UPCAST_MIN_TOKENS if 4 * weight.numel() <= _UPCAST_CACHED_BYTES else _UPCAST_MIN_TOKENS_LARGE
 
 
 def _upcast_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -151,6 +151,7 @@ def test_16_bit_linears_of_few_tokens_stay_native() -> None:
     keeps the native product, even where fp32 copies are forced."""
     weight = torch.randn(48, 64).bfloat16()
     assert upcast_min_tokens(weight) == 4
+    assert upcast_min_tokens(torch.empty(1536, 576, dtype=torch.bfloat16)) == 4
     assert upcast_min_tokens(torch.empty(4096, 4096, dtype=torch.bfloat16)) == 32
     with use_upcast(True), patch.object(matmul, "_upcast_linear", side_effect=AssertionError("upcast")) as upcast:
         for x in (torch.randn(1, 64).bfloat16(), torch.randn(3, 1, 64).bfloat16()):  # 1 and 3 tokens

@@ -52,6 +52,27 @@ inline __m256 expand8(const void* v, uint8_t code) {
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(w, _mm256_load_si256((const __m256i*)kShuffles.f32[code])));
 }
 
+// One row's product for one token: the 8 lanes of its running sums, plus the last 4 inputs (one group: 2 kept values)
+// when `in` leaves them after input k. v and c point at the row's values and codes, x at the token's inputs.
+template <bool BF16>
+inline float row_sum(__m256 sum8, const char* v, const uint8_t* c, const float* x, int64_t k, int64_t in) {
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    float sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    if (k < in) {
+        const uint32_t b = c[k / 8] & 15u;
+        const float* xt = x + k;
+        if (BF16) {
+            const uint16_t* vh = (const uint16_t*)v + k / 2;
+            sum += sec24_bf16_to_f32(vh[0]) * xt[b & 3] + sec24_bf16_to_f32(vh[1]) * xt[b >> 2];
+        } else {
+            const float* vf = (const float*)v + k / 2;
+            sum += vf[0] * xt[b & 3] + vf[1] * xt[b >> 2];
+        }
+    }
+    return sum;
+}
+
 // Rows [r0, r0 + R) × tokens [t0, t0 + TT).
 template <int R, int TT, bool BF16>
 void tile(const sec24_args* a, int64_t r0, int64_t t0) {
@@ -112,24 +133,8 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
     SEC24_UNROLL
     for (int r = 0; r < R; ++r)
         SEC24_UNROLL
-        for (int t = 0; t < TT; ++t) {
-            const __m256 sum8 = _mm256_load_ps(total[r][t]);
-            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
-            const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            float sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-            if (k < in) {  // the last 4 inputs (one group: 2 kept values)
-                const uint32_t b = c[r][k / 8] & 15u;
-                const float* xt = x[t] + k;
-                if (BF16) {
-                    const uint16_t* vh = (const uint16_t*)(v[r]) + k / 2;
-                    sum += sec24_bf16_to_f32(vh[0]) * xt[b & 3] + sec24_bf16_to_f32(vh[1]) * xt[b >> 2];
-                } else {
-                    const float* vf = (const float*)(v[r]) + k / 2;
-                    sum += vf[0] * xt[b & 3] + vf[1] * xt[b >> 2];
-                }
-            }
-            sec24_store(a, t0 + t, r0 + r, sum);
-        }
+        for (int t = 0; t < TT; ++t)
+            sec24_store(a, t0 + t, r0 + r, row_sum<BF16>(_mm256_load_ps(total[r][t]), v[r], c[r], x[t], k, in));
 }
 
 // One token, rows [r0, r0 + R), for long rows: the tile above with two accumulators per row (the two halves of
@@ -190,23 +195,7 @@ void tile_one(const sec24_args* a, int64_t r0) {
         }
     }
     SEC24_UNROLL
-    for (int r = 0; r < R; ++r) {
-        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(total[r]), _mm256_extractf128_ps(total[r], 1));
-        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        float sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-        if (k < in) {  // the last 4 inputs (one group: 2 kept values)
-            const uint32_t b = c[r][k / 8] & 15u;
-            const float* xt = x + k;
-            if (BF16) {
-                const uint16_t* vh = (const uint16_t*)(v[r]) + k / 2;
-                sum += sec24_bf16_to_f32(vh[0]) * xt[b & 3] + sec24_bf16_to_f32(vh[1]) * xt[b >> 2];
-            } else {
-                const float* vf = (const float*)(v[r]) + k / 2;
-                sum += vf[0] * xt[b & 3] + vf[1] * xt[b >> 2];
-            }
-        }
-        sec24_store(a, 0, r0 + r, sum);
-    }
+    for (int r = 0; r < R; ++r) sec24_store(a, 0, r0 + r, row_sum<BF16>(total[r], v[r], c[r], x, k, in));
 }
 
 template <int TT, bool BF16>
