@@ -63,6 +63,9 @@ def _set_mapping(libc: Any, mmap_max: int, threshold: int) -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def _resident_bytes() -> int | None:
     """This process's resident set now (Linux ``/proc/self/statm``), or None where it cannot be read."""
     try:
@@ -72,7 +75,6 @@ def _resident_bytes() -> int | None:
         return None
 
 
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Between two blocks the heap is trimmed only once the resident set has grown this much past its level at the end of
 # the first block since the last trim (see Heap.between_blocks).
 BLOCK_GROWTH_BYTES = 192 << 20
@@ -129,13 +131,12 @@ class Heap:
         if self._libc is None:
             return
         resident = _resident_bytes()
-        if resident is not None and self._level is None:
+        if resident is None:
+            self.release()
+        elif self._level is None:
             self._level = resident  # one block's working set on the heap: the level to keep
-            return
-        if resident is not None and self._level is not None and resident < self._level + BLOCK_GROWTH_BYTES:
-            return
-        self._libc.malloc_trim(0)
-        self._level = None
+        elif resident >= self._level + BLOCK_GROWTH_BYTES:
+            self.release()
 
 
 @contextmanager
