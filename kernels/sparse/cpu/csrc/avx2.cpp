@@ -140,10 +140,11 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
 // One token, rows [r0, r0 + R), for long rows: the tile above with two accumulators per row (the two halves of
 // each 16 inputs), so each row's FMAs form two dependency chains instead of one, and the codes of 32 inputs read as one
 // 32-bit word. Measured (AMD EPYC Zen 3, 1 thread, standalone, medians of 5 interleaved rounds, weights rotated past
-// the 32 MiB L3): 64 x 2048 fp32 in L2 0.008-0.009 ms against the general tile's 0.014; fp32 4096x4096 1.6-2.5 ms
-// against 1.9-3.0, bf16 4096x11008 4.2-4.3 ms (best three) against 5.2-7.3, fp32 576x1536 0.135-0.146 against
-// 0.12-0.17; but 576-input rows (SmolLM2's 576x576, 1536x576) 10-15 % slower (18 steps per row: the per-row set-up
-// and the sums weigh more), so rows_tokens takes it from kOneTokenLongRow inputs.
+// the 32 MiB L3): bf16 4096x4096 1.6-2.6 ms against the general tile's 1.9-3.0, bf16 4096x11008 4.2-4.3 ms (best
+// three) against 5.2-7.3, fp32 576x1536 0.135-0.146 against 0.12-0.17, fp32 4096x4096 2.5-3.0 against 2.3-3.4 (no
+// clear difference); in L2 (64 x 2048 fp32, the loop without the prefetch) 0.008 ms against 0.014 at best; but
+// 576-input rows (SmolLM2's 576x576, 1536x576) 10-15 % slower (18 steps per row: the per-row set-up and the sums
+// weigh more), so rows_tokens takes it from kOneTokenLongRow inputs.
 constexpr int64_t kOneTokenLongRow = 1024;
 
 template <int R, bool BF16>
