@@ -78,9 +78,14 @@ try {
     null,
     { timeout: 180000, polling: 50 },
   );
-  const first = await shownBlock(page);
-  const bar = page.locator('#progress [role="progressbar"]');
-  assert((await bar.getAttribute("aria-valuenow")) === String(first), "the progress bar's aria-valuenow is the block");
+  // Read the text and the bar in one evaluation: the page re-renders every poll, and two separate reads can
+  // straddle a block boundary.
+  const { first, valueNow } = await page.evaluate(() => {
+    const match = /Block (\d+) \/ (\d+)/.exec(document.getElementById("block-text")?.textContent ?? "");
+    const bar = document.querySelector('#progress [role="progressbar"]');
+    return { first: match ? Number(match[1]) : null, valueNow: bar?.getAttribute("aria-valuenow") ?? null };
+  });
+  assert(valueNow === String(first), `the progress bar's aria-valuenow (${valueNow}) is the block (${first})`);
   assert((await page.locator("#progress").getAttribute("aria-live")) === "polite", "progress is an aria-live region");
   await page.waitForFunction(
     (seen) => {
