@@ -147,6 +147,46 @@ def test_the_token_vector_kernel_equals_the_dense_product(
     assert not failures, "\n".join(failures)
 
 
+@pytest.fixture
+def token_spans(built: cpu_build.Built) -> Iterator[None]:
+    """Products of 512 tokens and more run in spans of 256 tokens whatever the rule would choose (the rule again
+    after the test)."""
+    built.module.set_token_spans(1)
+    yield
+    built.module.set_token_spans(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: f"x-{str(d)[6:]}")
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
+def test_token_spans_equal_the_dense_product(
+    isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype, threads: int, token_spans: None
+) -> None:
+    """Many tokens in spans (dispatch.cpp's token_spans: each thread lays out its own 256 tokens of x and runs every
+    row over them): whole spans, a short last one, rows and inputs as in the test above, bias and strided x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        failures = dense_mismatches([(13, 36), (150, 68), (37, 1540)], [512, 700], w_dtype, x_dtype)
+    finally:
+        torch.set_num_threads(before)
+    assert not failures, "\n".join(failures)
+
+
+def test_the_token_spans_rule(built: cpu_build.Built) -> None:
+    """Spans from 512 tokens on more than one thread once x outgrows the packed values (2 · tokens > out); rows split
+    below, and always on one thread (measured, dispatch.cpp)."""
+    module = built.module
+    assert module.token_spans(512, 1000, 2) and not module.token_spans(512, 1024, 2)
+    assert not module.token_spans(511, 100, 2) and not module.token_spans(4096, 100, 1)
+    module.set_token_spans(0)
+    try:
+        assert not module.token_spans(4096, 100, 2)
+    finally:
+        module.set_token_spans(-1)
+
+
 def test_the_token_vector_blocks_follow_the_l1d(built: cpu_build.Built) -> None:
     """Full AVX-512 chunks take the 64-row blocks only where a core's L1d holds their 32 KiB of sums beside 16 KiB of
     x (tokens.h: on a 32 KiB L1d they ran at half the speed of 16-row blocks); the CPU's answer is the one sysconf

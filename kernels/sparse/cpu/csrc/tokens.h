@@ -98,9 +98,17 @@ __attribute__((always_inline)) inline void tokens_byte(typename V::reg (&acc)[R]
     SEC24_UNROLL
     for (int i = 0; i < R; ++i) {
         const uint8_t* p = sec24_positions.pos[c[i][b]];
+        // The byte's four weights in one load, each then spread over the vector by a shuffle (V::kQuads), instead
+        // of a broadcast load per weight.
+        typename V::reg quad{};
+        if constexpr (V::kQuads && Q == 4) quad = V::template quad<BF16>(v[i], 4 * b);
         SEC24_UNROLL
         for (int q = 0; q < Q; ++q) {
-            const typename V::reg w = V::set1(tokens_weight<BF16>(v[i], 4 * b + q));
+            typename V::reg w;
+            if constexpr (V::kQuads && Q == 4)
+                w = V::spread(quad, q);
+            else
+                w = V::set1(tokens_weight<BF16>(v[i], 4 * b + q));
             const float* xr = xb + p[q] * W;
             SEC24_UNROLL
             for (int n = 0; n < NV; ++n) acc[i][n] = V::fmadd(w, V::load(xr + n * V::kLanes), acc[i][n]);
