@@ -149,7 +149,7 @@ def test_the_token_vector_kernel_equals_the_dense_product(
 
 @pytest.fixture
 def token_spans(built: cpu_build.Built) -> Iterator[None]:
-    """Products of 512 tokens and more run in spans of 256 tokens whatever the rule would choose (the rule again
+    """Products of 2,048 tokens and more run in spans of 256 tokens whatever the rule would choose (the rule again
     after the test)."""
     built.module.set_token_spans(1)
     yield
@@ -168,18 +168,18 @@ def test_token_spans_equal_the_dense_product(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        failures = dense_mismatches([(13, 36), (150, 68), (37, 1540)], [512, 700], w_dtype, x_dtype)
+        failures = dense_mismatches([(13, 36), (150, 68), (37, 1540)], [2048, 2200], w_dtype, x_dtype)
     finally:
         torch.set_num_threads(before)
     assert not failures, "\n".join(failures)
 
 
 def test_the_token_spans_rule(built: cpu_build.Built) -> None:
-    """Spans from 512 tokens on more than one thread once x outgrows the packed values (2 · tokens > out); rows split
-    below, and always on one thread (measured, dispatch.cpp)."""
+    """Spans from 2,048 tokens on more than one thread once x outgrows the packed values (2 · tokens > out); rows
+    split below, and always on one thread (measured, dispatch.cpp)."""
     module = built.module
-    assert module.token_spans(512, 1000, 2) and not module.token_spans(512, 1024, 2)
-    assert not module.token_spans(511, 100, 2) and not module.token_spans(4096, 100, 1)
+    assert module.token_spans(2048, 4000, 2) and not module.token_spans(2048, 4096, 2)
+    assert not module.token_spans(2047, 100, 2) and not module.token_spans(4096, 100, 1)
     module.set_token_spans(0)
     try:
         assert not module.token_spans(4096, 100, 2)

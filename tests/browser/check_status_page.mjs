@@ -36,14 +36,6 @@ async function getJson(url, key = null) {
   return response.json();
 }
 
-/** The block number the job page shows ("Block i / N"), or null. */
-async function shownBlock(page) {
-  return page.evaluate(() => {
-    const match = /Block (\d+) \/ (\d+)/.exec(document.getElementById("block-text")?.textContent ?? "");
-    return match ? Number(match[1]) : null;
-  });
-}
-
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-dev-shm-usage"],
@@ -87,17 +79,19 @@ try {
   });
   assert(valueNow === String(first), `the progress bar's aria-valuenow (${valueNow}) is the block (${first})`);
   assert((await page.locator("#progress").getAttribute("aria-live")) === "polite", "progress is an aria-live region");
-  await page.waitForFunction(
+  // The page as it was when the block first advanced, read in that same evaluation (after the last block the next
+  // stage's render drops the ETA).
+  const advanced = await page.waitForFunction(
     (seen) => {
       const match = /Block (\d+) \/ 16/.exec(document.getElementById("block-text")?.textContent ?? "");
-      return match && Number(match[1]) > seen;
+      if (!match || Number(match[1]) <= seen) return null;
+      const text = (id) => document.getElementById(id)?.innerText ?? "";
+      return { later: Number(match[1]), eta: text("eta"), worst: text("worst") };
     },
     first,
     { timeout: 120000, polling: 50 },
   );
-  const later = await shownBlock(page);
-  const eta = await page.locator("#eta").innerText();
-  const worst = await page.locator("#worst").innerText();
+  const { later, eta, worst } = await advanced.jsonValue();
   assert(/left/.test(eta), `an ETA is shown while pruning: ${eta}`);
   assert(/Worst relative reconstruction error in block \d+/.test(worst), `the worst layer error is shown: ${worst}`);
   log(`live progress: block ${first}/16 -> ${later}/16 (${eta}; ${worst})`);

@@ -263,8 +263,11 @@ void run_blocks(int64_t n, int64_t block, int64_t work, int64_t serial_work, con
 // SmolLM2's 576x1536 at 2,048 tokens rows 0.71x, spans 0.98x; the three SmolLM2 shapes at 32,768 tokens rows
 // 0.61-0.81x, spans 0.97-1.07x; where the packed values are the larger, spans lost (LLaMA-7B's 4096x11008 at 512
 // tokens: rows 1.02x, spans 0.92x) or tied. On one thread there is no laying out to share, and spans measured no
-// better (576x1536 at 2,048 tokens 1.07x rows, 1.01x spans; 4096x11008 at 512 1.23x / 1.17x).
-constexpr int64_t kTokenSpan = 256, kTokenSpanMin = 2 * kTokenSpan;
+// better (576x1536 at 2,048 tokens 1.07x rows, 1.01x spans; 4096x11008 at 512 1.23x / 1.17x). From 2,048 tokens:
+// with spans from 512, benchmarks/cpu_kernel.py (weights rotated past the L3, 2 threads) read SmolLM2's 576x1536 at
+// 512 tokens 7.54 -> 8.26 ms (each span reads the weight again) and 576x576 2.81 -> 2.80; at 512 tokens the laid-out
+// x (3 MB for 1536 inputs) still sits in the L3 for the row blocks.
+constexpr int64_t kTokenSpan = 256, kTokenSpanMin = 2048;
 int64_t token_spans_override = -1;  // set_token_spans: 1 always (from kTokenSpanMin tokens), 0 never, -1 the rule
 
 bool use_token_spans(int64_t tokens, int64_t out, int64_t threads) {
