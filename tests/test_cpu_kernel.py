@@ -9,7 +9,7 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -127,9 +127,14 @@ def tokens_tall(request: pytest.FixtureRequest, built: cpu_build.Built) -> Itera
     built.module.set_tokens_tall(-1)
 
 
-@pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: f"x-{str(d)[6:]}")
-@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
-@pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
+def token_vector_cases(test: Callable[..., None]) -> Callable[..., None]:
+    """Every pair of x and weight dtypes on each instruction set that has a token-vector kernel."""
+    test = pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)(test)
+    test = pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")(test)
+    return pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: f"x-{str(d)[6:]}")(test)
+
+
+@token_vector_cases
 def test_the_token_vector_kernel_equals_the_dense_product(
     isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype, token_vectors_from_one: None, tokens_tall: int
 ) -> None:
@@ -157,9 +162,7 @@ def token_spans(built: cpu_build.Built) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: f"x-{str(d)[6:]}")
-@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
-@pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
+@token_vector_cases
 def test_token_spans_equal_the_dense_product(
     isa: str, w_dtype: torch.dtype, x_dtype: torch.dtype, threads: int, token_spans: None
 ) -> None:
