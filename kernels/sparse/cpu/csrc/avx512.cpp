@@ -162,9 +162,6 @@ struct Vec512 {
     static reg set1(float f) { return _mm512_set1_ps(f); }
     // Weights one broadcast each (tokens.h; the four-at-a-time form of avx2.cpp's Vec256 is not measured here).
     static constexpr bool kQuads = false;
-    template <bool BF16>
-    static reg quad(const void*, int64_t) { return zero(); }
-    static reg spread(reg v, int) { return v; }
     static reg load(const float* p) { return _mm512_loadu_ps(p); }
     static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
     static reg add(reg x, reg y) { return _mm512_add_ps(x, y); }
