@@ -543,6 +543,21 @@ def test_dense_tiles_equal_the_dense_product(
         torch.set_num_threads(saved)
 
 
+def test_the_hand_over_tile_follows_the_l2_and_the_threads(built: cpu_build.Built) -> None:
+    """8 MiB tiles on one thread where a core's L2 holds 2 MiB, 2 MiB otherwise and with threads (measured,
+    kernel.py); whatever the CPU reports, the description names the size in use."""
+    saved = torch.get_num_threads()
+    large_l2 = built.module.l2_bytes() >= kernel.LARGE_L2_BYTES
+    try:
+        torch.set_num_threads(1)
+        assert kernel.hand_over_tile_bytes() == (kernel.TILE_BYTES_LARGE_L2 if large_l2 else kernel.TILE_BYTES)
+        assert f"decompressed {kernel.hand_over_tile_bytes() >> 10} KiB" in kernel.describe_tiles().detail
+        torch.set_num_threads(2)
+        assert kernel.hand_over_tile_bytes() == kernel.TILE_BYTES
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_the_work_size_is_counted_as_the_kernel_counts_it(built: cpu_build.Built) -> None:
     """_work mirrors dispatch.cpp's count (packed bytes + tokens × out × in/2): a serial_work just above a product's
     work keeps it on the calling thread, just at it lets the threads take it."""

@@ -88,8 +88,16 @@ BLOCK_ROWS = 16  # output rows a thread takes at a time
 # decompressing the whole weight on SmolLM2's shapes and better than it on 4096x4096 (the tile stays in cache).
 # Re-measured on an AMD EPYC Zen 5 (1 thread, quiet, two weight copies alternated, medians of 7; tiles / dense on the
 # LLaMA-7B shapes at 128 and 512 tokens, bf16 and fp32, uncapped tiles of 1 / 2 / 4 / 8 MiB): 2 MiB 0.86-0.98,
-# 4 MiB 0.84-0.97, 8 MiB 0.88-0.95 (1 MiB 0.83-0.99, the widest spread), so 2 MiB since 2026-11-30.
+# 4 MiB 0.84-0.97, 8 MiB 0.88-0.95 (1 MiB 0.83-0.99, the widest spread), so 2 MiB since 2026-11-30. Where a core's L2
+# holds 2 MiB (the Xeons' cores; AMD's hold 0.5-1 MiB) one thread takes 8 MiB: measured on an Intel Xeon (family 6,
+# model 207, AVX-512 + AMX, L2 2 MiB; 1 thread, 512 tokens, four weight copies in turn, the sizes alternated call by
+# call, medians of the paired ratios over 9-15 rounds on a VM whose products varied 2-5x within seconds), 8 MiB
+# against 2 MiB: bf16 1.05 / 1.09 / 1.25x faster on 4096x4096 / 11008x4096 / 4096x11008, 0.97-1.00x on SmolLM2's
+# one-tile weights; fp32 1.07 / 1.14 / 0.93x, and 1.09-1.13x on 576x1536 and 1536x576 (one tile instead of two).
+# With threads, tiles stay at 2 MiB (8 MiB there: 0.94-1.11x bf16, 0.97-1.09x fp32, paired as above).
 TILE_BYTES = 2 << 20
+TILE_BYTES_LARGE_L2 = 8 << 20
+LARGE_L2_BYTES = 2 << 20
 # Each tile's dense product is one parallel region of the dense library when threads > 1, and on a shared 2-vCPU VM
 # any region can stall for milliseconds waiting for a descheduled thread (GUIDE §6). Measured: 11008x4096 fp32,
 # 4 tokens, 2 threads, load average 7: 22 tiles of 4 MiB took 340-580 ms against 77-95 ms on one thread. So with
@@ -263,6 +271,14 @@ def _dense_fn(name: str) -> Callable[..., torch.Tensor]:
     return matmul.linear if name == "oneDNN" else F.linear
 
 
+def hand_over_tile_bytes() -> int:
+    """The hand-over's tile in bytes for this process: :data:`TILE_BYTES_LARGE_L2` on one thread where a core's L2
+    holds :data:`LARGE_L2_BYTES` (as the CPU reports it), else :data:`TILE_BYTES`. Call :func:`ensure` first."""
+    if torch.get_num_threads() == 1 and int(_module().l2_bytes()) >= LARGE_L2_BYTES:
+        return TILE_BYTES_LARGE_L2
+    return TILE_BYTES
+
+
 def tile_rows(out: int, row_bytes: int, tile_bytes: int, max_tiles: int | None = None) -> int:
     """Rows per tile: tiles of about ``tile_bytes`` (at least one row), at most ``max_tiles`` of them (None: the
     :data:`MAX_TILES` cap when torch runs more than one thread, no cap on one), equal in size, a multiple of 16 rows
@@ -281,7 +297,7 @@ def dense_tiles_product(
     bias: torch.Tensor | None = None,
     *,
     dense: str = "F.linear",
-    tile_bytes: int = TILE_BYTES,
+    tile_bytes: int | None = None,
     serial_work: int = SERIAL_WORK,
 ) -> torch.Tensor:
     """The hand-over: W decompressed a tile of rows at a time into one reused cache-sized buffer, each tile
@@ -297,6 +313,7 @@ def dense_tiles_product(
     noisy VM (±5 % between rounds). SmolLM2's one-tile weights split into a tile per thread measured no better
     (0.85-0.91 against 0.85-0.94), so they keep their single tile."""
     out, in_features = values.shape[0], values.shape[1] * 2
+    tile_bytes = hand_over_tile_bytes() if tile_bytes is None else tile_bytes
     compute = x.dtype if x.dtype == values.dtype else torch.float32
     threads, row_bytes = torch.get_num_threads(), in_features * values.element_size()
     if threads > 1 and out * row_bytes > threads * tile_bytes and not (compute == torch.float32 and dense == "oneDNN"):
@@ -423,7 +440,7 @@ class _Probe:
         self.choices = choices or _dense_choices(x_dtype, values.dtype)  # the dense products the tiles may use
         self.dense: str | None = None  # the faster dense product of the tiles, once they are timed
         self.repeats: dict[str, int] = {}
-        rows = tile_rows(values.shape[0], self.in_features * values.element_size(), TILE_BYTES)
+        rows = tile_rows(values.shape[0], self.in_features * values.element_size(), hand_over_tile_bytes())
         buffer = torch.empty(rows, self.in_features, dtype=values.dtype)  # [rows, in]
         module, isa = _module(), _STATE.isa_index
 
@@ -746,8 +763,9 @@ def describe_tiles() -> KernelDescription:
     return KernelDescription(
         TILES_NAME,
         True,
-        f"above each layer's measured crossover: the weight decompressed {TILE_BYTES >> 10} KiB of rows at a time "
-        f"({_STATE.isa}), each tile multiplied by the faster dense product measured (F.linear or oneDNN); with more "
+        f"above each layer's measured crossover: the weight decompressed {hand_over_tile_bytes() >> 10} KiB of rows "
+        f"at a time ({_STATE.isa}; L2 {int(_module().l2_bytes()) >> 10} KiB, {torch.get_num_threads()} threads), "
+        "each tile multiplied by the faster dense product measured (F.linear or oneDNN); with more "
         "than one thread, a weight of several tiles a thread on F.linear has each thread multiply its own tiles, "
         f"else at most {MAX_TILES} tiles, each product over all threads",
     )

@@ -69,6 +69,16 @@ int64_t l1d_bytes() {
     return 0;
 #endif
 }
+// The L2 cache of a core, in bytes, 0 when the system does not say (the hand-over's tile size on one thread,
+// kernel.py's hand_over_tile_bytes).
+int64_t l2_bytes() {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+    return bytes;
+#else
+    return 0;
+#endif
+}
 // Whether the token-vector kernels take their tall row blocks (tokens.h): where the L1d holds them, unless a test
 // forces either (set_tokens_tall: 1 or 0; -1 the measured rule again). A CPU that does not report its L1d takes the
 // short blocks, which every CPU measured so far runs at least as fast as the earlier layout.
@@ -524,6 +534,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("token_spans", &use_token_spans, "whether a token-vector product of (tokens, out, threads) runs in spans");
     m.def("tokens_tall", &tokens_tall, "whether the token-vector kernels' full chunks take tall row blocks");
     m.def("l1d_bytes", &l1d_bytes, "the L1 data cache of a core in bytes (0: not reported)");
+    m.def("l2_bytes", &l2_bytes, "the L2 cache of a core in bytes (0: not reported)");
     m.def("parallel_pieces", &parallel_pieces, "pieces at::parallel_for(0, n, 1) ran as (1 = no threads)");
     m.def("isas_compiled", &isas_compiled, "instruction sets compiled into this build, in order of preference");
     m.def("isas_runnable", &isas_runnable, "the compiled instruction sets this CPU runs");
