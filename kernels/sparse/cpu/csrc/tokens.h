@@ -62,8 +62,10 @@ constexpr sec24_position_table sec24_positions;
 // two weight copies alternated, interleaved call by call, medians of 6; G vector FMAs/s, 4096x4096 and 4096x11008 at
 // 128 and 512 tokens): 64-row blocks 1.05-1.12, 16-row blocks 1.94-2.13 (dense's FMAs at its rate, halved for
 // comparison, 1.30-1.43); 32-row blocks with 12 KiB of x and the prefetch 1.27-2.14.
-// (On the Xeon in 2026-11, with the earlier layout, 64-row blocks had been 15-25 % faster than 16-row ones at 64 and
-// 512 tokens on the LLaMA-7B shapes; the present split is not yet measured there.)
+// On an Intel Xeon (family 6 model 207, L1d 48 KiB; 1 thread, fp32, weights rotated over 300 MB, interleaved call by
+// call, medians) the tall blocks ran the LLaMA-7B shapes 12-33 % faster than 16-row ones at 128 and 512 tokens
+// (4096x11008 at 512: 327 against 435 ms), SmolLM2's 1536x576 and 576x1536 alike (-10 ... +2 %).
+// (The Xeon of 2026-11-29, with the earlier layout, had measured 64-row blocks 15-25 % faster at 64 and 512 tokens.)
 constexpr int kTokensRowBlockFull = 64, kTokensRowBlock = 16;
 constexpr int64_t kTokensXBlockFull = 16 << 10, kTokensXBlock = 24 << 10;
 static_assert(kTokensRowBlockFull * 128 * 4 + kTokensXBlockFull <= SEC24_TOKENS_TALL_L1_BYTES, "see packed24.h");
