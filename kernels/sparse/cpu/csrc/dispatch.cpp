@@ -60,25 +60,20 @@ int64_t token_vector_min(int64_t isa) {
 }
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16", "amx"};
 
-// The L1 data cache of a core, in bytes (glibc reads it from CPUID), 0 when the system does not say.
-int64_t l1d_bytes() {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL1_DCACHE_SIZE));
-    return bytes;
+// A core's L1 data cache (level 1: the token-vector kernels' tall blocks) or L2 (level 2: the hand-over's tile size on
+// one thread, kernel.py's hand_over_tile_bytes), in bytes as glibc reads them from CPUID; 0 when the system does not
+// say.
+int64_t cache_bytes(int level) {
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    static const int64_t l1d = std::max<long>(0, sysconf(_SC_LEVEL1_DCACHE_SIZE));
+    static const int64_t l2 = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+    return level == 1 ? l1d : l2;
 #else
     return 0;
 #endif
 }
-// The L2 cache of a core, in bytes, 0 when the system does not say (the hand-over's tile size on one thread,
-// kernel.py's hand_over_tile_bytes).
-int64_t l2_bytes() {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
-    return bytes;
-#else
-    return 0;
-#endif
-}
+int64_t l1d_bytes() { return cache_bytes(1); }
+int64_t l2_bytes() { return cache_bytes(2); }
 // Whether the token-vector kernels take their tall row blocks (tokens.h): where the L1d holds them, unless a test
 // forces either (set_tokens_tall: 1 or 0; -1 the measured rule again). A CPU that does not report its L1d takes the
 // short blocks, which every CPU measured so far runs at least as fast as the earlier layout.
