@@ -237,23 +237,38 @@ def test_the_amx_kernel_over_token_tiles_and_passes(isa: str) -> None:
     assert names == {1: "avx512bf16", 3: "avx512bf16", 4: "avx512", 5: "amx", 80: "amx"}
     assert module.kernel_name(kernel._STATE.isa_index, False, True, 16) == "avx512"
     failures = []
-    for seed, shape in enumerate([(37, 100), (16, 64), (40, 1540)]):
+
+    def check(shape: tuple[int, int], tokens_list: tuple[int, ...], seed: int, with_bias: bool, what: str = "") -> None:
         weight = weight_24(shape, torch.bfloat16, seed)
         packed = pack_nm(weight)
         bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-        for tokens in (5, 15, 16, 33, 64, 65, 130):
+        b = bias if with_bias else None
+        for tokens in tokens_list:
             x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
-            problem = mismatch(cpu.packed_product(x, packed.values, packed.indices, bias), reference(x, weight, bias))
+            problem = mismatch(cpu.packed_product(x, packed.values, packed.indices, b), reference(x, weight, b))
             if problem is not None:
-                failures.append(f"{shape} x {tokens} tokens: {problem}")
+                failures.append(f"{shape} x {tokens} tokens{what}: {problem}")
+
+    for seed, shape in enumerate([(37, 100), (16, 64), (40, 1540)]):
+        check(shape, (5, 15, 16, 33, 64, 65, 130), seed, True)
     # Above one pass, panels shared by groups of token tiles: 2560 inputs take groups of 12 tiles (192 tokens), so
     # 400 tokens are three groups, the last of one tile
-    weight = weight_24((20, 2560), torch.bfloat16, 7)
-    packed = pack_nm(weight)
-    x = torch.randn(400, 2560, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    problem = mismatch(cpu.packed_product(x, packed.values, packed.indices), reference(x, weight, None))
-    if problem is not None:
-        failures.append(f"(20, 2560) x 400 tokens: {problem}")
+    check((20, 2560), (400,), 7, False)
+    # From 256 tokens on rows of 4096+ inputs, blocks of 32 steps of inputs, sums kept between them (amx.cpp): 4100
+    # inputs end in a block of one partial step, 70 rows are two 32-row blocks and 6 left to the passes, 272 tokens
+    # end in an odd token tile; with and without bias; one thread, whose range of rows is all 70 (two threads would
+    # take runs of 16 rows here, too few for the blocks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check((70, 4100), (256,), 8, True)
+        check((70, 4100), (272,), 8, False)
+        # Forced where the rule would not take them: 1540 inputs (a block of 32 steps, then 17), 33 tokens (3 tiles)
+        module.set_amx_input_blocks(1)
+        check((40, 1540), (33,), 9, False, ", input blocks forced")
+    finally:
+        module.set_amx_input_blocks(-1)
+        torch.set_num_threads(threads)
     assert not failures, "\n".join(failures)
 
 

@@ -230,6 +230,116 @@ bool rows_panels(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_
     return true;
 }
 
+// Many tokens on wide rows: the inputs in blocks of kInputSteps steps (32 inputs each), the blocks outermost. For each
+// block, every 32 rows are expanded into two panels (32 KiB each, their steps of this block only) that every pair of
+// token tiles reads, while the block's slice of x (1 MiB at 512 tokens) stays in L2 for all the rows; the fp32 sums of
+// every row and token wait in `sums` ([32-row blocks][2][token tiles][16 × 16], as large as an fp32 y) between input
+// blocks. So each weight tile is expanded once per call, where rows_panels expands it once per group of tokens and
+// the passes once per 64 tokens (8 times at 512 tokens on 11008 inputs, whose 1 MiB group holds less than two passes).
+// Measured (Xeon, family 6 model 207; weights rotated over 300-400 MB, interleaved call by call, medians of the paired
+// ratios against the other paths). In the extension (set_amx_input_blocks), 1 thread: 4096x4096 1.04x faster at 256
+// tokens and 1.22x at 512 (0.78x -> 0.92x dense), 11008x4096 1.05x / 1.20x (0.85x -> 1.03x), 4096x11008 1.01x /
+// 1.16x (0.80x -> 0.85x); 2 threads at 512: 1.15x, 0.88x, 1.19x. Standalone, 1 thread: 128 tokens 0.80-0.88x,
+// 2048x2048 at 512 0.90-0.95x, SmolLM2's shapes at 512 0.88-0.97x (blocks of 24 and 48 steps between 16 and 32;
+// the rows outermost, x of all tokens read again for every 32 rows from L3, 0.75-0.86x). Hence only from
+// kInputBlocksMinTokens tokens on rows of kInputBlocksMinIn inputs.
+constexpr int64_t kInputSteps = 32, kInputBlocksMinTokens = 256, kInputBlocksMinIn = 4096;
+
+// Rows [r, r + 32) × token tiles b (and b + 1 when `two`) over steps [k0, k0 + ks) from the panels: C tiles 0-3 as in
+// block_2x2 (1 and 3 unused for a last odd token tile), loaded from and stored to `sums` unless this is the first or
+// the last input block (the last writes y).
+inline void block_sums(const sec24_args* a, int64_t r, int64_t b, bool two, int64_t k0, int64_t ks, bool first,
+                       bool last, const uint16_t* top, const uint16_t* bottom, float* sums, int64_t blocks) {
+    alignas(64) float c[16 * 16];
+    const int64_t pairs = padded_pairs(a->in);
+    float* s00 = sums + b * 256;               // rows r.., token tile b
+    float* s01 = s00 + 256;                    // rows r.., token tile b + 1
+    float* s10 = sums + (blocks + b) * 256;    // rows r + 16.., token tile b
+    float* s11 = s10 + 256;
+    const uint32_t* x0 = a->x_vnni + b * pairs * 16 + k0 * 256;  // [steps][16 pairs][16 tokens] of token tile b
+    const uint32_t* x1 = x0 + pairs * 16;
+    if (first) {
+        _tile_zero(0);
+        _tile_zero(2);
+        if (two) {
+            _tile_zero(1);
+            _tile_zero(3);
+        }
+    } else {
+        _tile_loadd(0, s00, 64);
+        _tile_loadd(2, s10, 64);
+        if (two) {
+            _tile_loadd(1, s01, 64);
+            _tile_loadd(3, s11, 64);
+        }
+    }
+    for (int64_t s = 0; s < ks; ++s) {
+        _tile_loadd(4, top + s * 512, 64);
+        _tile_loadd(5, bottom + s * 512, 64);
+        _tile_loadd(6, x0 + s * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two) {
+            _tile_loadd(7, x1 + s * 256, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    if (!last) {
+        _tile_stored(0, s00, 64);
+        _tile_stored(2, s10, 64);
+        if (two) {
+            _tile_stored(1, s01, 64);
+            _tile_stored(3, s11, 64);
+        }
+        return;
+    }
+    _tile_stored(0, c, 64);
+    write(a, r, 16, b, c);
+    _tile_stored(2, c, 64);
+    write(a, r + 16, 16, b, c);
+    if (two) {
+        _tile_stored(1, c, 64);
+        write(a, r, 16, b + 1, c);
+        _tile_stored(3, c, 64);
+        write(a, r + 16, 16, b + 1, c);
+    }
+}
+
+// False when the buffers cannot be allocated (the caller then takes another path).
+bool rows_input_blocks(const sec24_args* a, int64_t row_begin, int64_t row_end) {
+    const int64_t steps = (a->in + 31) / 32, blocks = (a->tokens + 15) / 16, row_blocks = (row_end - row_begin) / 32;
+    uint16_t* panel = (uint16_t*)aligned_alloc(64, (size_t)kInputSteps * 2048);  // two: rows r.. and r + 16..
+    float* sums = (float*)aligned_alloc(64, (size_t)(row_blocks * 2 * blocks * 256) * 4 + 64);
+    if (!panel || !sums) {
+        free(panel);
+        free(sums);
+        return false;
+    }
+    uint16_t* bottom = panel + kInputSteps * 512;
+    for (int64_t k0 = 0; k0 < steps; k0 += kInputSteps) {
+        const int64_t ks = sec24_min(kInputSteps, steps - k0);
+        const bool first = k0 == 0, last = k0 + ks == steps;
+        for (int64_t q = 0; q < row_blocks; ++q) {
+            const int64_t r = row_begin + 32 * q;
+            for (int64_t s = 0; s < ks; ++s) {
+                expand_tile(a, r, 16, (k0 + s) * 32, panel + s * 512, 32);
+                expand_tile(a, r + 16, 16, (k0 + s) * 32, bottom + s * 512, 32);
+            }
+            float* block_sums_q = sums + q * 2 * blocks * 256;
+            for (int64_t b = 0; b < blocks; b += 2)
+                block_sums(a, r, b, b + 1 < blocks, k0, ks, first, last, panel, bottom, block_sums_q, blocks);
+        }
+    }
+    free(panel);
+    free(sums);
+    for (int64_t r = row_begin + 32 * row_blocks; r < row_end; r += 16) {  // the last 16 rows or fewer
+        const int64_t e = sec24_min(row_end, r + 16);
+        passes(0, blocks, [&](auto width, int64_t b) { pass<decltype(width)::value>(a, r, e, b); });
+    }
+    return true;
+}
+
 }  // namespace
 
 extern "C" int64_t sec24_amx_x_words(int64_t tokens, int64_t in) { return (tokens + 15) / 16 * padded_pairs(in) * 16; }
@@ -261,6 +371,12 @@ extern "C" void sec24_rows_amx(const sec24_args* a, int64_t row_begin, int64_t r
     const int64_t blocks = (a->tokens + 15) / 16;
     // Token tiles per group (a multiple of a pass): panels pay only where a group holds more than one pass.
     const int64_t group = kGroupBytes / ((a->in + 31) / 32 * 1024) / kMaxTokenTiles * kMaxTokenTiles;
+    const bool by_rule = a->tokens >= kInputBlocksMinTokens && a->in >= kInputBlocksMinIn;
+    const bool input_blocks = a->amx_input_blocks < 0 ? by_rule : a->amx_input_blocks > 0;
+    if (input_blocks && row_end - row_begin >= 32 && rows_input_blocks(a, row_begin, row_end)) {
+        _tile_release();
+        return;
+    }
     if (blocks > kMaxTokenTiles && group > kMaxTokenTiles && rows_panels(a, row_begin, row_end, group)) {
         _tile_release();
         return;

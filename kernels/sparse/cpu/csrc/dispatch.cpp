@@ -78,6 +78,9 @@ int64_t l2_bytes() { return cache_bytes(2); }
 // forces either (set_tokens_tall: 1 or 0; -1 the measured rule again). A CPU that does not report its L1d takes the
 // short blocks, which every CPU measured so far runs at least as fast as the earlier layout.
 int64_t tokens_tall_override = -1;
+// The AMX kernel's input blocks (amx.cpp) by its measured rule (-1), or forced off (0) or on wherever they fit (1):
+// set_amx_input_blocks, for the tests and for comparing the paths in one process.
+int64_t amx_input_blocks_override = -1;
 
 bool tokens_tall() {
     if (tokens_tall_override >= 0) return tokens_tall_override > 0;
@@ -395,6 +398,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     args.x_vnni = nullptr;
     args.x_t = nullptr;
     args.tokens_tall = tokens_tall() ? 1 : 0;
+    args.amx_input_blocks = (int32_t)amx_input_blocks_override;
     at::Tensor x_vnni, x_t;
     if (token_vectors && use_token_spans(tokens, out, at::get_num_threads())) {
         token_spans(args, isa);
@@ -527,6 +531,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "set_token_spans", [](int64_t spans) { token_spans_override = spans < 0 ? -1 : (spans > 0 ? 1 : 0); },
         "token-vector products of many tokens in spans of tokens (1), in blocks of rows (0), or by the rule (-1)");
     m.def("token_spans", &use_token_spans, "whether a token-vector product of (tokens, out, threads) runs in spans");
+    m.def(
+        "set_amx_input_blocks",
+        [](int64_t on) { amx_input_blocks_override = on < 0 ? -1 : (on > 0 ? 1 : 0); },
+        "the AMX kernel's input blocks by their rule (-1), never (0), or wherever 32 rows and 2 token tiles fit (1)");
     m.def("tokens_tall", &tokens_tall, "whether the token-vector kernels' full chunks take tall row blocks");
     m.def("l1d_bytes", &l1d_bytes, "the L1 data cache of a core in bytes (0: not reported)");
     m.def("l2_bytes", &l2_bytes, "the L2 cache of a core in bytes (0: not reported)");
