@@ -266,6 +266,9 @@ def test_the_amx_kernel_over_token_tiles_and_passes(isa: str) -> None:
         # Forced where the rule would not take them: 1540 inputs (a block of 32 steps, then 17), 33 tokens (3 tiles)
         module.set_amx_input_blocks(1)
         check((40, 1540), (33,), 9, False, ", input blocks forced")
+        # Sums capped to 8 KiB: two 32-row blocks hold 2 token tiles a group, so 272 tokens are 9 groups, the last odd
+        module.set_amx_input_blocks(1, 8 << 10)
+        check((70, 4100), (272,), 10, True, ", sums in groups of 2 token tiles")
     finally:
         module.set_amx_input_blocks(-1)
         torch.set_num_threads(threads)

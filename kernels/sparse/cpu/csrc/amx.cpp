@@ -233,8 +233,8 @@ bool rows_panels(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_
 // Many tokens on wide rows: the inputs in blocks of kInputSteps steps (32 inputs each), the blocks outermost. For each
 // block, every 32 rows are expanded into two panels (32 KiB each, their steps of this block only) that every pair of
 // token tiles reads, while the block's slice of x (1 MiB at 512 tokens) stays in L2 for all the rows; the fp32 sums of
-// every row and token wait in `sums` ([32-row blocks][2][token tiles][16 × 16], as large as an fp32 y) between input
-// blocks. So each weight tile is expanded once per call, where rows_panels expands it once per group of tokens and
+// every row and token wait in `sums` ([32-row blocks][2][token tiles][16 × 16], at most kInputBlocksSumsBytes) between
+// input blocks. So each weight tile is expanded once per call, where rows_panels expands it once per group of tokens and
 // the passes once per 64 tokens (8 times at 512 tokens on 11008 inputs, whose 1 MiB group holds less than two passes).
 // Measured (Xeon, family 6 model 207; weights rotated over 300-400 MB, interleaved call by call, medians of the paired
 // ratios against the other paths). In the extension (set_amx_input_blocks), 1 thread: 4096x4096 1.04x faster at 256
@@ -249,12 +249,12 @@ constexpr int64_t kInputSteps = 32, kInputBlocksMinTokens = 256, kInputBlocksMin
 // block_2x2 (1 and 3 unused for a last odd token tile), loaded from and stored to `sums` unless this is the first or
 // the last input block (the last writes y).
 inline void block_sums(const sec24_args* a, int64_t r, int64_t b, bool two, int64_t k0, int64_t ks, bool first,
-                       bool last, const uint16_t* top, const uint16_t* bottom, float* sums, int64_t blocks) {
+                       bool last, const uint16_t* top, const uint16_t* bottom, float* sums_top, float* sums_bottom) {
     alignas(64) float c[16 * 16];
     const int64_t pairs = padded_pairs(a->in);
-    float* s00 = sums + b * 256;               // rows r.., token tile b
-    float* s01 = s00 + 256;                    // rows r.., token tile b + 1
-    float* s10 = sums + (blocks + b) * 256;    // rows r + 16.., token tile b
+    float* s00 = sums_top;           // rows r.., token tile b
+    float* s01 = s00 + 256;          // rows r.., token tile b + 1
+    float* s10 = sums_bottom;        // rows r + 16.., token tile b
     float* s11 = s10 + 256;
     const uint32_t* x0 = a->x_vnni + b * pairs * 16 + k0 * 256;  // [steps][16 pairs][16 tokens] of token tile b
     const uint32_t* x1 = x0 + pairs * 16;
@@ -306,29 +306,39 @@ inline void block_sums(const sec24_args* a, int64_t r, int64_t b, bool two, int6
     }
 }
 
-// False when the buffers cannot be allocated (the caller then takes another path).
+// False when the buffers cannot be allocated (the caller then takes another path). The sums take at most
+// kInputBlocksSumsBytes (args->amx_sums_bytes when a test sets it): the token tiles go in groups that fit (an even
+// count), each group expanding the weight once; at 512 tokens one group up to 16,384 rows (every weight measured).
+constexpr int64_t kInputBlocksSumsBytes = 32 << 20;
 bool rows_input_blocks(const sec24_args* a, int64_t row_begin, int64_t row_end) {
     const int64_t steps = (a->in + 31) / 32, blocks = (a->tokens + 15) / 16, row_blocks = (row_end - row_begin) / 32;
+    const int64_t cap = a->amx_sums_bytes > 0 ? a->amx_sums_bytes : kInputBlocksSumsBytes;
+    const int64_t fit = cap / (row_blocks * 2 * 1024) / 2 * 2;  // token tiles per group
+    const int64_t group = sec24_min(blocks, fit > 2 ? fit : 2);
     uint16_t* panel = (uint16_t*)aligned_alloc(64, (size_t)kInputSteps * 2048);  // two: rows r.. and r + 16..
-    float* sums = (float*)aligned_alloc(64, (size_t)(row_blocks * 2 * blocks * 256) * 4 + 64);
+    float* sums = (float*)aligned_alloc(64, (size_t)(row_blocks * 2 * group * 256) * 4);  // [row blocks][2][group][256]
     if (!panel || !sums) {
         free(panel);
         free(sums);
         return false;
     }
     uint16_t* bottom = panel + kInputSteps * 512;
-    for (int64_t k0 = 0; k0 < steps; k0 += kInputSteps) {
-        const int64_t ks = sec24_min(kInputSteps, steps - k0);
-        const bool first = k0 == 0, last = k0 + ks == steps;
-        for (int64_t q = 0; q < row_blocks; ++q) {
-            const int64_t r = row_begin + 32 * q;
-            for (int64_t s = 0; s < ks; ++s) {
-                expand_tile(a, r, 16, (k0 + s) * 32, panel + s * 512, 32);
-                expand_tile(a, r + 16, 16, (k0 + s) * 32, bottom + s * 512, 32);
+    for (int64_t g = 0; g < blocks; g += group) {  // token tiles [g, g_end)
+        const int64_t g_end = sec24_min(blocks, g + group);
+        for (int64_t k0 = 0; k0 < steps; k0 += kInputSteps) {
+            const int64_t ks = sec24_min(kInputSteps, steps - k0);
+            const bool first = k0 == 0, last = k0 + ks == steps;
+            for (int64_t q = 0; q < row_blocks; ++q) {
+                const int64_t r = row_begin + 32 * q;
+                for (int64_t s = 0; s < ks; ++s) {
+                    expand_tile(a, r, 16, (k0 + s) * 32, panel + s * 512, 32);
+                    expand_tile(a, r + 16, 16, (k0 + s) * 32, bottom + s * 512, 32);
+                }
+                float* top_sums = sums + q * 2 * group * 256;  // rows r.., then rows r + 16.. at + group tiles
+                for (int64_t b = g; b < g_end; b += 2)
+                    block_sums(a, r, b, b + 1 < g_end, k0, ks, first, last, panel, bottom,
+                               top_sums + (b - g) * 256, top_sums + (group + b - g) * 256);
             }
-            float* block_sums_q = sums + q * 2 * blocks * 256;
-            for (int64_t b = 0; b < blocks; b += 2)
-                block_sums(a, r, b, b + 1 < blocks, k0, ks, first, last, panel, bottom, block_sums_q, blocks);
         }
     }
     free(panel);

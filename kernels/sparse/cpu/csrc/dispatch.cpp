@@ -80,7 +80,7 @@ int64_t l2_bytes() { return cache_bytes(2); }
 int64_t tokens_tall_override = -1;
 // The AMX kernel's input blocks (amx.cpp) by its measured rule (-1), or forced off (0) or on wherever they fit (1):
 // set_amx_input_blocks, for the tests and for comparing the paths in one process.
-int64_t amx_input_blocks_override = -1;
+int64_t amx_input_blocks_override = -1, amx_sums_bytes_override = 0;
 
 bool tokens_tall() {
     if (tokens_tall_override >= 0) return tokens_tall_override > 0;
@@ -399,6 +399,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     args.x_t = nullptr;
     args.tokens_tall = tokens_tall() ? 1 : 0;
     args.amx_input_blocks = (int32_t)amx_input_blocks_override;
+    args.amx_sums_bytes = amx_sums_bytes_override;
     at::Tensor x_vnni, x_t;
     if (token_vectors && use_token_spans(tokens, out, at::get_num_threads())) {
         token_spans(args, isa);
@@ -533,8 +534,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("token_spans", &use_token_spans, "whether a token-vector product of (tokens, out, threads) runs in spans");
     m.def(
         "set_amx_input_blocks",
-        [](int64_t on) { amx_input_blocks_override = on < 0 ? -1 : (on > 0 ? 1 : 0); },
-        "the AMX kernel's input blocks by their rule (-1), never (0), or wherever 32 rows and 2 token tiles fit (1)");
+        [](int64_t on, int64_t sums_bytes) {
+            amx_input_blocks_override = on < 0 ? -1 : (on > 0 ? 1 : 0);
+            amx_sums_bytes_override = std::max<int64_t>(0, sums_bytes);
+        },
+        "the AMX kernel's input blocks by their rule (-1), never (0), or wherever 32 rows fit (1); sums_bytes > 0 "
+        "caps their sums (token tiles then go in groups)",
+        py::arg("on"), py::arg("sums_bytes") = 0);
     m.def("tokens_tall", &tokens_tall, "whether the token-vector kernels' full chunks take tall row blocks");
     m.def("l1d_bytes", &l1d_bytes, "the L1 data cache of a core in bytes (0: not reported)");
     m.def("l2_bytes", &l2_bytes, "the L2 cache of a core in bytes (0: not reported)");

@@ -35,6 +35,7 @@ typedef struct {
     const float* x_t;        // the token-vector kernels' copy of x (their sec24_tokens_pack_xt_*), else NULL
     int32_t tokens_tall;     // the token-vector kernels: full chunks of 512-bit vectors in tall row blocks (tokens.h)
     int32_t amx_input_blocks;  // the AMX kernel's input blocks (amx.cpp): -1 by its rule, 0 never, 1 wherever they fit
+    int64_t amx_sums_bytes;    // the AMX kernel's input blocks: bytes their sums may take (0: the kernel's own cap)
 } sec24_args;
 
 // The L1 data cache a tall block of the token-vector kernel needs (tokens.h): 64 rows' sums of 128 tokens (32 KiB)
