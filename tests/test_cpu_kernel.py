@@ -229,9 +229,10 @@ def test_the_token_vector_kernel_takes_many_tokens_by_default(built: cpu_build.B
 
 @pytest.mark.parametrize("isa", ["amx"], indirect=True)
 def test_the_amx_kernel_over_token_tiles_and_passes(isa: str) -> None:
-    """bf16 × bf16 from 5 tokens runs on the tile unit, in tiles of 16 tokens and passes of 64: token counts that
-    end a tile or a pass, or start a new one, over rows that are not a whole tile and inputs that are not a whole
-    step of 32; 1-3 tokens take the bf16-pair kernel, 4 and other dtypes the AVX-512 one."""
+    """bf16 × bf16 from 5 tokens runs on the tile unit, in tiles of 16 tokens and passes of 64 (from 256 tokens on
+    rows of 4096+ inputs, in blocks of inputs): token counts that end a tile or a pass, or start a new one, over rows
+    that are not a whole tile and inputs that are not a whole step of 32; 1-3 tokens take the bf16-pair kernel, 4 and
+    other dtypes the AVX-512 one."""
     module = kernel._module()
     names = {tokens: module.kernel_name(kernel._STATE.isa_index, True, True, tokens) for tokens in (1, 3, 4, 5, 80)}
     assert names == {1: "avx512bf16", 3: "avx512bf16", 4: "avx512", 5: "amx", 80: "amx"}
