@@ -167,36 +167,64 @@ inline void expand_panel(const sec24_args* a, int64_t r, int m, uint16_t* panel)
     }
 }
 
-// Rows [r, r + 32) × token tiles b, b + 1, from two expanded panels (rows r.., r + 16..): the 2 × 2 blocking of AMX
-// products, C tiles 0-3, A tiles 4-5 (the two panels' step), B tiles 6-7 (the two token tiles' step). Each B tile
-// loaded from the group of x (L2) serves two row blocks, where block<NB> loads one B tile per multiply.
-inline void block_2x2(const sec24_args* a, int64_t r, int64_t b, const uint16_t* top, const uint16_t* bottom) {
+// Rows [r, r + 32) × token tiles b and, when TWO, b + 1, over steps [k0, k0 + ks) of two expanded panels (rows r..,
+// r + 16..; their step k0 first): the 2 × 2 blocking of AMX products, C tiles 0-3 (1 and 3 only when TWO), A tiles 4-5
+// (the two panels' step), B tiles 6-7 (the token tiles' step). Each B tile loaded from x (L2) serves two row blocks,
+// where block<NB> loads one B tile per multiply. The C tiles start from zero when `first`, else from `sums` (rows r..
+// at sums[0], rows r + 16.. at sums[1], each two consecutive 16 × 16 tiles); they go to y when `last`, else back there.
+template <bool TWO>
+inline void block_2x2(const sec24_args* a, int64_t r, int64_t b, int64_t k0, int64_t ks, bool first, bool last,
+                      const uint16_t* top, const uint16_t* bottom, float* const (&sums)[2]) {
     alignas(64) float c[16 * 16];
-    const int64_t pairs = padded_pairs(a->in), steps = (a->in + 31) / 32;
-    const uint32_t* x0 = a->x_vnni + b * pairs * 16;  // [pairs][16 tokens] of token tile b, then tile b + 1
-    const uint32_t* x1 = x0 + pairs * 16;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t s = 0; s < steps; ++s) {
+    const int64_t pairs = padded_pairs(a->in);
+    const uint32_t* x0 = a->x_vnni + b * pairs * 16 + k0 * 256;  // [steps][16 pairs][16 tokens] of token tile b
+    const uint32_t* x1 = x0 + pairs * 16;                        // the same of token tile b + 1
+    if (first) {
+        _tile_zero(0);
+        _tile_zero(2);
+        if constexpr (TWO) {
+            _tile_zero(1);
+            _tile_zero(3);
+        }
+    } else {
+        _tile_loadd(0, sums[0], 64);
+        _tile_loadd(2, sums[1], 64);
+        if constexpr (TWO) {
+            _tile_loadd(1, sums[0] + 256, 64);
+            _tile_loadd(3, sums[1] + 256, 64);
+        }
+    }
+    for (int64_t s = 0; s < ks; ++s) {
         _tile_loadd(4, top + s * 512, 64);
         _tile_loadd(5, bottom + s * 512, 64);
         _tile_loadd(6, x0 + s * 256, 64);
-        _tile_loadd(7, x1 + s * 256, 64);
+        if constexpr (TWO) _tile_loadd(7, x1 + s * 256, 64);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
+        if constexpr (TWO) _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        if constexpr (TWO) _tile_dpbf16ps(3, 5, 7);
+    }
+    if (!last) {
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(2, sums[1], 64);
+        if constexpr (TWO) {
+            _tile_stored(1, sums[0] + 256, 64);
+            _tile_stored(3, sums[1] + 256, 64);
+        }
+        return;
     }
     _tile_stored(0, c, 64);
     write(a, r, 16, b, c);
-    _tile_stored(1, c, 64);
-    write(a, r, 16, b + 1, c);
+    if constexpr (TWO) {
+        _tile_stored(1, c, 64);
+        write(a, r, 16, b + 1, c);
+    }
     _tile_stored(2, c, 64);
     write(a, r + 16, 16, b, c);
-    _tile_stored(3, c, 64);
-    write(a, r + 16, 16, b + 1, c);
+    if constexpr (TWO) {
+        _tile_stored(3, c, 64);
+        write(a, r + 16, 16, b + 1, c);
+    }
 }
 
 // False when the panels cannot be allocated (the caller then runs the passes that expand as they go).
@@ -212,11 +240,9 @@ bool rows_panels(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_
             expand_panel(a, r, 16, panel);
             expand_panel(a, r + 16, 16, bottom);
             int64_t b = g;
-            for (; b + 2 <= g_end; b += 2) block_2x2(a, r, b, panel, bottom);
-            if (b < g_end) {  // an odd last token tile
-                block<1>(a, r, 16, b, [&](int64_t s) { return panel + s * 512; });
-                block<1>(a, r + 16, 16, b, [&](int64_t s) { return bottom + s * 512; });
-            }
+            float* const no_sums[2] = {nullptr, nullptr};  // all steps at once: from zero straight to y
+            for (; b + 2 <= g_end; b += 2) block_2x2<true>(a, r, b, 0, steps, true, true, panel, bottom, no_sums);
+            if (b < g_end) block_2x2<false>(a, r, b, 0, steps, true, true, panel, bottom, no_sums);  // an odd last one
         }
         for (; r < row_end; r += 16) {  // the last 16 rows or fewer
             const int m = (int)sec24_min(16, row_end - r);
@@ -244,67 +270,6 @@ bool rows_panels(const sec24_args* a, int64_t row_begin, int64_t row_end, int64_
 // the rows outermost, x of all tokens read again for every 32 rows from L3, 0.75-0.86x). Hence only from
 // kInputBlocksMinTokens tokens on rows of kInputBlocksMinIn inputs.
 constexpr int64_t kInputSteps = 32, kInputBlocksMinTokens = 256, kInputBlocksMinIn = 4096;
-
-// Rows [r, r + 32) × token tiles b (and b + 1 when `two`) over steps [k0, k0 + ks) from the panels: C tiles 0-3 as in
-// block_2x2 (1 and 3 unused for a last odd token tile), loaded from and stored to `sums` unless this is the first or
-// the last input block (the last writes y).
-inline void block_sums(const sec24_args* a, int64_t r, int64_t b, bool two, int64_t k0, int64_t ks, bool first,
-                       bool last, const uint16_t* top, const uint16_t* bottom, float* sums_top, float* sums_bottom) {
-    alignas(64) float c[16 * 16];
-    const int64_t pairs = padded_pairs(a->in);
-    float* s00 = sums_top;           // rows r.., token tile b
-    float* s01 = s00 + 256;          // rows r.., token tile b + 1
-    float* s10 = sums_bottom;        // rows r + 16.., token tile b
-    float* s11 = s10 + 256;
-    const uint32_t* x0 = a->x_vnni + b * pairs * 16 + k0 * 256;  // [steps][16 pairs][16 tokens] of token tile b
-    const uint32_t* x1 = x0 + pairs * 16;
-    if (first) {
-        _tile_zero(0);
-        _tile_zero(2);
-        if (two) {
-            _tile_zero(1);
-            _tile_zero(3);
-        }
-    } else {
-        _tile_loadd(0, s00, 64);
-        _tile_loadd(2, s10, 64);
-        if (two) {
-            _tile_loadd(1, s01, 64);
-            _tile_loadd(3, s11, 64);
-        }
-    }
-    for (int64_t s = 0; s < ks; ++s) {
-        _tile_loadd(4, top + s * 512, 64);
-        _tile_loadd(5, bottom + s * 512, 64);
-        _tile_loadd(6, x0 + s * 256, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-        if (two) {
-            _tile_loadd(7, x1 + s * 256, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-    }
-    if (!last) {
-        _tile_stored(0, s00, 64);
-        _tile_stored(2, s10, 64);
-        if (two) {
-            _tile_stored(1, s01, 64);
-            _tile_stored(3, s11, 64);
-        }
-        return;
-    }
-    _tile_stored(0, c, 64);
-    write(a, r, 16, b, c);
-    _tile_stored(2, c, 64);
-    write(a, r + 16, 16, b, c);
-    if (two) {
-        _tile_stored(1, c, 64);
-        write(a, r, 16, b + 1, c);
-        _tile_stored(3, c, 64);
-        write(a, r + 16, 16, b + 1, c);
-    }
-}
 
 // False when the buffers cannot be allocated (the caller then takes another path). The sums take at most
 // kInputBlocksSumsBytes (args->amx_sums_bytes when a test sets it): the token tiles go in groups that fit (an even
@@ -335,9 +300,13 @@ bool rows_input_blocks(const sec24_args* a, int64_t row_begin, int64_t row_end) 
                     expand_tile(a, r + 16, 16, (k0 + s) * 32, bottom + s * 512, 32);
                 }
                 float* top_sums = sums + q * 2 * group * 256;  // rows r.., then rows r + 16.. at + group tiles
-                for (int64_t b = g; b < g_end; b += 2)
-                    block_sums(a, r, b, b + 1 < g_end, k0, ks, first, last, panel, bottom,
-                               top_sums + (b - g) * 256, top_sums + (group + b - g) * 256);
+                for (int64_t b = g; b < g_end; b += 2) {
+                    float* const at[2] = {top_sums + (b - g) * 256, top_sums + (group + b - g) * 256};
+                    if (b + 1 < g_end)
+                        block_2x2<true>(a, r, b, k0, ks, first, last, panel, bottom, at);
+                    else
+                        block_2x2<false>(a, r, b, k0, ks, first, last, panel, bottom, at);
+                }
             }
         }
     }
