@@ -457,8 +457,24 @@ def test_the_bound_call_repeats_the_dispatch_and_declines_what_it_would_not_deci
         layer = PackedLinear.from_dense(weight, bias)
         layer(x)  # binds, with the crossover's 3 tokens as its limit
         five = torch.randn(5, 100)
-        assert mismatch(layer(five), F.linear(five, weight, bias)) is None and layer.last_path == cpu.TILES_NAME
+        tiled = layer(five)
+        assert mismatch(tiled, F.linear(five, weight, bias)) is None and layer.last_path == cpu.TILES_NAME
+        bound = layer.__dict__[packing._FAST]  # the hand-over bound its own call
+        assert bound[2] == cpu.TILES_NAME
+        calls.clear()
+        layer.__dict__[packing._FAST] = (bound[0], lambda x: calls.append(x) or bound[1](x), bound[2])
+        assert torch.equal(layer(five), tiled) and len(calls) == 1 and layer.last_path == cpu.TILES_NAME
+        assert torch.equal(layer(five.reshape(1, 5, 100)), tiled.reshape(1, 5, 67))  # leading dimensions kept
         assert torch.equal(layer(x), first) and layer.last_path == cpu.KERNEL_NAME  # the path is named again
+        assert layer.__dict__[packing._FAST][2] == cpu.KERNEL_NAME  # 1 token: declined, the kernel bound again
+        # An open crossover (no loss measured yet): the bound hand-over declines a count whose probe point is
+        # unmeasured, so the dispatch measures that point first; counts past every probe point are decided.
+        open_crossover = cpu.Crossover(3, "F.linear", "set by the test", 0.0, kernel.SERIAL_WORK)
+        values, indices, _ = kernel._tensors(layer)
+        call = kernel._bound_tiles(values, indices, bias, open_crossover, x_dtype=torch.float32, width=100, out=67)
+        assert call(five) is None  # 5 tokens: probe point 8 unmeasured
+        many = torch.randn(kernel.PROBE_TOKENS[-1] + 1, 100)
+        assert mismatch(call(many), F.linear(many, weight, bias)) is None
     finally:
         del kernel._STATE.crossovers[key]
     y16 = layer(x.bfloat16())  # another dtype: the dispatch, which binds for bf16
