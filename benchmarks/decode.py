@@ -175,6 +175,8 @@ def main() -> None:
     from secateurs.workers.speed import cpu_isa, cpu_name
 
     quiet_libraries()
+    if args.threads and args.threads > 0:  # before the kernels describe themselves (they name the threads)
+        torch.set_num_threads(args.threads)
 
     device = args.device
     name = cpu_name() if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
