@@ -482,6 +482,11 @@ def test_the_bound_call_repeats_the_dispatch_and_declines_what_it_would_not_deci
     needs_grad = x.clone().requires_grad_()
     layer(needs_grad).sum().backward()  # autograd: declined, the reference forward's backward runs
     assert layer.last_path == REFERENCE_PATH and needs_grad.grad is not None
+    layer(x)
+    assert layer.__dict__[packing._FAST][2] == cpu.KERNEL_NAME
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast: declined, the reference runs under it
+        assert layer(x).dtype == torch.bfloat16 and layer.last_path == REFERENCE_PATH
+    assert layer.__dict__[packing._FAST][1](torch.tensor(1.0)) is None  # no last dimension: declined, not an error
     threads = torch.get_num_threads()
     layer(x)
     with packing.only_packed_kernels():  # the registry changed: no bound call is tried

@@ -644,16 +644,15 @@ def cpu_packed_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | No
     limit = found.tokens * layer.in_features
     if x.numel() > limit:  # more tokens than the crossover
         return None
-    linear, isa, serial_work = _module().linear, _STATE.isa_index, found.serial_work
+    isa, serial_work = _STATE.isa_index, found.serial_work
     call = _bound(
-        linear, values, indices, bias, isa=isa, serial_work=serial_work, x_dtype=x.dtype, limit=limit, width=x.shape[-1]
+        values, indices, bias, isa=isa, serial_work=serial_work, x_dtype=x.dtype, limit=limit, width=x.shape[-1]
     )
     bind_fast_call(layer, KERNEL_NAME, call)
-    return linear(x, values, indices, bias, isa, serial_work, BLOCK_ROWS)
+    return _module().linear(x, values, indices, bias, isa, serial_work, BLOCK_ROWS)
 
 
 def _bound(
-    linear: Callable[..., torch.Tensor],
     values: torch.Tensor,
     indices: torch.Tensor,
     bias: torch.Tensor | None,
@@ -666,24 +665,25 @@ def _bound(
 ) -> Callable[[torch.Tensor], torch.Tensor | None]:
     """This layer's product with everything :func:`cpu_packed_kernel` looked up bound: it declines what that would
     decline or decide differently (x off the CPU or of another width, another dtype, more tokens than the crossover,
-    autograd, autocast, another thread count), so such inputs get the dispatch's answer and its errors."""
-    threads = torch.get_num_threads()
-    get_threads, grad_enabled, autocast = torch.get_num_threads, torch.is_grad_enabled, torch.is_autocast_enabled
+    autograd, autocast, another thread count), so such inputs get the dispatch's answer and its errors.
 
-    def call(x: torch.Tensor) -> torch.Tensor | None:
-        if (
-            x.dtype is not x_dtype
-            or not x.is_cpu
-            or x.shape[-1] != width
-            or x.numel() > limit
-            or get_threads() != threads
-            or (x.requires_grad and grad_enabled())
-            or autocast("cpu")
-        ):
-            return None
-        return linear(x, values, indices, bias, isa, serial_work, BLOCK_ROWS)
-
-    return call
+    The checks run in C++ (``bound_linear``, which takes x last), so the bound call is a ``functools.partial`` of the
+    extension's function, with no Python frame of its own. Measured (AMD Zen 4, 1 thread, a 16 x 32 fp32 layer, hot,
+    medians of 20,000 calls): the call as a Python closure 2.03 µs, the product alone 1.26 µs (the closure's
+    ``torch.is_autocast_enabled("cpu")`` alone 0.40 µs)."""
+    return functools.partial(
+        _module().bound_linear,
+        values,
+        indices,
+        bias,
+        isa,
+        serial_work,
+        BLOCK_ROWS,
+        x_dtype == torch.bfloat16,
+        width,
+        limit,
+        torch.get_num_threads(),
+    )
 
 
 def cpu_dense_tiles_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:

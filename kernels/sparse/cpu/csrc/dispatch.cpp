@@ -3,6 +3,7 @@
 // (scalar.cpp, avx2.cpp, avx512.cpp, avx512bf16.cpp, amx.cpp), built with its own flags and linked in when the compiler
 // could build it (SEC24_HAVE_*).
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -428,6 +429,21 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     return y;
 }
 
+// A layer's bound call (kernel.py's _bound): the checks that decide whether this call may skip PackedLinear's dispatch,
+// then the product; None where the dispatch must run (x off the CPU, of another dtype or width, more elements than
+// `limit`, another thread count, autograd, CPU autocast). x comes last so that Python binds the rest once
+// (functools.partial): a decode step calls this for every linear, and each Python-level check had cost 0.05-0.4 µs.
+c10::optional<at::Tensor> bound_linear(const at::Tensor& values, const at::Tensor& codes,
+                                       const c10::optional<at::Tensor>& bias, int64_t isa, int64_t serial_work,
+                                       int64_t block_rows, bool x_bf16, int64_t width, int64_t limit, int64_t threads,
+                                       const at::Tensor& x) {
+    if (x.scalar_type() != (x_bf16 ? at::kBFloat16 : at::kFloat) || !x.device().is_cpu() || x.dim() < 1 ||
+        x.size(-1) != width || x.numel() > limit || at::get_num_threads() != threads ||
+        (x.requires_grad() && at::GradMode::is_enabled()) || at::autocast::is_autocast_enabled(at::kCPU))
+        return c10::nullopt;
+    return linear(x, values, codes, bias, isa, serial_work, block_rows);
+}
+
 // Rows [row_begin, row_end) of the dense weight, in the values' dtype, written into `dense` ([>= rows, in]).
 void decompress(const at::Tensor& values, const at::Tensor& codes, int64_t row_begin, int64_t row_end,
                 at::Tensor& dense, int64_t isa, int64_t serial_work) {
@@ -516,6 +532,9 @@ std::vector<std::string> isas_runnable() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "secateurs packed 2:4 CPU kernel (see secateurs.kernels.sparse.cpu)";
     m.def("linear", &linear, "y = x W^T (+ b) from the packed 2:4 form");
+    m.def("bound_linear", &bound_linear,
+          "linear for a layer's bound call: None where x differs from what it was bound for (dtype, device, width, "
+          "size, threads, autograd, autocast)");
     m.def("decompress", &decompress, "rows of the dense weight from the packed 2:4 form");
     m.def("tiles_linear", &tiles_linear,
           "y = x W^T (+ b): W decompressed a tile of rows at a time, each thread multiplying its own tiles");
