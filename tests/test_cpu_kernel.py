@@ -473,6 +473,7 @@ def test_the_bound_call_repeats_the_dispatch_and_declines_what_it_would_not_deci
         values, indices, _ = kernel._tensors(layer)
         call = kernel._bound_tiles(values, indices, bias, open_crossover, x_dtype=torch.float32, width=100, out=67)
         assert call(five) is None  # 5 tokens: probe point 8 unmeasured
+        assert call(torch.tensor(1.0)) is None  # no last dimension: declined, not an error
         many = torch.randn(kernel.PROBE_TOKENS[-1] + 1, 100)
         assert mismatch(call(many), F.linear(many, weight, bias)) is None
     finally:

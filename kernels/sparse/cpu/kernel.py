@@ -740,6 +740,7 @@ def _bound_tiles(
         if (
             x.dtype is not x_dtype
             or not x.is_cpu
+            or x.dim() < 1
             or x.shape[-1] != width
             or x.numel() <= floor
             or get_threads() != threads
