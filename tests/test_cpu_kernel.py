@@ -648,6 +648,23 @@ def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) 
     assert entry["isa"] == cpu.isa_in_use() and entry["seconds"] < 1.0 and entry["how"]
 
 
+def test_the_tiles_take_the_dense_product_measured_where_they_run(
+    built: cpu_build.Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above the crossover the tiles multiply with the dense product measured faster at the smallest loss (the
+    nearest count where they run), not at the last point the bisection timed (here a kernel win)."""
+
+    def kernel_wins(probe: kernel._Probe, count: int) -> bool:  # the timings scripted: oneDNN faster below 256
+        probe.dense = "F.linear" if count >= 256 else "oneDNN"
+        probe.dense_at[count] = probe.dense
+        return count < 256
+
+    monkeypatch.setattr(kernel._Probe, "kernel_wins", kernel_wins)
+    packed = pack_nm(weight_24((192, 576), torch.float32, 4))
+    found = cpu.measure_crossover(packed.values, packed.indices, torch.float32, budget_s=60.0)
+    assert (found.tokens, found.loses_at, found.dense) == (128, 256, "F.linear")  # 256 lost; 128, timed last, won
+
+
 # --- The build: cache, and the fallback when it fails -------------------------------------------------------------
 
 

@@ -376,7 +376,8 @@ def measure_crossover(
     The dense tiles cost at least their decompression, timed once: where the kernel is faster than that alone, it
     wins without the tiles being timed. Where the tiles are timed, each dense product they may use is, and the
     faster is kept (the second is not timed when the first takes over 1.5× the kernel's time); the faster of kernel
-    and tiles takes the count. (Until 2026-11-29 the tiles had to be 10 % faster, so that timing noise near the
+    and tiles takes the count. The tiles keep the dense product measured faster at the smallest loss, the nearest
+    count where they run. (Until 2026-11-29 the tiles had to be 10 % faster, so that timing noise near the
     crossover would not decide. But the probe times the layer's weight hot in cache, where the kernel's smaller
     reads count for less: on an AMD Zen 5 that margin alone kept the kernel at 64 or 128 tokens on 7 of 14 shapes,
     where the tiles probed 2-10 % faster, and with cold weights it then ran 0.70-0.94× dense at 64 tokens on five
@@ -411,12 +412,15 @@ def measure_crossover(
         else:
             lost = index
         per_token = (time.perf_counter() - point_started) / tokens[index]
-    dense = probe.dense
+    won_tokens = tokens[won] if won >= 0 else 0
+    loses_at = tokens[lost] if lost < len(tokens) else None
+    # The tiles run above the crossover, so their dense product is the one measured faster at the smallest loss, the
+    # nearest count where they run, rather than at the last point timed (a bisection's last is often a kernel win).
+    dense = probe.dense_at.get(loses_at) if loses_at is not None else None
+    dense = dense or probe.dense
     if dense is None:
         dense = probe.choices[0]
         notes.append(f"tiles' dense product not timed: {dense}, the project's default")
-    won_tokens = tokens[won] if won >= 0 else 0
-    loses_at = tokens[lost] if lost < len(tokens) else None
     return Crossover(won_tokens, dense, "; ".join(notes), time.perf_counter() - started, probe.serial_work, loses_at)
 
 
@@ -439,6 +443,7 @@ class _Probe:
         self.in_features = values.shape[1] * 2
         self.choices = choices or _dense_choices(x_dtype, values.dtype)  # the dense products the tiles may use
         self.dense: str | None = None  # the faster dense product of the tiles, once they are timed
+        self.dense_at: dict[int, str] = {}  # the same at each token count where the tiles were timed
         self.repeats: dict[str, int] = {}
         rows = tile_rows(values.shape[0], self.in_features * values.element_size(), hand_over_tile_bytes())
         buffer = torch.empty(rows, self.in_features, dtype=values.dtype)  # [rows, in]
@@ -481,6 +486,7 @@ class _Probe:
         for _ in range(self.repeats["kernel"]):
             kernel = min(kernel, _best_of(run_kernel, 1))
             tiles[self.dense] = min(tiles[self.dense], _best_of(run_tiles(self.dense), 1))
+        self.dense_at[count] = self.dense
         self.notes.append(
             f"{count}: kernel {kernel * 1e3:.3g} ms, tiles ({self.dense}) {tiles[self.dense] * 1e3:.3g} ms"
         )
