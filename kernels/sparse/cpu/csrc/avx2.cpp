@@ -235,23 +235,13 @@ struct Vec256 {
     static constexpr int kLanes = 8, kMaxVectors = 8, kAccumulators = 12;
     static reg zero() { return _mm256_setzero_ps(); }
     static reg set1(float f) { return _mm256_set1_ps(f); }
-    // tokens.h's weights four at a time: weights j..j + 3 of a row (fp32 or bf16) in both 128-bit lanes, then
+    // tokens.h's weights four at a time: weights j..j + 3 of a row (tokens_weights4) in both 128-bit lanes, then
     // weight q of them in every lane by one in-lane shuffle, instead of a broadcast load per weight. Measured (AMD
     // EPYC Zen 3, the kernel alone on one thread, fp32, weights in cache, best of 300, three rounds): 8 tokens
     // 1536x576 1.60 -> 1.75, 576x576 1.60 -> 1.75, 4096x4096 1.16 -> 1.27 G vector FMAs/s; 192-256 tokens 0-13 %
     // faster; 64 tokens alike. (In a loop of its own with x in L1, the broadcast loads had halved the FMA rate: 1.9
     // against 3.5 G; the kernel's other work, the positions and x from L2, bounds it more.)
-    static constexpr bool kQuads = true;
-    template <bool BF16>
-    static reg quad(const void* v, int64_t j) {
-        if constexpr (BF16) {
-            const __m128i h = _mm_loadl_epi64((const __m128i*)((const uint16_t*)v + j));  // 4 bf16
-            const __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
-            return _mm256_set_m128(f, f);
-        } else {
-            return _mm256_broadcast_ps((const __m128*)((const float*)v + j));
-        }
-    }
+    static reg broadcast4(__m128 f) { return _mm256_set_m128(f, f); }
     static reg spread(reg v, int q) {
         switch (q) {
             case 0: return _mm256_permute_ps(v, 0x00);

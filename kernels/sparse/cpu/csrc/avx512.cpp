@@ -160,23 +160,15 @@ struct Vec512 {
     static constexpr int kLanes = 16, kMaxVectors = 8, kAccumulators = 24;
     static reg zero() { return _mm512_setzero_ps(); }
     static reg set1(float f) { return _mm512_set1_ps(f); }
-    // tokens.h's weights four at a time, as avx2.cpp's Vec256 takes them: weights j..j + 3 of a row (fp32 or bf16)
-    // in all four 128-bit lanes, then weight q of them in every lane by one in-lane shuffle, instead of a broadcast
-    // load per weight (the kernel is bound by its loads: every FMA loads its own vector of x). Measured (AMD EPYC
-    // Zen 4, family 25 model 17, 1 thread, 16-row blocks, four weight copies alternated, the two forms compiled side
-    // by side and called in turn, medians of the paired ratios of 8 rounds; fp32 weights / bf16 weights): 32 tokens
-    // 6-16 % / 3-8 % faster on the seven benchmark shapes, 128 and 512 tokens 0.5-6.5 % / 1-4 %; the same sums to the
-    // bit. The 64-row blocks, on that CPU: 0-1 % on 4096x4096, 20-36 % on 1536x576. Not yet measured on an Intel CPU.
-    static constexpr bool kQuads = true;
-    template <bool BF16>
-    static reg quad(const void* v, int64_t j) {
-        if constexpr (BF16) {
-            const __m128i h = _mm_loadl_epi64((const __m128i*)((const uint16_t*)v + j));  // 4 bf16
-            return _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
-        } else {
-            return _mm512_broadcast_f32x4(_mm_loadu_ps((const float*)v + j));
-        }
-    }
+    // tokens.h's weights four at a time, as avx2.cpp's Vec256 takes them: weights j..j + 3 of a row
+    // (tokens_weights4) in all four 128-bit lanes, then weight q of them in every lane by one in-lane shuffle, instead
+    // of a broadcast load per weight (the kernel is bound by its loads: every FMA loads its own vector of x). Measured
+    // (AMD EPYC Zen 4, family 25 model 17, 1 thread, 16-row blocks, four weight copies alternated, the two forms
+    // compiled side by side and called in turn, medians of the paired ratios of 8 rounds; fp32 weights / bf16
+    // weights): 32 tokens 6-16 % / 3-8 % faster on the seven benchmark shapes, 128 and 512 tokens 0.5-6.5 % / 1-4 %;
+    // the same sums to the bit. The 64-row blocks, on that CPU: 0-1 % on 4096x4096, 20-36 % on 1536x576. Not yet
+    // measured on an Intel CPU.
+    static reg broadcast4(__m128 f) { return _mm512_broadcast_f32x4(f); }
     static reg spread(reg v, int q) {
         switch (q) {
             case 0: return _mm512_permute_ps(v, 0x00);

@@ -28,6 +28,8 @@
 //   dense product's)
 #pragma once
 
+#include <immintrin.h>
+
 #include "common.h"
 
 namespace {
@@ -91,6 +93,19 @@ inline float tokens_weight(const void* v, int64_t j) {
     return BF16 ? sec24_bf16_to_f32(((const uint16_t*)v)[j]) : ((const float*)v)[j];
 }
 
+// A code byte's four kept weights (j .. j + 3 of a row, fp32 or bf16) as fp32 in 128 bits: one load, bf16 widened.
+// The vector types broadcast it to every 128-bit lane and spread weight q of it over the vector by an in-lane shuffle
+// (V::broadcast4, V::spread), instead of a broadcast load per weight (measurements at Vec256 and Vec512).
+template <bool BF16>
+inline __m128 tokens_weights4(const void* v, int64_t j) {
+    if constexpr (BF16) {
+        const __m128i h = _mm_loadl_epi64((const __m128i*)((const uint16_t*)v + j));  // 4 bf16
+        return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+    } else {
+        return _mm_loadu_ps((const float*)v + j);
+    }
+}
+
 // Code byte b of R rows (their first Q kept values: 4, or 2 for a last byte that holds one group of 4 inputs) against
 // the xT rows of its 8 inputs (xb): one broadcast weight and NV FMAs per kept value.
 template <class V, int NV, int R, int Q, bool BF16>
@@ -100,14 +115,13 @@ __attribute__((always_inline)) inline void tokens_byte(typename V::reg (&acc)[R]
     SEC24_UNROLL
     for (int i = 0; i < R; ++i) {
         const uint8_t* p = sec24_positions.pos[c[i][b]];
-        // The byte's four weights in one load, each then spread over the vector by a shuffle (V::kQuads), instead
-        // of a broadcast load per weight.
+        // A whole byte's four weights in one load (tokens_weights4); a last half byte's two one broadcast each.
         typename V::reg quad{};
-        if constexpr (V::kQuads && Q == 4) quad = V::template quad<BF16>(v[i], 4 * b);
+        if constexpr (Q == 4) quad = V::broadcast4(tokens_weights4<BF16>(v[i], 4 * b));
         SEC24_UNROLL
         for (int q = 0; q < Q; ++q) {
             typename V::reg w;
-            if constexpr (V::kQuads && Q == 4)
+            if constexpr (Q == 4)
                 w = V::spread(quad, q);
             else
                 w = V::set1(tokens_weight<BF16>(v[i], 4 * b + q));
