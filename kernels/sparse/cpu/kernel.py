@@ -113,6 +113,7 @@ PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
 # until 2026-11-29: on LLaMA-7B-sized fp32 layers the budget then stopped the probe before 64 tokens, and the layer
 # handed over at 0.79-0.84x dense where the token-vector kernel runs 1.3x, Xeon, 1 thread.)
 ALWAYS_PROBED = 64
+_ANY_SIZE = (1 << 63) - 1  # no upper bound on a bound call's elements (the extension's int64)
 _LAYER_CACHE = "_cpu24_crossover"  # a layer's last crossover lookup, kept in its __dict__ (not in its state_dict)
 
 
@@ -673,10 +674,10 @@ def _bound(
     decline or decide differently (x off the CPU or of another width, another dtype, more tokens than the crossover,
     autograd, autocast, another thread count), so such inputs get the dispatch's answer and its errors.
 
-    The checks run in C++ (``bound_linear``, which takes x last), so the bound call is a ``functools.partial`` of the
-    extension's function, with no Python frame of its own. Measured (AMD Zen 4, 1 thread, a 16 x 32 fp32 layer, hot,
-    medians of 20,000 calls): the call as a Python closure 2.03 µs, the product alone 1.26 µs (the closure's
-    ``torch.is_autocast_enabled("cpu")`` alone 0.40 µs)."""
+    The checks run in C++ (``bound_linear``, through ``bound_takes``; x last), so the bound call is a
+    ``functools.partial`` of the extension's function, with no Python frame of its own. Measured (AMD Zen 4, 1 thread,
+    a 16 x 32 fp32 layer, hot, medians of 20,000 calls): the call as a Python closure 2.03 µs, the product alone
+    1.26 µs (the closure's ``torch.is_autocast_enabled("cpu")`` alone 0.40 µs)."""
     return functools.partial(
         _module().bound_linear,
         values,
@@ -737,23 +738,13 @@ def _bound_tiles(
     autocast, another thread count). Why: above the crossover, each call through the dispatch first asked the kernel
     (which declined) and looked the crossover up twice, 10-15 µs of Python. Measured (AMD Zen 4, 1 thread, bf16
     192x576 at 512 tokens, medians of 400 calls interleaved with dense ``F.linear``, three processes each way in
-    turn): dense / ``layer(x)`` 0.88-0.90 unbound, 0.90-0.92 bound."""
-    threads = torch.get_num_threads()
-    get_threads, grad_enabled, autocast = torch.get_num_threads, torch.is_grad_enabled, torch.is_autocast_enabled
-    floor = found.tokens * width
+    turn): dense / ``layer(x)`` 0.88-0.90 unbound, 0.90-0.92 bound. The checks it shares with :func:`_bound` are the
+    extension's ``bound_takes``, the same code."""
+    threads, floor = torch.get_num_threads(), found.tokens * width
+    takes = functools.partial(_module().bound_takes, x_dtype == torch.bfloat16, width, floor, _ANY_SIZE, threads)
 
     def call(x: torch.Tensor) -> torch.Tensor | None:
-        if (
-            x.dtype is not x_dtype
-            or not x.is_cpu
-            or x.dim() < 1
-            or x.shape[-1] != width
-            or x.numel() <= floor
-            or get_threads() != threads
-            or (x.requires_grad and grad_enabled())
-            or autocast("cpu")
-            or _point_for(found, x.numel() // width) is not None  # the dispatch measures that point first
-        ):
+        if not takes(x) or _point_for(found, x.numel() // width) is not None:  # the dispatch measures that point first
             return None
         return _tiles_call(x, values, indices, bias, found=found, out=out)
 

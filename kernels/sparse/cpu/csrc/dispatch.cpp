@@ -429,18 +429,22 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     return y;
 }
 
-// A layer's bound call (kernel.py's _bound): the checks that decide whether this call may skip PackedLinear's dispatch,
-// then the product; None where the dispatch must run (x off the CPU, of another dtype or width, more elements than
-// `limit`, another thread count, autograd, CPU autocast). x comes last so that Python binds the rest once
+// Whether x is what a layer's bound call was bound for (kernel.py's _bound, _bound_tiles): x on the CPU, in its dtype,
+// `width` inputs, more than `above` and at most `at_most` elements, the same thread count, no autograd, no CPU
+// autocast. Otherwise PackedLinear's dispatch must decide. x comes last so that Python binds the rest once
 // (functools.partial): a decode step calls this for every linear, and each Python-level check had cost 0.05-0.4 µs.
+bool bound_takes(bool x_bf16, int64_t width, int64_t above, int64_t at_most, int64_t threads, const at::Tensor& x) {
+    return x.scalar_type() == (x_bf16 ? at::kBFloat16 : at::kFloat) && x.device().is_cpu() && x.dim() >= 1 &&
+           x.size(-1) == width && x.numel() > above && x.numel() <= at_most && at::get_num_threads() == threads &&
+           !(x.requires_grad() && at::GradMode::is_enabled()) && !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+// The kernel's bound call: the product where bound_takes (any size up to `limit` elements), else None.
 c10::optional<at::Tensor> bound_linear(const at::Tensor& values, const at::Tensor& codes,
                                        const c10::optional<at::Tensor>& bias, int64_t isa, int64_t serial_work,
                                        int64_t block_rows, bool x_bf16, int64_t width, int64_t limit, int64_t threads,
                                        const at::Tensor& x) {
-    if (x.scalar_type() != (x_bf16 ? at::kBFloat16 : at::kFloat) || !x.device().is_cpu() || x.dim() < 1 ||
-        x.size(-1) != width || x.numel() > limit || at::get_num_threads() != threads ||
-        (x.requires_grad() && at::GradMode::is_enabled()) || at::autocast::is_autocast_enabled(at::kCPU))
-        return c10::nullopt;
+    if (!bound_takes(x_bf16, width, -1, limit, threads, x)) return c10::nullopt;
     return linear(x, values, codes, bias, isa, serial_work, block_rows);
 }
 
@@ -532,9 +536,10 @@ std::vector<std::string> isas_runnable() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "secateurs packed 2:4 CPU kernel (see secateurs.kernels.sparse.cpu)";
     m.def("linear", &linear, "y = x W^T (+ b) from the packed 2:4 form");
-    m.def("bound_linear", &bound_linear,
-          "linear for a layer's bound call: None where x differs from what it was bound for (dtype, device, width, "
-          "size, threads, autograd, autocast)");
+    m.def("bound_takes", &bound_takes,
+          "whether x is what a layer's bound call was bound for (dtype, device, width, size, threads, autograd, "
+          "autocast)");
+    m.def("bound_linear", &bound_linear, "linear for a layer's bound call: None where bound_takes does not");
     m.def("decompress", &decompress, "rows of the dense weight from the packed 2:4 form");
     m.def("tiles_linear", &tiles_linear,
           "y = x W^T (+ b): W decompressed a tile of rows at a time, each thread multiplying its own tiles");
