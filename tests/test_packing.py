@@ -173,6 +173,8 @@ def test_packed_linear_names_its_width_when_the_input_does_not_fit(tokens: int) 
     layer = PackedLinear.from_dense(nm_weight((8, 64), 2, 4, torch.float32))
     with pytest.raises(ValueError, match=r"in_features=64.*width 60|width 60.*in_features = 64"):
         layer(torch.randn(tokens, 60))
+    with pytest.raises(ValueError, match=r"no last dimension \(shape \(\)\).*in_features = 64"):
+        layer(torch.tensor(1.0))  # a 0-d input: named, not an IndexError from inside a kernel's checks
 
 
 def test_packed_linear_offers_inputs_to_registered_kernels_first(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -382,9 +382,10 @@ class PackedLinear(nn.Module):
                 if y is not None:
                     self.__dict__["last_path"] = name
                     return y
-        if x.shape[-1] != self.in_features:  # here, not before the kernels: they check their own inputs
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # here, not before the kernels: they check their own
+            width = f"width {x.shape[-1]}" if x.dim() else "no last dimension"
             raise ValueError(
-                f"PackedLinear({self.extra_repr()}) got an input of width {x.shape[-1]} (shape {tuple(x.shape)}): "
+                f"PackedLinear({self.extra_repr()}) got an input of {width} (shape {tuple(x.shape)}): "
                 f"the last dimension must be in_features = {self.in_features}"
             )
         self.__dict__["last_path"] = REFERENCE_PATH

@@ -244,6 +244,7 @@ def _supported(x: torch.Tensor, values: torch.Tensor, layer: PackedLinear) -> bo
         and values.dtype in DTYPES
         and layer.n == 2
         and layer.m == 4
+        and x.dim() >= 1
         and x.shape[-1] == layer.in_features
         and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
         and not torch.is_autocast_enabled("cpu")
