@@ -244,7 +244,8 @@ def kernel_check(device: torch.device, smoke: bool) -> dict[str, Any]:
         Config(4, 16, 3), Config(8, 64, 4), Config(2, 128, num_warps=2), Config(16, 256, 2, 8, 3),
         Config(4, 64, 3, style="words"), Config(8, 32, 1, 8, 3, style="words"), Config(16, 64, 2, style="tiles"),
         Config(32, 128, 1, 4, 3, style="tiles"), Config(8, 256, 1, 8, style="words", prefetch=True),
-        Config(32, 128, 2, 4, 3, style="tiles", prefetch=True),
+        Config(32, 128, 2, 4, 3, style="tiles", prefetch=True), Config(8, 512, 1, 8, style="select"),
+        Config(4, 64, 3, style="select", prefetch=True), Config(16, 256, 2, 8, style="select"),
     ]  # fmt: skip
     # (shapes, dtypes, token counts, bias): every shape at the tiles 1, 4 and 16; every tile on one shape; odd
     # shapes with bias. Few distinct specializations: each costs a compile (about a second).
@@ -267,7 +268,7 @@ def kernel_check(device: torch.device, smoke: bool) -> dict[str, Any]:
                     worst = max(worst, rel)
                     cases.append({"shape": shape, "tokens": tokens, "dtype": str(dtype), "bias": bias, "rel_err": rel})
     for config in configs:
-        for tokens in config_tokens:
+        for tokens in config_tokens if config.style != "select" else (1,):  # select: one token
             rel = check(*config_shape, tokens, config_dtype, device, config=config, seed=tokens)
             worst = max(worst, rel)
             cases.append({"shape": config_shape, "tokens": tokens, "config": str(config), "rel_err": rel})
@@ -505,17 +506,15 @@ def kernel_timing(device: torch.device, smoke: bool, l2_bytes: int) -> dict[str,
 
 # Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
 CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
-    1: [("bytes", 4, 512, 4, 2), ("bytes", 4, 512, 8, 2), ("words", 4, 512, 4, 2), ("words", 4, 512, 8, 2),
-        ("words", 1, 512, 4, 2), ("words", 1, 1024, 4, 2), ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2),
-        ("words", 4, 256, 4, 2), ("words", 4, 1024, 8, 2), ("words", 8, 256, 4, 2), ("words", 8, 512, 8, 2),
-        ("words", 16, 256, 8, 2), ("words", 2, 2048, 8, 2), ("words", 4, 512, 4, 3), ("words", 4, 512, 8, 1),
-        ("words", 2, 1024, 8, 3), ("words", 8, 512, 8, 3), ("words", 64, 32, 4, 3), ("words", 32, 64, 4, 3),
-        ("words", 128, 16, 4, 4), ("words", 64, 16, 4, 4), ("words", 16, 64, 4, 3), ("words", 8, 1024, 8, 2),
-        ("words", 16, 512, 8, 2), ("words+prefetch", 8, 512, 8, 2), ("words+prefetch", 4, 512, 4, 2),
+    1: [("words", 8, 512, 8, 2), ("words", 8, 512, 8, 3), ("words", 16, 512, 8, 2), ("words", 4, 512, 4, 2),
+        ("words", 8, 1024, 8, 2), ("words", 8, 256, 4, 2), ("words", 4, 1024, 8, 2), ("words", 16, 256, 8, 2),
+        ("words", 4, 256, 4, 2), ("words+prefetch", 8, 512, 8, 2), ("words+prefetch", 4, 512, 4, 2),
         ("words+prefetch", 8, 256, 8, 2), ("words+prefetch", 16, 256, 8, 2), ("words+prefetch", 4, 1024, 8, 2),
-        ("words+prefetch", 8, 512, 4, 2), ("tiles", 2, 512, 4, 2), ("tiles", 4, 256, 4, 2), ("tiles", 4, 512, 8, 2),
-        ("tiles", 8, 256, 8, 2), ("tiles", 8, 128, 4, 3), ("tiles", 16, 64, 4, 2), ("tiles", 16, 128, 8, 2),
-        ("tiles", 32, 64, 8, 3)],
+        ("words+prefetch", 8, 512, 4, 2), ("tiles", 4, 256, 4, 2), ("tiles", 2, 512, 4, 2),
+        ("select", 8, 512, 8, 2), ("select", 4, 512, 4, 2), ("select", 16, 512, 8, 2), ("select", 8, 256, 4, 2),
+        ("select", 16, 256, 8, 2), ("select", 4, 1024, 8, 2), ("select", 32, 128, 8, 2), ("select", 2, 1024, 4, 2),
+        ("select", 8, 1024, 8, 2), ("select", 16, 256, 4, 2), ("select+prefetch", 8, 512, 8, 2),
+        ("select+prefetch", 16, 256, 8, 2), ("select+prefetch", 4, 512, 4, 2), ("select+prefetch", 8, 256, 4, 2)],
     2: [("words+prefetch", 8, 256, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2),
         ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
         ("tiles", 16, 128, 4, 2)],
@@ -534,7 +533,14 @@ CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
          ("tiles", 64, 32, 4, 2), ("tiles", 32, 128, 4, 3), ("tiles", 64, 64, 4, 3), ("tiles", 64, 128, 4, 3)],
 }  # fmt: skip
 SMOKE_CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
-    1: [("bytes", 4, 32, 4, 2), ("words", 4, 32, 4, 2), ("words+prefetch", 4, 32, 4, 2), ("tiles", 4, 32, 4, 2)],
+    1: [
+        ("bytes", 4, 32, 4, 2),
+        ("words", 4, 32, 4, 2),
+        ("words+prefetch", 4, 32, 4, 2),
+        ("tiles", 4, 32, 4, 2),
+        ("select", 4, 32, 4, 2),
+        ("select+prefetch", 4, 32, 4, 2),
+    ],
     16: [("words", 4, 16, 4, 2), ("tiles", 16, 32, 4, 2), ("tiles+prefetch", 16, 32, 4, 2)],
 }
 

@@ -39,6 +39,7 @@ def compile_kernel(
     bias: bool = False,
     even: bool = True,
     prefetch: bool = False,
+    ptx_out: Path | None = None,
 ) -> dict[str, Any]:
     """Compile one specialization and return its resource use and global-load widths (``dtype``: bf16/fp16).
 
@@ -53,6 +54,7 @@ def compile_kernel(
     from secateurs.kernels.sparse.triton_decode import (
         _BYTES_TABLE,
         _kernel,
+        _select_kernel,
         _words_kernel,
         block_m,
         table,
@@ -72,25 +74,42 @@ def compile_kernel(
         prefetch=prefetch,
     )
     tile = max(16, block_m(tokens)) if config.style == "tiles" and tokens > 1 else block_m(tokens)
-    kernel = _kernel() if config.style == "bytes" else _words_kernel()
-    names = list(kernel.arg_names)
-    codes = "indices_ptr" if config.style == "bytes" else "words_ptr"
-    signature = {name: "i32" for name in names}
-    signature.update(
-        {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", codes: "*u8" if config.style == "bytes" else "*i32",
-         "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}" if split_k == 1 else "*fp32"}
-    )  # fmt: skip
-    constants: dict[str, Any] = {
-        "HAS_BIAS": bias, "SPLIT_K": split_k, "BLOCK_M": tile, "BLOCK_N": config.block_n,
-        # the JIT folds an integer argument equal to 1 into the kernel: x's unit stride
-        "stride_xk" if tile == 1 else "stride_xm": 1,
-    }  # fmt: skip
-    if config.style == "bytes":
-        constants["BLOCK_KH"] = config.block_kh
+    if config.style == "select":  # one token: x as int64 quads, values as int32 pairs
+        if tile != 1:
+            raise ValueError("the select style computes one token")
+        kernel = _select_kernel()
+        signature = {name: "i32" for name in kernel.arg_names}
+        signature.update(
+            {"x_ptr": "*i64", "pairs_ptr": "*i32", "words_ptr": "*i32", "bias_ptr": f"*{dtype}",
+             "out_ptr": f"*{dtype}" if split_k == 1 else "*fp32"}
+        )  # fmt: skip
+        constants: dict[str, Any] = {
+            "HAS_BIAS": bias, "SPLIT_K": split_k, "EVEN": even, "PREFETCH": config.prefetch,
+            "BF16": dtype == "bf16", "BLOCK_N": config.block_n, "BLOCK_W": config.block_kh // 16,
+        }  # fmt: skip
     else:
-        constants.update(
-            BLOCK_W=config.block_kh // 16, EVEN=even, EXPAND=config.style == "tiles", PREFETCH=config.prefetch
-        )
+        kernel = _kernel() if config.style == "bytes" else _words_kernel()
+        codes = "indices_ptr" if config.style == "bytes" else "words_ptr"
+        signature = {name: "i32" for name in kernel.arg_names}
+        signature.update(
+            {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", codes: "*u8" if config.style == "bytes" else "*i32",
+             "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}" if split_k == 1 else "*fp32"}
+        )  # fmt: skip
+        constants = {
+            "HAS_BIAS": bias, "SPLIT_K": split_k, "BLOCK_M": tile, "BLOCK_N": config.block_n,
+            # the JIT folds an integer argument equal to 1 into the kernel: x's unit stride
+            "stride_xk" if tile == 1 else "stride_xm": 1,
+        }  # fmt: skip
+        if config.style == "bytes":
+            constants["BLOCK_KH"] = config.block_kh
+        else:
+            constants.update(
+                BLOCK_W=config.block_kh // 16,
+                EVEN=even,
+                EXPAND=config.style == "tiles",
+                PREFETCH=config.prefetch,
+            )
+    names = list(kernel.arg_names)
     for name in constants:
         signature[name] = "constexpr"
     # The JIT marks pointer and integer arguments divisible by 16 (LLaMA-size layers: all of them but M).
@@ -106,6 +125,8 @@ def compile_kernel(
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
     ptx = compiled.asm["ptx"]
+    if ptx_out is not None:
+        ptx_out.write_text(ptx)
     loads: dict[str, int] = {}
     for kind in re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx):
         loads[kind] = loads.get(kind, 0) + 1
@@ -154,14 +175,17 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 = H100/H200, 80 = A100")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--style", default=None, choices=["bytes", "words", "tiles"], help="default: the table's")
+    parser.add_argument(
+        "--style", default=None, choices=["bytes", "words", "select", "tiles"], help="default: the table's"
+    )
     parser.add_argument("--block-n", type=int, default=None)
     parser.add_argument("--block-kh", type=int, default=None)
     parser.add_argument("--split-k", type=int, default=1)
     parser.add_argument("--warps", type=int, default=None)
     parser.add_argument("--stages", type=int, default=None)
     parser.add_argument("--bias", action="store_true")
-    parser.add_argument("--prefetch", action="store_true", help="words/tiles: load the next chunk ahead")
+    parser.add_argument("--ptx", type=Path, default=None, help="write the PTX here (the last token count's)")
+    parser.add_argument("--prefetch", action="store_true", help="words/select/tiles: load the next chunk ahead")
     args = parser.parse_args()
     for tokens in args.tokens:
         result = compile_kernel(
@@ -176,6 +200,7 @@ def main() -> None:
             stages=args.stages,
             bias=args.bias,
             prefetch=args.prefetch,
+            ptx_out=args.ptx,
         )
         print(json.dumps(result))
 

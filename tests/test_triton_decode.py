@@ -88,6 +88,14 @@ def test_interpreted_kernel_follows_strides(interpreted: dict[str, dict[str, Any
     assert entry["ok"], entry.get("error")
 
 
+@needs_triton
+def test_interpreted_select_style_in_bfloat16(interpreted: dict[str, dict[str, Any]]) -> None:
+    """The select style takes bf16 apart bit by bit (values and x read as int32/int64 words): in bf16 too."""
+    entry = interpreted["select_bfloat16"]
+    assert entry["ok"], entry.get("error")
+    assert entry["relative_error"] < 1.6e-2
+
+
 # --- Configuration, validation, registration (no Triton needed) ---------------------------------------------
 
 
@@ -120,7 +128,7 @@ def test_layers_without_whole_code_words_take_the_bytes_style() -> None:
         Config(4, 24, style="words")
     with pytest.raises(ValueError, match="style 'dot'"):
         Config(4, 32, style="dot")
-    with pytest.raises(ValueError, match="prefetch is a words/tiles option"):
+    with pytest.raises(ValueError, match="prefetch is a words/select/tiles option"):
         Config(4, 32, prefetch=True)
     assert str(Config(8, 512, num_warps=8, style="words", prefetch=True)).startswith("words+prefetch BLOCK_N=8")
 
@@ -144,6 +152,14 @@ def test_launcher_refuses_tensors_that_do_not_fit() -> None:
         packed24_linear(torch.randn(1, 32).half(), packed.values, packed.indices)
     with pytest.raises(ValueError, match="does not fit"):
         packed24_linear(torch.randn(1, 32), packed.values, packed.indices.to(torch.int32))
+    select = Config(4, 16, style="select")
+    with pytest.raises(ValueError, match=r"float16/bfloat16, not torch\.float32"):
+        packed24_linear(torch.randn(1, 32), packed.values, packed.indices, config=select)
+    half = packed.values.half()
+    with pytest.raises(ValueError, match="computes one token, not 2"):
+        packed24_linear(torch.randn(2, 32).half(), half, packed.indices, config=select)
+    with pytest.raises(ValueError, match="select style computes one token, not a tile of 4"):
+        triton_decode.set_table({4: select})
 
 
 @needs_triton
@@ -198,8 +214,14 @@ def test_speed_sweep_lists_the_triton_path_and_says_why_not_here() -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("style", ["bytes", "words", "tiles"])
-@pytest.mark.parametrize(("dtype", "tokens", "split_k", "bias"), [("bf16", 1, 1, False), ("fp16", 16, 2, True)])
+@pytest.mark.parametrize(
+    ("style", "dtype", "tokens", "split_k", "bias"),
+    [
+        *((style, "bf16", 1, 1, False) for style in ("bytes", "words", "select", "tiles")),
+        *((style, "fp16", 16, 2, True) for style in ("bytes", "words", "tiles")),
+        ("select", "fp16", 1, 2, True),  # the select style computes one token
+    ],
+)
 def test_kernel_compiles_for_hopper_without_a_gpu(
     style: str, dtype: str, tokens: int, split_k: int, bias: bool
 ) -> None:
@@ -227,6 +249,22 @@ GPU_SHAPES = [(37, 72), (576, 576), (1536, 576), (576, 1536), (1000, 200), (4096
 def test_gpu_kernel_equals_dense_with_zeros(shape: tuple[int, int], dtype: torch.dtype) -> None:
     for tokens in (1, 3, 8, 16):  # the token tiles 1, 4, 8, 16 (each a compile; the interpreter covers more)
         check(*shape, tokens, dtype, "cuda", bias=tokens % 2 == 1, seed=tokens)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_select_style(dtype: torch.dtype) -> None:
+    """One token through the select style: even launches, ragged rows and words (37 x 96: 3 words per row),
+    split-K with the prefetch."""
+    configs = (
+        Config(8, 512, 1, 8, style="select"),
+        Config(4, 64, 3, style="select", prefetch=True),
+        Config(16, 256, 2, 8, style="select", prefetch=True),
+    )
+    for config in configs:
+        for shape in ((64, 1024), (4096, 4096), (576, 1536), (37, 96)):
+            check(*shape, 1, dtype, "cuda", config=config, bias=shape[0] % 2 == 1)
 
 
 @pytest.mark.gpu

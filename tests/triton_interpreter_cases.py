@@ -36,6 +36,8 @@ CONFIGS = {
     "tiles_split3": Config(block_n=16, block_kh=64, split_k=3, style="tiles"),
     "words_prefetch_split3": Config(block_n=8, block_kh=16, split_k=3, style="words", prefetch=True),
     "tiles_prefetch": Config(block_n=16, block_kh=32, style="tiles", prefetch=True),
+    "select": Config(block_n=4, block_kh=32, style="select"),  # one token, 16-bit (below)
+    "select_prefetch_split3": Config(block_n=8, block_kh=16, split_k=3, style="select", prefetch=True),
 }
 EVEN_SHAPE = (64, 1024)  # rows % 16 == 0, words per row (32) a multiple of every chunk above
 
@@ -55,6 +57,8 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
             continue
         if shape == EVEN_SHAPE and CONFIGS[config] is not None and CONFIGS[config].split_k != 1:
             continue  # 32 words do not split evenly in 3
+        if CONFIGS[config] is not None and CONFIGS[config].style == "select" and (tokens > 1 or dtype == "float32"):
+            continue  # the select style: one token of float16/bfloat16 (bfloat16 below)
         bias = index % 2 == 0
         spec = {"shape": shape, "tokens": tokens, "dtype": dtype, "bias": bias, "config": config}
         out.append((case_id(shape, tokens, dtype, bias, config), spec))
@@ -88,7 +92,27 @@ def non_contiguous() -> float:
         torch.testing.assert_close(
             y64.double(), torch.nn.functional.linear(x64.double(), dense64.double()), rtol=1e-5, atol=1e-5
         )
+    # The select style, float16: one strided token, and values, codes and x each a view at an offset that the
+    # wider words it reads (int32 pairs and codes, int64 quads of x) do not divide: the launcher copies them.
+    values16 = torch.cat([torch.zeros(1, dtype=torch.float16), packed64.values.half().flatten()])
+    values16 = values16[1:].view(packed64.values.shape)  # storage offset 2 bytes
+    x16 = torch.randn(2, 64 + 1, generator=generator).half()[0, 1:]  # [64] at an offset of 2 bytes
+    x16_strided = torch.randn(128, generator=generator).half()[::2]  # [64], stride 2
+    for x1 in (x16, x16_strided):
+        y16 = packed24_linear(x1, values16, codes, config=Config(4, 32, style="select"))
+        reference16 = torch.nn.functional.linear(x1.double(), dense64.half().double())
+        torch.testing.assert_close(y16.double(), reference16, rtol=2e-3, atol=2e-3 * float(reference16.abs().max()))
     return float((y.double() - reference).norm() / reference.norm())
+
+
+def select_bfloat16() -> float:
+    """The select style in bfloat16 (it reads bf16 values and x as raw bits, which the interpreter runs): the
+    worst relative error over word-aligned shapes, with and without bias, split and prefetch."""
+    worst = 0.0
+    for shape in ((37, 64), (130, 320), EVEN_SHAPE):
+        for bias, config in ((True, "select"), (False, "select_prefetch_split3")):
+            worst = max(worst, check(*shape, 1, torch.bfloat16, "cpu", bias=bias, config=CONFIGS[config]))
+    return worst
 
 
 def main() -> None:
@@ -109,10 +133,12 @@ def main() -> None:
         except Exception as exc:  # reported to the test, which fails with the message
             print(json.dumps({"id": ident, "ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
             traceback.print_exc(file=sys.stderr)
-    try:
-        print(json.dumps({"id": "non_contiguous", "ok": True, "relative_error": non_contiguous()}), flush=True)
-    except Exception as exc:
-        print(json.dumps({"id": "non_contiguous", "ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    for ident, run in (("non_contiguous", non_contiguous), ("select_bfloat16", select_bfloat16)):
+        try:
+            print(json.dumps({"id": ident, "ok": True, "relative_error": run()}), flush=True)
+        except Exception as exc:
+            print(json.dumps({"id": ident, "ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            traceback.print_exc(file=sys.stderr)
 
 
 if __name__ == "__main__":

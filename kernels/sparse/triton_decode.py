@@ -309,19 +309,118 @@ def _words_kernel() -> Any:
     return packed24_words_kernel
 
 
+@functools.cache
+def _select_kernel() -> Any:
+    """The ``select`` style: one token, 16-bit weights and x, in_features % 32 == 0. The ``words`` kernel gathers
+    x with one 2-byte load per kept value (16 loads per code word, each warp-wide load touching as many cache lines
+    as it has lanes' words); this one reads x as it reads the weight, in whole 8-byte groups: a group's four
+    inputs are one int64 (x viewed as [in/4] int64) and its two kept values one int32 (values viewed as
+    [out, in/4] int32), both loaded as [BLOCK_N, BLOCK_W, 8 groups] tiles of 16-byte vectors, and each kept value
+    takes its input out of the group's word by its 2-bit code (a select and a shift in registers). Every tensor of
+    the loop has that one shape, so there is no layout change inside it. Same FMAs as ``words``, same bytes
+    from memory (the packed weight; x stays in cache)."""
+    import triton
+    import triton.language as tl
+
+    _store_rows()  # defines the global store_rows that the kernel calls
+
+    @triton.jit
+    def packed24_select_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
+        x_ptr,  # [K / 4] int64: one token's inputs, a group's four 16-bit inputs per word (the first lowest)
+        pairs_ptr,  # [N, KH / 2] int32: a group's two kept 16-bit values per word (the first lowest)
+        words_ptr,  # [N, KH / 16] int32: 16 two-bit codes per word, first in the low bits
+        bias_ptr,  # [N]
+        out_ptr,  # [1, N]
+        N,
+        W,  # code words per row = KH / 16 (8 groups each)
+        stride_pn,
+        stride_wn,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EVEN: tl.constexpr,  # N % BLOCK_N == 0 and W % (BLOCK_W * SPLIT_K) == 0: no masks
+        PREFETCH: tl.constexpr,  # load the next chunk's words before computing this one's
+        BF16: tl.constexpr,  # bfloat16 (else float16) bits
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        tokens = tl.arange(0, 1)  # [1]
+        g = tl.arange(0, 8)  # group inside the code word
+        chunks = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT_K)
+        w_begin = pid_k * chunks * BLOCK_W
+        w_end = tl.minimum(w_begin + chunks * BLOCK_W, W)
+        pair_rows = pairs_ptr + rows64[:, None, None] * stride_pn  # [BN, 1, 1]
+        word_rows = words_ptr + rows64[:, None, None] * stride_wn  # [BN, 1, 1]
+        acc = tl.zeros([BLOCK_N, BLOCK_W, 8], dtype=tl.float32)
+        if PREFETCH:
+            w_next = w_begin + tl.arange(0, BLOCK_W)[None, :, None]  # [1, BW, 1]
+            ok_next = row_ok[:, None, None] & (w_next < w_end)  # [BN, BW, 1]
+            word_next = tl.load(word_rows + w_next, mask=ok_next, other=0)  # [BN, BW, 1]
+            pair_next = tl.load(pair_rows + (w_next * 8 + g[None, None, :]), mask=ok_next, other=0)  # [BN, BW, 8]
+        for chunk in range(0, chunks):
+            w = w_begin + chunk * BLOCK_W + tl.arange(0, BLOCK_W)[None, :, None]  # [1, BW, 1] code word in the row
+            group = w * 8 + g[None, None, :]  # [1, BW, 8] group index in the row (= x's int64 index)
+            if PREFETCH:
+                word = word_next
+                pair = pair_next
+                ok_next = row_ok[:, None, None] & (w + BLOCK_W < w_end)
+                word_next = tl.load(word_rows + (w + BLOCK_W), mask=ok_next, other=0)
+                pair_next = tl.load(pair_rows + (group + BLOCK_W * 8), mask=ok_next, other=0)
+            elif EVEN:
+                word = tl.load(word_rows + w)  # [BN, BW, 1]
+                pair = tl.load(pair_rows + group)  # [BN, BW, 8]
+            else:
+                ok = row_ok[:, None, None] & (w < w_end)  # [BN, BW, 1]
+                word = tl.load(word_rows + w, mask=ok, other=0)
+                pair = tl.load(pair_rows + group, mask=ok, other=0)
+            # x's quads loaded as a [BN, BW, 8] tile (the same address on every row: cache hits), not [1, BW, 8]:
+            # on sm_90 (Triton 3.9) that keeps them in the layout of the pairs, 16-byte loads and about half the
+            # shared-memory traffic of layout changes (19 shared-memory operations per iteration against 35)
+            quad_offsets = group + (rows * 0)[:, None, None]  # [BN, BW, 8]
+            if EVEN:  # noqa: SIM108 (a static branch of the kernel)
+                quad = tl.load(x_ptr + quad_offsets)  # [BN, BW, 8] int64: the group's four inputs
+            else:
+                quad = tl.load(x_ptr + quad_offsets, mask=w < w_end, other=0)
+            codes = word >> (4 * g)[None, None, :]  # [BN, BW, 8]: the group's two codes in bits 0-3
+            c0 = codes & 3
+            c1 = (codes >> 2) & 3
+            low = quad.to(tl.int32)  # inputs 0, 1 of the group (truncating keeps the low word)
+            high = (quad >> 32).to(tl.int32)  # inputs 2, 3
+            x0 = tl.where(c0 >= 2, high, low) >> ((c0 & 1) * 16)  # [BN, BW, 8]: input c0 in the low 16 bits
+            x1 = tl.where(c1 >= 2, high, low) >> ((c1 & 1) * 16)
+            if BF16:  # a bfloat16 is the high half of the float32 of the same value
+                v0 = (pair << 16).to(tl.float32, bitcast=True)
+                v1 = (pair & -65536).to(tl.float32, bitcast=True)
+                acc += v0 * (x0 << 16).to(tl.float32, bitcast=True) + v1 * (x1 << 16).to(tl.float32, bitcast=True)
+            else:
+                v0 = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                v1 = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                acc += v0 * x0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                acc += v1 * x1.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BN, 1]
+        store_rows(y, pid_k, rows, row_ok, tokens, tokens < 1, bias_ptr, out_ptr, 0, HAS_BIAS, SPLIT_K)
+
+    return packed24_select_kernel
+
+
 # --- Configurations ------------------------------------------------------------------------------------------
 
 
-STYLES = ("bytes", "words", "tiles")
+STYLES = ("bytes", "words", "select", "tiles")
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch configuration: rows per program, kept values per chunk, K splits, warps, pipeline stages, and
     the kernel style (``bytes``: one code byte gathered per value, any width; ``words``: int32 code words and x
-    gathered per kept value, on the CUDA cores; ``tiles``: weight tiles expanded in registers, then tensor cores
-    for 2-16 tokens (x padded to 16) or vector FMAs for one). ``words`` and ``tiles`` need in_features % 32 == 0
-    (whole code words per row); ``tiles`` for more than one token needs block_n >= 16."""
+    gathered per kept value, on the CUDA cores; ``select``: one token, int32 code words and x read as contiguous
+    vectors, each kept value's input picked in registers; ``tiles``: weight tiles expanded in registers, then
+    tensor cores for 2-16 tokens (x padded to 16) or vector FMAs for one). ``words``, ``select`` and ``tiles`` need
+    in_features % 32 == 0 (whole code words per row); ``tiles`` for more than one token needs block_n >= 16."""
 
     block_n: int
     block_kh: int
@@ -329,13 +428,13 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     style: str = "bytes"
-    prefetch: bool = False  # words/tiles: the next chunk's loads issued before this chunk's products
+    prefetch: bool = False  # words/select/tiles: the next chunk's loads issued before this chunk's products
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(f"style {self.style!r}: one of {', '.join(STYLES)}")
         if self.prefetch and self.style == "bytes":
-            raise ValueError("prefetch is a words/tiles option (the bytes kernel has none)")
+            raise ValueError("prefetch is a words/select/tiles option (the bytes kernel has none)")
         if self.style != "bytes" and self.block_kh % 16:
             raise ValueError(f"the {self.style} style reads whole code words: block_kh % 16 == 0, not {self.block_kh}")
 
@@ -380,6 +479,8 @@ def set_table(configs: dict[int, Config]) -> None:
     for tile, config in configs.items():
         if tile not in _TABLE:
             raise ValueError(f"token tile {tile}: one of {sorted(_TABLE)}")
+        if config.style == "select" and tile > 1:
+            raise ValueError(f"the select style computes one token, not a tile of {tile}")
         _TABLE[tile] = dataclasses.replace(config, split_k=1)
     pick_config.cache_clear()
 
@@ -449,12 +550,18 @@ def packed24_linear(
         raise ValueError(f"x is {x.dtype}, the weight {values.dtype}, the bias {getattr(bias, 'dtype', None)}")
     if config is not None and config.style != "bytes" and kept % 16:
         raise ValueError(f"the {config.style} style needs in_features % 32 == 0 (whole code words), not {k}")
+    if config is not None and config.style == "select" and x.element_size() != 2:
+        raise ValueError(f"the select style reads 16-bit values and x as wider words: float16/bfloat16, not {x.dtype}")
+    if config is not None and config.style == "select" and x.numel() > k:
+        raise ValueError(f"the select style computes one token, not {x.numel() // k}: use words or tiles")
     if not x.is_cuda and not interpreting():
         raise ValueError(f"the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not {x.device}")
     x2 = x.reshape(-1, k)  # [M, K]
     tokens = x2.shape[0]
     if config is None:
         config = pick_config(tokens, rows, kept, _multiprocessors(x.device) if x.is_cuda else 1)
+        if config.style == "select" and x.element_size() != 2:  # the interpreter's float32: same blocks, words
+            config = dataclasses.replace(config, style="words")
     values, indices = values.contiguous(), indices.contiguous()
     tile = block_m(tokens)
     if config.style == "tiles" and tokens > 1:  # tensor-core tiles: 16 tokens at least, a 16-row block at least
@@ -469,14 +576,15 @@ def packed24_linear(
         out = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device)  # [M, N] partial sums
     if tokens:
         grid = (-(-rows // config.block_n), config.split_k)
+        if config.style == "select":
+            _launch_select(x2, values, indices, bias, out=out, config=config)
+            return out.to(x.dtype).reshape(*x.shape[:-1], rows)  # [..., N]
         if config.style == "bytes":
             kernel, codes, width, block = _kernel(), indices, kept, {"BLOCK_KH": config.block_kh}
         else:
             words = kept // 16
             kernel = _words_kernel()
-            if indices.storage_offset() % 4:  # a view into a larger buffer: int32 words need 4-byte alignment
-                indices = indices.clone()
-            codes, width = indices.view(torch.int32), words  # [N, KH/16]: 16 codes per word
+            codes, width = _aligned(indices, 4).view(torch.int32), words  # [N, KH/16]: 16 codes per word
             even = rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0
             block = {
                 "BLOCK_W": config.block_kh // 16,
@@ -507,6 +615,46 @@ def packed24_linear(
             **block,
         )
     return out.to(x.dtype).reshape(*x.shape[:-1], rows)  # [..., N]
+
+
+def _aligned(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """``tensor`` (contiguous), copied when its data does not start on a multiple of ``size`` bytes (a view into a
+    larger buffer, as a memory-mapped file can hand over): the select and words styles read wider words."""
+    tensor = tensor.contiguous()
+    return tensor.clone() if tensor.data_ptr() % size else tensor
+
+
+def _launch_select(
+    x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None, *, out: torch.Tensor,
+    config: Config,
+) -> None:  # fmt: skip
+    """One token [1, K] through the select kernel: x as [K/4] int64, values as [N, K/4] int32 (pairs), codes as
+    [N, K/32] int32 words, into ``out`` [1, N]."""
+    rows, kept = values.shape
+    words = kept // 16
+    quads = _aligned(x.reshape(-1), 8).view(torch.int64)  # [K/4]: a group's four inputs
+    pairs = _aligned(values, 4).view(torch.int32)  # [N, K/4]: a group's two kept values
+    codes = _aligned(indices, 4).view(torch.int32)  # [N, K/32]
+    _select_kernel()[(-(-rows // config.block_n), config.split_k)](
+        quads,
+        pairs,
+        codes,
+        bias if bias is not None else values,  # any pointer: not read without HAS_BIAS
+        out,
+        rows,
+        words,
+        pairs.stride(0),
+        codes.stride(0),
+        HAS_BIAS=bias is not None,
+        SPLIT_K=config.split_k,
+        EVEN=rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0,
+        PREFETCH=config.prefetch,
+        BF16=x.dtype == torch.bfloat16,
+        BLOCK_N=config.block_n,
+        BLOCK_W=config.block_kh // 16,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 # --- Registration: the kernel PackedLinear tries -------------------------------------------------------------
