@@ -506,15 +506,14 @@ def kernel_timing(device: torch.device, smoke: bool, l2_bytes: int) -> dict[str,
 
 # Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
 CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
-    1: [("words", 8, 512, 8, 2), ("words", 8, 512, 8, 3), ("words", 16, 512, 8, 2), ("words", 4, 512, 4, 2),
-        ("words", 8, 1024, 8, 2), ("words", 8, 256, 4, 2), ("words", 4, 1024, 8, 2), ("words", 16, 256, 8, 2),
-        ("words", 4, 256, 4, 2), ("words+prefetch", 8, 512, 8, 2), ("words+prefetch", 4, 512, 4, 2),
-        ("words+prefetch", 8, 256, 8, 2), ("words+prefetch", 16, 256, 8, 2), ("words+prefetch", 4, 1024, 8, 2),
-        ("words+prefetch", 8, 512, 4, 2), ("tiles", 4, 256, 4, 2), ("tiles", 2, 512, 4, 2),
-        ("select", 8, 512, 8, 2), ("select", 4, 512, 4, 2), ("select", 16, 512, 8, 2), ("select", 8, 256, 4, 2),
-        ("select", 16, 256, 8, 2), ("select", 4, 1024, 8, 2), ("select", 32, 128, 8, 2), ("select", 2, 1024, 4, 2),
-        ("select", 8, 1024, 8, 2), ("select", 16, 256, 4, 2), ("select+prefetch", 8, 512, 8, 2),
-        ("select+prefetch", 16, 256, 8, 2), ("select+prefetch", 4, 512, 4, 2), ("select+prefetch", 8, 256, 4, 2)],
+    1: [("select", 2, 1024, 4, 2), ("select", 1, 1024, 4, 2), ("select", 1, 2048, 4, 2), ("select", 1, 1024, 2, 2),
+        ("select", 2, 1024, 2, 2), ("select", 2, 512, 2, 2), ("select", 2, 2048, 4, 2), ("select", 2, 2048, 8, 2),
+        ("select", 4, 1024, 4, 2), ("select", 4, 2048, 8, 2), ("select", 2, 1024, 8, 2), ("select", 2, 1024, 4, 3),
+        ("select", 1, 512, 2, 2), ("select", 1, 2048, 8, 2), ("select", 4, 512, 2, 2), ("select", 8, 512, 8, 2),
+        ("select", 8, 256, 4, 2), ("select+prefetch", 2, 1024, 4, 2), ("select+prefetch", 1, 1024, 4, 2),
+        ("select+prefetch", 2, 512, 2, 2), ("select+prefetch", 1, 2048, 4, 2), ("select+prefetch", 4, 512, 4, 2),
+        ("words", 8, 512, 8, 2), ("words", 2, 1024, 4, 2), ("words+prefetch", 8, 256, 8, 2),
+        ("words+prefetch", 8, 512, 8, 2)],
     2: [("words+prefetch", 8, 256, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2),
         ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
         ("tiles", 16, 128, 4, 2)],
@@ -554,7 +553,9 @@ def _candidate(option: tuple[str, int, int, int, int]) -> Any:
     return Config(block_n, block_kh, 1, warps, stages, base, prefetch=extra == "prefetch")
 
 
-def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: float) -> dict[str, Any]:
+def kernel_configs(
+    device: torch.device, smoke: bool, l2_bytes: int, budget_s: float, tiles: Sequence[int] = ()
+) -> dict[str, Any]:
     """Times every candidate configuration per token tile on the LLaMA-7B shapes (CUDA graphs, weights rotated
     over more than the L2), each first checked against dense; then puts the best of each tile (the lowest
     geometric mean over the shapes of its time over the fastest candidate's) into the kernel's table for the rest
@@ -566,6 +567,8 @@ def kernel_configs(device: torch.device, smoke: bool, l2_bytes: int, budget_s: f
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     shapes = {(64, 128): 1, (128, 256): 1} if smoke else LLAMA_7B_SHAPES
     candidates = SMOKE_CANDIDATES if smoke else CANDIDATES
+    if tiles:  # the other tiles keep the table's entries
+        candidates = {tile: options for tile, options in candidates.items() if tile in tiles}
     dtype = torch.float16 if smoke else torch.bfloat16
     layers = {shape: _Layer(shape, dtype, device, _copies(shape[0] * shape[1], l2_bytes, smoke)) for shape in shapes}
     before = {tile: str(config) for tile, config in table().items()}
@@ -952,6 +955,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: check the script's logic")
     parser.add_argument("--only", default="", help="comma-separated section names to run (default: all)")
+    parser.add_argument(
+        "--tiles", default="", help="comma-separated token tiles the tuning step times (default: all; the rest keep "
+        "the committed table's entries)"
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     run = Check(args.out, args.budget, args.smoke)
@@ -960,11 +967,12 @@ def main() -> None:
         say("no CUDA GPU: nothing to check (use --smoke to run the logic on CPU)")
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) if device.type == "cuda" else 0
     only = {name for name in args.only.split(",") if name}
+    tiles = [int(tile) for tile in args.tiles.split(",") if tile]
     sections: list[tuple[str, float, Callable[[], Any]]] = [
         ("environment", 5, lambda: environment(device)),
         ("kernel_check", 30, lambda: kernel_check(device, smoke)),
         # First the tuning: every later section runs the table it measured.
-        ("kernel_configs", 30, lambda: kernel_configs(device, smoke, l2, min(120.0, run.left() - 150))),
+        ("kernel_configs", 30, lambda: kernel_configs(device, smoke, l2, min(120.0, run.left() - 150), tiles)),
         ("kernel_timing", 30, lambda: kernel_timing(device, smoke, l2)),
         ("decode_graph", 30, lambda: decode_graph(device, smoke)),
         ("speed_llama", 30, lambda: speed_llama(device, smoke)),
