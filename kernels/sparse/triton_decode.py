@@ -456,7 +456,7 @@ def block_m(tokens: int) -> int:
 # benchmarks/results/gpu-check-h200-b/gpu_check.json, section kernel_configs. Other GPUs: run that check, whose
 # tuning step replaces this table in its process (set_table) and reports what it chose.
 _TABLE: dict[int, Config] = {
-    1: Config(2, 1024, num_warps=4, style="select"),
+    1: Config(1, 512, num_warps=2, style="select"),
     2: Config(8, 256, num_warps=8, style="words", prefetch=True),
     4: Config(8, 128, num_warps=8, style="words"),
     8: Config(32, 128, num_stages=3, style="tiles"),
