@@ -506,10 +506,12 @@ def kernel_timing(device: torch.device, smoke: bool, l2_bytes: int) -> dict[str,
 
 # Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
 CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
-    1: [("select", 1, 512, 2, 2), ("select+cg", 1, 512, 2, 2), ("select+evict", 1, 512, 2, 2),
-        ("select", 1, 1024, 4, 2), ("select+cg", 1, 1024, 4, 2), ("select+evict", 1, 1024, 4, 2),
-        ("select+cg", 1, 256, 1, 2), ("select+evict", 1, 256, 1, 2), ("select+cg", 1, 2048, 8, 2),
-        ("select+prefetch+cg", 1, 512, 2, 2), ("words", 8, 512, 8, 2)],
+    1: [("select", 1, 512, 2, 2), ("select", 1, 512, 2, 3), ("select", 1, 512, 2, 4), ("select", 1, 256, 1, 2),
+        ("select", 1, 512, 1, 2), ("select", 1, 256, 2, 2), ("select", 1, 1024, 4, 2), ("select", 1, 128, 1, 2),
+        ("select", 1, 512, 4, 2), ("select", 1, 1024, 2, 3), ("select", 2, 512, 2, 2),
+        ("select+prefetch", 1, 512, 2, 2), ("select+prefetch", 1, 256, 1, 2), ("select+prefetch", 1, 512, 1, 2),
+        ("select+prefetch", 1, 256, 2, 2), ("select+prefetch", 1, 1024, 4, 2), ("select+prefetch", 1, 1024, 2, 2),
+        ("select+prefetch", 1, 128, 1, 2), ("words", 8, 512, 8, 2), ("words+prefetch", 8, 256, 8, 2)],
     2: [("words+prefetch", 8, 256, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2),
         ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
         ("tiles", 16, 128, 4, 2)],
@@ -535,21 +537,18 @@ SMOKE_CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
         ("tiles", 4, 32, 4, 2),
         ("select", 4, 32, 4, 2),
         ("select+prefetch", 4, 32, 4, 2),
-        ("select+prefetch+cg", 4, 32, 4, 2),
     ],
     16: [("words", 4, 16, 4, 2), ("tiles", 16, 32, 4, 2), ("tiles+prefetch", 16, 32, 4, 2)],
 }
 
 
 def _candidate(option: tuple[str, int, int, int, int]) -> Any:
-    """A :data:`CANDIDATES` entry as the kernel's Config ("words+prefetch": the words style with the prefetch;
-    "select+cg": the select style with the weight's loads past L1)."""
+    """A :data:`CANDIDATES` entry as the kernel's Config ("words+prefetch": the words style with the prefetch)."""
     from secateurs.kernels.sparse.triton_decode import Config
 
     style, block_n, block_kh, warps, stages = option
-    base, *extras = style.split("+")
-    stream = next((extra for extra in extras if extra != "prefetch"), "")
-    return Config(block_n, block_kh, 1, warps, stages, base, prefetch="prefetch" in extras, stream=stream)
+    base, _, extra = style.partition("+")
+    return Config(block_n, block_kh, 1, warps, stages, base, prefetch=extra == "prefetch")
 
 
 def kernel_configs(

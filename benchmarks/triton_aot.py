@@ -39,7 +39,6 @@ def compile_kernel(
     bias: bool = False,
     even: bool = True,
     prefetch: bool = False,
-    stream: str = "",
     ptx_out: Path | None = None,
 ) -> dict[str, Any]:
     """Compile one specialization and return its resource use and global-load widths (``dtype``: bf16/fp16).
@@ -54,7 +53,6 @@ def compile_kernel(
 
     from secateurs.kernels.sparse.triton_decode import (
         _BYTES_TABLE,
-        STREAMS,
         _kernel,
         _select_kernel,
         _words_kernel,
@@ -74,7 +72,6 @@ def compile_kernel(
         num_warps=warps or base.num_warps,
         num_stages=stages or base.num_stages,
         prefetch=prefetch,
-        stream=stream,
     )
     tile = max(16, block_m(tokens)) if config.style == "tiles" and tokens > 1 else block_m(tokens)
     if config.style == "select":  # one token: x as int64 quads, values as int32 pairs
@@ -88,7 +85,6 @@ def compile_kernel(
         )  # fmt: skip
         constants: dict[str, Any] = {
             "HAS_BIAS": bias, "SPLIT_K": split_k, "EVEN": even, "PREFETCH": config.prefetch,
-            "WEIGHT_CACHE": STREAMS[stream][0], "WEIGHT_EVICT": STREAMS[stream][1], "X_EVICT": STREAMS[stream][2],
             "BF16": dtype == "bf16", "BLOCK_N": config.block_n, "BLOCK_W": config.block_kh // 16,
         }  # fmt: skip
     else:
@@ -132,7 +128,7 @@ def compile_kernel(
     if ptx_out is not None:
         ptx_out.write_text(ptx)
     loads: dict[str, int] = {}
-    for kind in re.findall(r"ld\.global(?:\.[A-Za-z0-9_:]+)*", ptx):
+    for kind in re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx):
         loads[kind] = loads.get(kind, 0) + 1
     result: dict[str, Any] = {
         "triton": triton.__version__,
@@ -188,7 +184,6 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=None)
     parser.add_argument("--stages", type=int, default=None)
     parser.add_argument("--bias", action="store_true")
-    parser.add_argument("--stream", default="", choices=["", "cg", "evict"], help="select: the weight's cache hint")
     parser.add_argument("--ptx", type=Path, default=None, help="write the PTX here (the last token count's)")
     parser.add_argument("--prefetch", action="store_true", help="words/select/tiles: load the next chunk ahead")
     args = parser.parse_args()
@@ -205,7 +200,6 @@ def main() -> None:
             stages=args.stages,
             bias=args.bias,
             prefetch=args.prefetch,
-            stream=args.stream,
             ptx_out=args.ptx,
         )
         print(json.dumps(result))

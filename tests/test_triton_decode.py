@@ -130,11 +130,6 @@ def test_layers_without_whole_code_words_take_the_bytes_style() -> None:
         Config(4, 32, style="dot")
     with pytest.raises(ValueError, match="prefetch is a words/select/tiles option"):
         Config(4, 32, prefetch=True)
-    with pytest.raises(ValueError, match="stream is a select option"):
-        Config(4, 32, style="words", stream="cg")
-    with pytest.raises(ValueError, match="stream 'cs'"):
-        Config(4, 32, style="select", stream="cs")
-    assert str(Config(1, 512, style="select", prefetch=True, stream="cg")).startswith("select+prefetch+cg BLOCK_N=1")
     assert str(Config(8, 512, num_warps=8, style="words", prefetch=True)).startswith("words+prefetch BLOCK_N=8")
 
 
@@ -225,8 +220,6 @@ def test_speed_sweep_lists_the_triton_path_and_says_why_not_here() -> None:
         *((style, "bf16", 1, 1, False) for style in ("bytes", "words", "select", "tiles")),
         *((style, "fp16", 16, 2, True) for style in ("bytes", "words", "tiles")),
         ("select", "fp16", 1, 2, True),  # the select style computes one token
-        ("select+cg", "bf16", 1, 1, False),
-        ("select+evict", "fp16", 1, 1, True),
     ],
 )
 def test_kernel_compiles_for_hopper_without_a_gpu(
@@ -239,11 +232,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu(
     sys.path.insert(0, str(REPO_ROOT))
     from benchmarks.triton_aot import compile_kernel
 
-    style, _, stream = style.partition("+")
-    result = compile_kernel(arch=90, dtype=dtype, tokens=tokens, style=style, split_k=split_k, bias=bias, stream=stream)
-    if stream:  # the hints reach the PTX: the weight's loads past L1 or first out of it, x's kept
-        hinted = [kind for kind in result["global_loads"] if ".cg" in kind or "evict_first" in kind]
-        assert hinted and any("evict_last" in kind for kind in result["global_loads"]), result
+    result = compile_kernel(arch=90, dtype=dtype, tokens=tokens, style=style, split_k=split_k, bias=bias)
     assert result["global_loads"], result
     assert result.get("local_bytes", 0) == 0 and result.get("stack_bytes", 0) == 0, result
 

@@ -38,7 +38,6 @@ CONFIGS = {
     "tiles_prefetch": Config(block_n=16, block_kh=32, style="tiles", prefetch=True),
     "select": Config(block_n=4, block_kh=32, style="select"),  # one token, 16-bit (below)
     "select_prefetch_split3": Config(block_n=8, block_kh=16, split_k=3, style="select", prefetch=True),
-    "select_cg": Config(block_n=1, block_kh=32, style="select", stream="cg"),  # cache hints: the same function
 }
 EVEN_SHAPE = (64, 1024)  # rows % 16 == 0, words per row (32) a multiple of every chunk above
 

@@ -339,9 +339,6 @@ def _select_kernel() -> Any:
         SPLIT_K: tl.constexpr,
         EVEN: tl.constexpr,  # N % BLOCK_N == 0 and W % (BLOCK_W * SPLIT_K) == 0: no masks
         PREFETCH: tl.constexpr,  # load the next chunk's words before computing this one's
-        WEIGHT_CACHE: tl.constexpr,  # the weight's loads: "" or ".cg" (L2 only: it is read once)
-        WEIGHT_EVICT: tl.constexpr,  # "" or "evict_first"
-        X_EVICT: tl.constexpr,  # x's loads: "" or "evict_last" (every row reads it again)
         BF16: tl.constexpr,  # bfloat16 (else float16) bits
         BLOCK_N: tl.constexpr,
         BLOCK_W: tl.constexpr,
@@ -362,16 +359,8 @@ def _select_kernel() -> Any:
         if PREFETCH:
             w_next = w_begin + tl.arange(0, BLOCK_W)[None, :, None]  # [1, BW, 1]
             ok_next = row_ok[:, None, None] & (w_next < w_end)  # [BN, BW, 1]
-            word_next = tl.load(
-                word_rows + w_next, mask=ok_next, other=0, cache_modifier=WEIGHT_CACHE, eviction_policy=WEIGHT_EVICT
-            )  # [BN, BW, 1]
-            pair_next = tl.load(
-                pair_rows + (w_next * 8 + g[None, None, :]),
-                mask=ok_next,
-                other=0,
-                cache_modifier=WEIGHT_CACHE,
-                eviction_policy=WEIGHT_EVICT,
-            )  # [BN, BW, 8]
+            word_next = tl.load(word_rows + w_next, mask=ok_next, other=0)  # [BN, BW, 1]
+            pair_next = tl.load(pair_rows + (w_next * 8 + g[None, None, :]), mask=ok_next, other=0)  # [BN, BW, 8]
         for chunk in range(0, chunks):
             w = w_begin + chunk * BLOCK_W + tl.arange(0, BLOCK_W)[None, :, None]  # [1, BW, 1] code word in the row
             group = w * 8 + g[None, None, :]  # [1, BW, 8] group index in the row (= x's int64 index)
@@ -379,41 +368,23 @@ def _select_kernel() -> Any:
                 word = word_next
                 pair = pair_next
                 ok_next = row_ok[:, None, None] & (w + BLOCK_W < w_end)
-                word_next = tl.load(
-                    word_rows + (w + BLOCK_W),
-                    mask=ok_next,
-                    other=0,
-                    cache_modifier=WEIGHT_CACHE,
-                    eviction_policy=WEIGHT_EVICT,
-                )
-                pair_next = tl.load(
-                    pair_rows + (group + BLOCK_W * 8),
-                    mask=ok_next,
-                    other=0,
-                    cache_modifier=WEIGHT_CACHE,
-                    eviction_policy=WEIGHT_EVICT,
-                )
+                word_next = tl.load(word_rows + (w + BLOCK_W), mask=ok_next, other=0)
+                pair_next = tl.load(pair_rows + (group + BLOCK_W * 8), mask=ok_next, other=0)
             elif EVEN:
-                word = tl.load(word_rows + w, cache_modifier=WEIGHT_CACHE, eviction_policy=WEIGHT_EVICT)  # [BN, BW, 1]
-                pair = tl.load(
-                    pair_rows + group, cache_modifier=WEIGHT_CACHE, eviction_policy=WEIGHT_EVICT
-                )  # [BN, BW, 8]
+                word = tl.load(word_rows + w)  # [BN, BW, 1]
+                pair = tl.load(pair_rows + group)  # [BN, BW, 8]
             else:
                 ok = row_ok[:, None, None] & (w < w_end)  # [BN, BW, 1]
-                word = tl.load(
-                    word_rows + w, mask=ok, other=0, cache_modifier=WEIGHT_CACHE, eviction_policy=WEIGHT_EVICT
-                )
-                pair = tl.load(
-                    pair_rows + group, mask=ok, other=0, cache_modifier=WEIGHT_CACHE, eviction_policy=WEIGHT_EVICT
-                )
+                word = tl.load(word_rows + w, mask=ok, other=0)
+                pair = tl.load(pair_rows + group, mask=ok, other=0)
             # x's quads loaded as a [BN, BW, 8] tile (the same address on every row: cache hits), not [1, BW, 8]:
             # on sm_90 (Triton 3.9) that keeps them in the layout of the pairs, 16-byte loads and about half the
             # shared-memory traffic of layout changes (19 shared-memory operations per iteration against 35)
             quad_offsets = group + (rows * 0)[:, None, None]  # [BN, BW, 8]
-            if EVEN:
-                quad = tl.load(x_ptr + quad_offsets, eviction_policy=X_EVICT)  # [BN, BW, 8] int64: a group's inputs
+            if EVEN:  # noqa: SIM108 (a static branch of the kernel)
+                quad = tl.load(x_ptr + quad_offsets)  # [BN, BW, 8] int64: the group's four inputs
             else:
-                quad = tl.load(x_ptr + quad_offsets, mask=w < w_end, other=0, eviction_policy=X_EVICT)
+                quad = tl.load(x_ptr + quad_offsets, mask=w < w_end, other=0)
             codes = word >> (4 * g)[None, None, :]  # [BN, BW, 8]: the group's two codes in bits 0-3
             c0 = codes & 3
             c1 = (codes >> 2) & 3
@@ -440,9 +411,6 @@ def _select_kernel() -> Any:
 
 
 STYLES = ("bytes", "words", "select", "tiles")
-# The select style's cache hints (tl.load's cache_modifier / eviction_policy): for the weight's loads, for x's.
-STREAMS: dict[str, tuple[str, str, str]] = {"": ("", "", ""), "cg": (".cg", "", "evict_last"),
-                                            "evict": ("", "evict_first", "evict_last")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -461,24 +429,18 @@ class Config:
     num_stages: int = 2
     style: str = "bytes"
     prefetch: bool = False  # words/select/tiles: the next chunk's loads issued before this chunk's products
-    stream: str = ""  # select: the weight's loads "cg" (past L1) or "evict" (first out of L1), x's kept longest
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(f"style {self.style!r}: one of {', '.join(STYLES)}")
         if self.prefetch and self.style == "bytes":
             raise ValueError("prefetch is a words/select/tiles option (the bytes kernel has none)")
-        if self.stream not in STREAMS:
-            raise ValueError(f"stream {self.stream!r}: one of {', '.join(map(repr, STREAMS))}")
-        if self.stream and self.style != "select":
-            raise ValueError("stream is a select option")
         if self.style != "bytes" and self.block_kh % 16:
             raise ValueError(f"the {self.style} style reads whole code words: block_kh % 16 == 0, not {self.block_kh}")
 
     def __str__(self) -> str:
         return (
-            f"{self.style}{'+prefetch' if self.prefetch else ''}{'+' + self.stream if self.stream else ''} "
-            f"BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} "
+            f"{self.style}{'+prefetch' if self.prefetch else ''} BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} "
             f"SPLIT_K={self.split_k} warps={self.num_warps} stages={self.num_stages}"
         )
 
@@ -688,9 +650,6 @@ def _launch_select(
         SPLIT_K=config.split_k,
         EVEN=rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0,
         PREFETCH=config.prefetch,
-        WEIGHT_CACHE=STREAMS[config.stream][0],
-        WEIGHT_EVICT=STREAMS[config.stream][1],
-        X_EVICT=STREAMS[config.stream][2],
         BF16=x.dtype == torch.bfloat16,
         BLOCK_N=config.block_n,
         BLOCK_W=config.block_kh // 16,
