@@ -128,7 +128,7 @@ def compile_kernel(
     if ptx_out is not None:
         ptx_out.write_text(ptx)
     loads: dict[str, int] = {}
-    for kind in re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx):
+    for kind in re.findall(r"ld\.global(?:\.[A-Za-z0-9_:]+)*", ptx):
         loads[kind] = loads.get(kind, 0) + 1
     result: dict[str, Any] = {
         "triton": triton.__version__,
