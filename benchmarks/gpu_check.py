@@ -507,9 +507,9 @@ def kernel_timing(device: torch.device, smoke: bool, l2_bytes: int) -> dict[str,
 # Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
 CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
     1: [("select", 1, 512, 2, 2), ("select", 1, 1024, 4, 2), ("select", 1, 256, 1, 2), ("select", 1, 2048, 8, 2),
-        ("select", 2, 512, 2, 2), ("select", 2, 1024, 4, 2), ("select", 8, 512, 8, 2), ("select+prefetch", 1, 512, 2, 2),
-        ("select+prefetch", 1, 1024, 4, 2), ("words", 8, 512, 8, 2), ("words+prefetch", 8, 256, 8, 2),
-        ("words", 4, 512, 4, 2)],
+        ("select", 2, 512, 2, 2), ("select", 2, 1024, 4, 2), ("select", 8, 512, 8, 2),
+        ("select+prefetch", 1, 512, 2, 2), ("select+prefetch", 1, 1024, 4, 2), ("words", 8, 512, 8, 2),
+        ("words+prefetch", 8, 256, 8, 2), ("words", 4, 512, 4, 2)],
     2: [("words+prefetch", 8, 256, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2),
         ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
         ("tiles", 16, 128, 4, 2)],
