@@ -51,18 +51,36 @@ INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter computes 
 # --- The kernel ----------------------------------------------------------------------------------------------
 
 
-store_rows: Any = None  # the jitted helper below, set on first use: the kernels call it by this global name
+# The jitted helpers below, set on first use: the kernels call them by these global names.
+program_rows: Any = None
+program_span: Any = None
+store_rows: Any = None
 
 
 @functools.cache
-def _store_rows() -> None:
-    """The kernels' common end, a jitted helper (inlined by Triton): y [BN, BM] fp32 plus the bias (added once, by
-    the first split) written to out [M, N] at (tokens, rows): a store in out's dtype, or an atomic add into the
-    fp32 buffer when the row is split (SPLIT_K > 1). Kernels reach it as the module global ``store_rows`` (Triton
-    resolves a kernel's callees among its globals, also in the interpreter), which this sets."""
-    global store_rows  # noqa: PLW0603 (Triton resolves callees among the kernel's globals)
+def _helpers() -> None:
+    """The kernels' common start and end, jitted helpers (inlined by Triton). ``program_rows``: this program's
+    BLOCK_N output rows, which of them exist, and their int64 copy (row offsets of large layers overflow int32).
+    ``program_span``: this program's share of a row, a whole number of BLOCK-sized chunks, so only the row's end
+    is ragged (the last split may run a few fully masked chunks: the loop bound is the same for every split).
+    ``store_rows``: y [BN, BM] fp32 plus the bias (added once, by the first split) written to out [M, N] at
+    (tokens, rows): a store in out's dtype, or an atomic add into the fp32 buffer when the row is split
+    (SPLIT_K > 1). Kernels reach them as module globals (Triton resolves a kernel's callees among its globals,
+    also in the interpreter), which this sets."""
+    global program_rows, program_span, store_rows  # Triton resolves callees among the kernel's globals
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _rows(N, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        return rows, rows < N, rows.to(tl.int64)
+
+    @triton.jit
+    def _span(total, BLOCK: tl.constexpr, SPLIT_K: tl.constexpr):  # type: ignore[no-untyped-def]
+        chunks = tl.cdiv(tl.cdiv(total, BLOCK), SPLIT_K)
+        begin = tl.program_id(1) * chunks * BLOCK
+        return chunks, begin, tl.minimum(begin + chunks * BLOCK, total)
 
     @triton.jit
     def _store(  # type: ignore[no-untyped-def]  # noqa: PLR0917
@@ -88,7 +106,7 @@ def _store_rows() -> None:
         else:
             tl.atomic_add(out, y, mask=out_mask)
 
-    store_rows = _store
+    program_rows, program_span, store_rows = _rows, _span, _store
 
 
 @functools.cache
@@ -97,7 +115,7 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    _store_rows()  # defines the global store_rows that the kernel calls
+    _helpers()  # defines the globals the kernel calls
 
     @triton.jit
     def packed24_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917 (Triton kernels take flat arguments)
@@ -120,18 +138,11 @@ def _kernel() -> Any:
         BLOCK_N: tl.constexpr,
         BLOCK_KH: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        row_ok = rows < N
-        rows64 = rows.to(tl.int64)  # row offsets of large layers overflow int32
+        rows, row_ok, rows64 = program_rows(N, BLOCK_N)  # [BN] each
         tokens = tl.arange(0, BLOCK_M)  # [BM]
         token_ok = tokens < M
-        # This program's share of the row: a whole number of chunks, so only the row's end is ragged (the last
-        # split may run a few fully masked chunks: the loop bound is the same for every split).
-        chunks = tl.cdiv(tl.cdiv(KH, BLOCK_KH), SPLIT_K)
-        k_begin = pid_k * chunks * BLOCK_KH
-        k_end = tl.minimum(k_begin + chunks * BLOCK_KH, KH)
+        chunks, k_begin, k_end = program_span(KH, BLOCK_KH, SPLIT_K)  # this program's share of the row
         # One token: everything stays in the [BN, BKH] layout of the values (no layout change inside the loop).
         # More tokens: a [BN, BKH, BM] tile, tokens innermost so that one gathered position loads them all.
         if BLOCK_M == 1:
@@ -181,7 +192,7 @@ def _words_kernel() -> Any:
     import triton
     import triton.language as tl
 
-    _store_rows()  # defines the global store_rows that the kernel calls
+    _helpers()  # defines the globals the kernel calls
 
     @triton.jit
     def packed24_words_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
@@ -207,19 +218,14 @@ def _words_kernel() -> Any:
         BLOCK_N: tl.constexpr,
         BLOCK_W: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        row_ok = rows < N
-        rows64 = rows.to(tl.int64)
+        rows, row_ok, rows64 = program_rows(N, BLOCK_N)  # [BN] each
         tokens = tl.arange(0, BLOCK_M)  # [BM]
         token_ok = tokens < M
         j = tl.arange(0, 16)  # kept value inside its word
         g = tl.arange(0, 8)  # group inside the word
         position = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4] input inside the group
-        chunks = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT_K)
-        w_begin = pid_k * chunks * BLOCK_W
-        w_end = tl.minimum(w_begin + chunks * BLOCK_W, W)
+        chunks, w_begin, w_end = program_span(W, BLOCK_W, SPLIT_K)  # in code words
         value_rows = values_ptr + rows64[:, None, None] * stride_vn  # [BN, 1, 1]
         word_rows = words_ptr + rows64[:, None] * stride_wn  # [BN, 1]
         if EXPAND and BLOCK_M == 1:
@@ -322,7 +328,7 @@ def _select_kernel() -> Any:
     import triton
     import triton.language as tl
 
-    _store_rows()  # defines the global store_rows that the kernel calls
+    _helpers()  # defines the globals the kernel calls
 
     @triton.jit
     def packed24_select_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
@@ -343,16 +349,11 @@ def _select_kernel() -> Any:
         BLOCK_N: tl.constexpr,
         BLOCK_W: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        row_ok = rows < N
-        rows64 = rows.to(tl.int64)
+        rows, row_ok, rows64 = program_rows(N, BLOCK_N)  # [BN] each
         tokens = tl.arange(0, 1)  # [1]
         g = tl.arange(0, 8)  # group inside the code word
-        chunks = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT_K)
-        w_begin = pid_k * chunks * BLOCK_W
-        w_end = tl.minimum(w_begin + chunks * BLOCK_W, W)
+        chunks, w_begin, w_end = program_span(W, BLOCK_W, SPLIT_K)  # in code words
         pair_rows = pairs_ptr + rows64[:, None, None] * stride_pn  # [BN, 1, 1]
         word_rows = words_ptr + rows64[:, None, None] * stride_wn  # [BN, 1, 1]
         acc = tl.zeros([BLOCK_N, BLOCK_W, 8], dtype=tl.float32)
