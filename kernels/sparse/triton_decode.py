@@ -14,11 +14,15 @@ How it computes, in the style of the Triton tutorials (the kernel, its launcher,
   chunk it loads the kept values (contiguous per row: coalesced) and the code byte of each (``kh // 4``), takes
   the 2-bit code ``(byte >> 2·(kh % 4)) & 3``, and gathers x at input position ``4·(kh // 2) + code``: x is a few
   KB and stays in cache, only the packed weight streams from memory. Products accumulate in fp32.
+* Layers of whole code words (in % 32 == 0) read the codes as int32 words; for one token (the ``select`` style,
+  the table's choice on an H200) x is read as int64 quads, a group's four inputs, and each kept value takes its
+  input out of its quad by its code in registers, with no gather (:func:`_select_kernel`).
 * Tokens are the innermost tile axis: for more than one token x is passed transposed ([in, tokens] in memory) so
   one gathered position loads all tokens at once.
 * Split-K: when the row blocks alone cannot fill the GPU (few output rows), the kept values of a row are split
   over ``SPLIT_K`` programs that add their partial sums into an fp32 buffer with atomics; the launcher casts it.
-* Configurations come from a small table per token class (:func:`pick_config`), not from autotuning.
+* Configurations come from a small table per token class (:func:`pick_config`), measured by the GPU check's tuning
+  step (benchmarks/gpu_check.py), not from autotuning at run time.
 
 Triton is optional: it is imported on first use; without it, or without CUDA, or for a call it does not take
 (dtype, more than 16 tokens, a pattern other than 2:4), the registered kernel declines (returns None) and
