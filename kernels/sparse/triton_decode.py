@@ -458,8 +458,8 @@ def block_m(tokens: int) -> int:
 # Per token tile, for layers whose rows hold whole code words (in_features % 32 == 0: every LLaMA/SmolLM2 layer):
 # the best of its candidates timed on an NVIDIA H200 (CUDA graphs, LLaMA-7B's three shapes, bf16; the lowest
 # geometric mean of time over the fastest candidate per shape) by benchmarks/gpu_check.py, section kernel_configs:
-# tiles 1 and 2 on 2026-11-30 (benchmarks/results/gpu-check-h200-{c,d,e}/; tile 1's entry won runs d and e, its
-# pipeline stages 2, 3 and 4 within 0.1 us of each other), tiles 4-16 on 2026-11-29 (gpu-check-h200-b/). Other
+# tiles 1 and 2 on 2026-11-30 (benchmarks/results/gpu-check-h200-{c,d,e,f}/; tile 1's entry won runs d, e and f,
+# its pipeline stages 2, 3 and 4 within 0.1 us of each other), tiles 4-16 on 2026-11-29 (gpu-check-h200-b/). Other
 # GPUs: run that check, whose tuning step replaces this table in its process (set_table) and reports its choice.
 _TABLE: dict[int, Config] = {
     1: Config(1, 512, num_warps=2, style="select"),
