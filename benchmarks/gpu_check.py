@@ -3,6 +3,8 @@ sweep timings on the LLaMA-7B layers, the speed step on a SmolLM2-shaped random 
 on ``cuda`` with their peak device memory. Results go to one JSON file, written again after every section.
 
     bash benchmarks/gpu_check.sh OUT_DIR              # on the GPU machine (installs the wheels carried in .whl/)
+    bash benchmarks/gpu_check.sh OUT_DIR --budget 200 --only environment,kernel_configs,kernel_timing,decode_graph \
+        --tiles 1                                      # a short rerun in the same lease: tune one token only
     python benchmarks/gpu_check.py OUT_DIR --smoke     # on a CPU: every section's logic at toy sizes (tested)
 
 OUT_DIR receives ``gpu_check.json`` (environment + one entry per section: status, seconds, data or error),
