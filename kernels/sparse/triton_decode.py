@@ -556,10 +556,13 @@ def packed24_linear(
         raise ValueError(f"x is {x.dtype}, the weight {values.dtype}, the bias {getattr(bias, 'dtype', None)}")
     if config is not None and config.style != "bytes" and kept % 16:
         raise ValueError(f"the {config.style} style needs in_features % 32 == 0 (whole code words), not {k}")
-    if config is not None and config.style == "select" and x.element_size() != 2:
-        raise ValueError(f"the select style reads 16-bit values and x as wider words: float16/bfloat16, not {x.dtype}")
-    if config is not None and config.style == "select" and x.numel() > k:
-        raise ValueError(f"the select style computes one token, not {x.numel() // k}: use words or tiles")
+    if config is not None and config.style == "select":
+        if x.element_size() != 2:
+            raise ValueError(
+                f"the select style reads 16-bit values and x as wider words: float16/bfloat16, not {x.dtype}"
+            )
+        if x.numel() > k:
+            raise ValueError(f"the select style computes one token, not {x.numel() // k}: use words or tiles")
     if not x.is_cuda and not interpreting():
         raise ValueError(f"the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not {x.device}")
     x2 = x.reshape(-1, k)  # [M, K]
@@ -591,7 +594,7 @@ def packed24_linear(
             words = kept // 16
             kernel = _words_kernel()
             codes, width = _aligned(indices, 4).view(torch.int32), words  # [N, KH/16]: 16 codes per word
-            even = rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0
+            even = _even(config, rows, words)
             block = {
                 "BLOCK_W": config.block_kh // 16,
                 "EVEN": even,
@@ -621,6 +624,12 @@ def packed24_linear(
             **block,
         )
     return out.to(x.dtype).reshape(*x.shape[:-1], rows)  # [..., N]
+
+
+def _even(config: Config, rows: int, words: int) -> bool:
+    """Whether a word-aligned launch divides the layer evenly (rows by BLOCK_N, code words by BLOCK_W x splits), so
+    the words and select kernels run without masks (their ``EVEN``)."""
+    return rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0
 
 
 def _aligned(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -653,7 +662,7 @@ def _launch_select(
         codes.stride(0),
         HAS_BIAS=bias is not None,
         SPLIT_K=config.split_k,
-        EVEN=rows % config.block_n == 0 and words % (config.block_kh // 16 * config.split_k) == 0,
+        EVEN=_even(config, rows, words),
         PREFETCH=config.prefetch,
         BF16=x.dtype == torch.bfloat16,
         BLOCK_N=config.block_n,
