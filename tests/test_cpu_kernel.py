@@ -648,6 +648,63 @@ def test_the_crossover_is_measured_quickly_and_reported(built: cpu_build.Built) 
     assert entry["isa"] == cpu.isa_in_use() and entry["seconds"] < 1.0 and entry["how"]
 
 
+@pytest.mark.parametrize("isa", ["avx512"], indirect=True)
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda d: f"w-{str(d)[6:]}")
+def test_the_long_row_prefetch_changes_nothing_but_speed(isa: str, w_dtype: torch.dtype) -> None:
+    """The AVX-512 general kernel with and without its next-row prefetch on long rows (a row's values of 8 KiB or
+    more: 4100 fp32 or 8200 bf16 inputs here; 600 inputs stay short) gives the same bits, equal to dense, at one token
+    (the 8-row tile the choice applies to) and beyond; the setting is restored."""
+    module = kernel._STATE.built.module  # type: ignore[union-attr]
+    before = module.long_row_prefetch()
+    shapes = [(37, 8200 if w_dtype == torch.bfloat16 else 4100), (19, 600)]
+    assert shapes[0][1] // 2 * (2 if w_dtype == torch.bfloat16 else 4) >= module.long_row_bytes()
+    try:
+        outputs = []
+        for on in (1, 0):
+            module.set_long_row_prefetch(on)
+            assert module.long_row_prefetch() == bool(on)
+            failures = dense_mismatches(shapes, [1, 2, 5], w_dtype, torch.float32)
+            assert not failures, "\n".join(failures)
+            packed = pack_nm(weight_24(shapes[0], w_dtype, 7))
+            x = torch.randn(1, shapes[0][1], generator=torch.Generator().manual_seed(3))
+            outputs.append(cpu.packed_product(x, packed.values, packed.indices))
+        assert torch.equal(outputs[0], outputs[1])
+    finally:
+        module.set_long_row_prefetch(int(before))
+
+
+def test_the_long_row_prefetch_is_measured_once_and_reported(built: cpu_build.Built) -> None:
+    """On AVX-512 the first layer with long rows measures the prefetch (the weight flushed from the caches before each
+    call), sets the extension to the faster and the description says which with both times; shorter rows and other
+    instruction sets measure nothing."""
+    module = built.module
+    before, saved = module.long_row_prefetch(), kernel._STATE.long_rows
+    try:
+        kernel._STATE.long_rows = None
+        short = PackedLinear(pack_nm(weight_24((16, 576), torch.float32, 1)))
+        short(torch.randn(1, 576))
+        assert kernel._STATE.long_rows is None  # 576 inputs: short rows, nothing to measure
+        if kernel.ISAS.index(cpu.isa_in_use() or "scalar") < kernel.ISAS.index("avx512"):
+            assert "next-row prefetch" not in cpu.describe().detail
+            pytest.skip(f"the {cpu.isa_in_use()} kernels have no long-row prefetch to choose")
+        assert "next-row prefetch on long rows: on until measured" in cpu.describe().detail
+        long = PackedLinear(pack_nm(weight_24((16, 4104), torch.float32, 2)))  # a shape no other test measures
+        long(torch.randn(1, 4104))
+        found = kernel._STATE.long_rows
+        assert found is not None and found.how == "measured" and found.seconds < 2.0
+        assert found.with_seconds and found.without_seconds and module.long_row_prefetch() == found.on
+        assert found.on == (not found.without_seconds < found.with_seconds * kernel.LONG_ROW_MARGIN)
+        assert f"next-row prefetch on long rows (>= 8 KiB of values a row) {'on' if found.on else 'off'}" in (
+            cpu.describe().detail
+        )
+        assert module.evict(torch.ones(100))  # x86: the cache flush exists
+        long(torch.randn(1, 4104))
+        assert kernel._STATE.long_rows is found  # once per process and instruction set
+    finally:
+        kernel._STATE.long_rows = saved
+        module.set_long_row_prefetch(int(before))
+
+
 def test_the_tiles_take_the_dense_product_measured_where_they_run(
     built: cpu_build.Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -113,6 +113,13 @@ PROBE_BUDGET_S = 0.5  # per distinct shape; the probe stops early and says so
 # until 2026-11-29: on LLaMA-7B-sized fp32 layers the budget then stopped the probe before 64 tokens, and the layer
 # handed over at 0.79-0.84x dense where the token-vector kernel runs 1.3x, Xeon, 1 thread.)
 ALWAYS_PROBED = 64
+# The AVX-512 general kernel's prefetch of the next rows on long rows (csrc/packed24.h, SEC24_LONG_ROW_BYTES) is timed
+# once per process, at the first crossover measurement of a layer with long rows: a one-token product of this weight
+# (fp32 [rows, in]), flushed out of the caches before each call, with and without it, alternated. Off only where off
+# measured at least LONG_ROW_MARGIN faster; on (as it always was) otherwise.
+LONG_ROW_PROBE_SHAPE = (1024, 4096)
+LONG_ROW_PROBE_PAIRS = 9
+LONG_ROW_MARGIN = 0.95
 _ANY_SIZE = (1 << 63) - 1  # no upper bound on a bound call's elements (the extension's int64)
 _LAYER_CACHE = "_cpu24_crossover"  # a layer's last crossover lookup, kept in its __dict__ (not in its state_dict)
 
@@ -137,6 +144,29 @@ class Crossover:
     loses_at: int | None = None
 
 
+@dataclass(frozen=True)
+class LongRowPrefetch:
+    """Whether the AVX-512 general kernel prefetches the next rows of long rows, and what decided it."""
+
+    on: bool
+    with_seconds: float | None  # median one-token product of the probe's weight, from memory, with the prefetch
+    without_seconds: float | None  # the same without it
+    seconds: float  # the measurement's cost
+    how: str
+
+    def text(self) -> str:
+        rows, inputs = LONG_ROW_PROBE_SHAPE
+        state = "on" if self.on else "off"
+        if self.with_seconds is None or self.without_seconds is None:
+            return f"next-row prefetch on long rows {state} ({self.how})"
+        return (
+            f"next-row prefetch on long rows (>= {_module().long_row_bytes() >> 10} KiB of values a row) {state}: "
+            f"measured at first use, one token of a {rows}x{inputs} fp32 weight flushed from the caches, "
+            f"{self.with_seconds * 1e3:.3g} ms with, {self.without_seconds * 1e3:.3g} ms without "
+            f"(medians of {LONG_ROW_PROBE_PAIRS}, alternated)"
+        )
+
+
 @dataclass
 class _State:
     build_root: Path | None = None
@@ -146,6 +176,7 @@ class _State:
     isa: str | None = None  # the instruction set in use
     isa_index: int = 0
     crossovers: dict[tuple[Any, ...], Crossover] = field(default_factory=dict)
+    long_rows: LongRowPrefetch | None = None  # measured at the first layer with long rows on AVX-512
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -166,6 +197,9 @@ def configure(*, build_dir: Path | None = None, isa: IsaChoice = "auto") -> None
             _STATE.requested = isa
             _STATE.isa = None
             _STATE.crossovers.clear()
+            _STATE.long_rows = None  # measured again for the new instruction set; until then, on
+            if _STATE.built is not None:
+                _STATE.built.module.set_long_row_prefetch(1)
             invalidate_fast_calls()  # the layers' bound calls hold the old instruction set
 
 
@@ -585,6 +619,54 @@ def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.d
     return ONE_THREAD
 
 
+def measure_long_row_prefetch(pairs: int = LONG_ROW_PROBE_PAIRS) -> LongRowPrefetch:
+    """Time the AVX-512 general kernel's one-token product of a long-row weight (:data:`LONG_ROW_PROBE_SHAPE`, fp32)
+    with and without its prefetch of the next rows, the weight flushed from every cache before each call (a decode
+    step finds a large layer in memory, not in cache), alternated, on the calling thread; keep the prefetch unless
+    it measured slower by more than :data:`LONG_ROW_MARGIN`, and set the extension accordingly.
+
+    Why measured: on the Xeon of 2026-11-30 (family 6 model 167), 1 thread, weights rotated over 400 MB, LLaMA-7B's
+    fp32 layers ran 20-25 % faster without it, SmolLM2's short rows 25-35 % slower (they keep it: rows of fewer
+    bytes always prefetch); on AMD Zen 5 it had measured ~10 % faster on 4096 x 4096 (docs/kernels.md, "Prefetch")."""
+    module = _module()
+    started = time.perf_counter()
+    if not (ISAS.index("avx512") <= _STATE.isa_index):
+        return LongRowPrefetch(True, None, None, 0.0, f"not measured: the {_STATE.isa} kernels do not choose it")
+    rows, inputs = LONG_ROW_PROBE_SHAPE
+    values = torch.ones(rows, inputs // 2)  # fp32 [rows, in/2]
+    codes = torch.full((rows, inputs // 8), 0xE4, dtype=torch.uint8)  # every group keeps its inputs (0, 1), (2, 3)
+    x = torch.randn(1, inputs)  # [1, in]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    decided = True  # the prefetch stays on unless measured slower
+    try:
+        for i in range(pairs + 1):  # the first pair warms up, untimed
+            for on in (True, False) if i % 2 == 0 else (False, True):
+                module.set_long_row_prefetch(int(on))
+                if not (module.evict(values) and module.evict(codes)):
+                    return LongRowPrefetch(True, None, None, 0.0, "not measured: this CPU has no cache flush")
+                begun = time.perf_counter()
+                module.linear(x, values, codes, None, _STATE.isa_index, ONE_THREAD, BLOCK_ROWS)
+                if i:
+                    times[on].append(time.perf_counter() - begun)
+        with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
+        decided = not without_s < with_s * LONG_ROW_MARGIN
+        return LongRowPrefetch(decided, with_s, without_s, time.perf_counter() - started, "measured")
+    finally:
+        module.set_long_row_prefetch(int(decided))
+
+
+def _ensure_long_row_prefetch(values: torch.Tensor) -> None:
+    """Measure the long-row prefetch (once per process and instruction set) when ``values`` has long rows."""
+    if _STATE.long_rows is not None or ISAS.index("avx512") > _STATE.isa_index:
+        return
+    if values.shape[1] * values.element_size() < int(_module().long_row_bytes()):
+        return
+    with _STATE.lock:
+        if _STATE.long_rows is None:
+            _STATE.long_rows = measure_long_row_prefetch()
+            log.info("packed 2:4 CPU kernel: %s [%.2f s]", _STATE.long_rows.text(), _STATE.long_rows.seconds)
+
+
 def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | None = None) -> Crossover:
     """The crossover of ``layer`` for inputs like ``x`` on this machine: measured at the first call per (shape,
     dtypes, threads, instruction set), then looked up; extended (:func:`extend_crossover`) when ``x`` has more tokens
@@ -600,6 +682,7 @@ def crossover_for(x: torch.Tensor, layer: PackedLinear, values: torch.Tensor | N
     key = (layer.out_features, layer.in_features, values.dtype, x.dtype, threads, _STATE.isa)
     known = _STATE.crossovers.get(key)
     if known is None:
+        _ensure_long_row_prefetch(values)
         found = measure_crossover(values, _tensors(layer)[1], x.dtype)
         _log_crossover(key, found)
     else:
@@ -795,9 +878,17 @@ def describe() -> KernelDescription:
         f"instruction set {_STATE.isa} ({how}; CPU flags: {flags}; compiled: {', '.join(_STATE.built.isas)}); "
         f"threads {torch.get_num_threads()} (one thread below {SERIAL_WORK >> 10} KiB streamed, and for shapes where "
         "the threads measured slower at one token); "
-        f"{_token_blocks_text()}; {_crossovers_text()}"
+        f"{_token_blocks_text()}; {_long_rows_text()}{_crossovers_text()}"
     )
     return KernelDescription(KERNEL_NAME, True, detail)
+
+
+def _long_rows_text() -> str:
+    if ISAS.index("avx512") > _STATE.isa_index:
+        return ""
+    if _STATE.long_rows is None:
+        return "next-row prefetch on long rows: on until measured (at the first layer with long rows); "
+    return _STATE.long_rows.text() + "; "
 
 
 def _token_blocks_text() -> str:

@@ -62,9 +62,16 @@ void tile(const sec24_args* a, int64_t r0, int64_t t0) {
     // totals, so no lane adds more than kBlock/32 products in a row (fp32 rounding stays near the dense product's).
     // (In memory, not registers: they are touched once per block, and the accumulators need the registers.)
     alignas(64) float total[R][TT][16] = {};
-    // The next R rows follow these in memory: stream them in while these compute.
-    sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept * vsize, R * kept * vsize, in / 32);
-    sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, R * a->code_bytes, in / 32);
+    // The next R rows follow these in memory: stream them in while these compute. Always in tiles of fewer than 8
+    // rows (more than one token) and on short rows; on the one-token tile's long rows where the measurement at first
+    // use found it faster (a->prefetch_long_rows). Measured on the Xeon of 2026-11-30 (family 6 model 167), 1 thread,
+    // weights rotated over 400 MB, alternated, without it / with it: LLaMA-7B's fp32 shapes 0.73-0.85 at one token
+    // (4096 x 4096: 2.48 against 3.38 ms) but 1.00-1.19 at 4, 8 and 16 tokens; SmolLM2's short rows (576 and 1536
+    // inputs) 1.25-1.35 at one token (and 15-50 % slower without it on AMD, docs/kernels.md).
+    const bool prefetch = R < 8 || a->prefetch_long_rows || kept * vsize < SEC24_LONG_ROW_BYTES;
+    const int64_t next_value_bytes = prefetch ? R * kept * vsize : 0, next_code_bytes = prefetch ? R * a->code_bytes : 0;
+    sec24_prefetch next_values = sec24_prefetch_range(v[0] + R * kept * vsize, next_value_bytes, in / 32);
+    sec24_prefetch next_codes = sec24_prefetch_range(c[0] + R * a->code_bytes, next_code_bytes, in / 32);
     int64_t k = 0;
     while (k + 32 <= in) {
         const int64_t end = sec24_min(in & ~(int64_t)31, k + kBlock);

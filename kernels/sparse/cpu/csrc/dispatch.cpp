@@ -14,6 +14,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <emmintrin.h>  // _mm_clflush, _mm_mfence (SSE2: every x86-64 CPU)
 #include <sys/syscall.h>
 #endif
 #if defined(__unix__) || defined(__APPLE__)
@@ -82,6 +83,10 @@ int64_t tokens_tall_override = -1;
 // The AMX kernel's input blocks (amx.cpp) by its measured rule (-1), or forced off (0) or on wherever they fit (1):
 // set_amx_input_blocks, for the tests and for comparing the paths in one process.
 int64_t amx_input_blocks_override = -1, amx_sums_bytes_override = 0;
+
+// The AVX-512 general kernel's prefetch of the next rows on long rows (packed24.h, SEC24_LONG_ROW_BYTES): on (1) until
+// kernel.py's measurement at first use sets it (set_long_row_prefetch).
+int64_t long_row_prefetch = 1;
 
 bool tokens_tall() {
     if (tokens_tall_override >= 0) return tokens_tall_override > 0;
@@ -401,6 +406,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     args.tokens_tall = tokens_tall() ? 1 : 0;
     args.amx_input_blocks = (int32_t)amx_input_blocks_override;
     args.amx_sums_bytes = amx_sums_bytes_override;
+    args.prefetch_long_rows = long_row_prefetch > 0 ? 1 : 0;
     at::Tensor x_vnni, x_t;
     if (token_vectors && use_token_spans(tokens, out, at::get_num_threads())) {
         token_spans(args, isa);
@@ -533,6 +539,23 @@ std::vector<std::string> isas_runnable() {
     return names;
 }
 
+// Writes back and drops every cache line of t's bytes from every cache level (x86's CLFLUSH; elsewhere nothing), so
+// that the next product reads them from memory, as a decode step finds a layer too large for the caches. For
+// kernel.py's measurements at first use, which time one weight instead of copies spanning the last-level cache.
+bool evict(const at::Tensor& t) {
+#if defined(__x86_64__) || defined(__i386__)
+    const char* p = (const char*)t.data_ptr();
+    const int64_t bytes = t.numel() * t.element_size();
+    for (int64_t i = 0; i < bytes; i += 64) _mm_clflush(p + i);
+    if (bytes > 0) _mm_clflush(p + bytes - 1);
+    _mm_mfence();
+    return true;
+#else
+    (void)t;
+    return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "secateurs packed 2:4 CPU kernel (see secateurs.kernels.sparse.cpu)";
     m.def("linear", &linear, "y = x W^T (+ b) from the packed 2:4 form");
@@ -566,6 +589,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "caps their sums (token tiles then go in groups)",
         py::arg("on"), py::arg("sums_bytes") = 0);
     m.def("tokens_tall", &tokens_tall, "whether the token-vector kernels' full chunks take tall row blocks");
+    m.def(
+        "set_long_row_prefetch", [](int64_t on) { long_row_prefetch = on > 0 ? 1 : 0; },
+        "the AVX-512 general kernel's prefetch of the next rows on long rows: on (1) or off (0)");
+    m.def("long_row_prefetch", []() { return long_row_prefetch > 0; },
+          "whether the AVX-512 general kernel prefetches the next rows on long rows");
+    m.def("long_row_bytes", []() { return (int64_t)SEC24_LONG_ROW_BYTES; },
+          "a row's kept-value bytes from which it counts as long (the prefetch choice applies)");
+    m.def("evict", &evict, "flush a tensor's bytes out of every cache level (False where the CPU has no CLFLUSH)");
     m.def("l1d_bytes", &l1d_bytes, "the L1 data cache of a core in bytes (0: not reported)");
     m.def("l2_bytes", &l2_bytes, "the L2 cache of a core in bytes (0: not reported)");
     m.def("parallel_pieces", &parallel_pieces, "pieces at::parallel_for(0, n, 1) ran as (1 = no threads)");

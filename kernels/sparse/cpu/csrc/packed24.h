@@ -36,7 +36,14 @@ typedef struct {
     int32_t tokens_tall;     // the token-vector kernels: full chunks of 512-bit vectors in tall row blocks (tokens.h)
     int32_t amx_input_blocks;  // the AMX kernel's input blocks (amx.cpp): -1 by its rule, 0 never, 1 wherever they fit
     int64_t amx_sums_bytes;    // the AMX kernel's input blocks: bytes their sums may take (0: the kernel's own cap)
+    int32_t prefetch_long_rows;  // the AVX-512 general kernel's prefetch of the next rows at one token where a row's
+                                 // values take SEC24_LONG_ROW_BYTES or more: 1 on, 0 off (kernel.py measures which)
 } sec24_args;
+
+// Rows whose kept values take at least this many bytes (4096 fp32 inputs) are "long": on some CPUs the hardware
+// prefetcher follows a tile's long rows well enough that the kernel's own prefetch of the next rows only competes
+// with it (avx512.cpp, where it is measured).
+#define SEC24_LONG_ROW_BYTES (8 << 10)
 
 // The L1 data cache a tall block of the token-vector kernel needs (tokens.h): 64 rows' sums of 128 tokens (32 KiB)
 // beside a 16 KiB block of x. The dispatcher sets sec24_args.tokens_tall where the CPU's L1d holds that.
