@@ -242,16 +242,21 @@ sec24_decompress_fn decompress_fn(int64_t isa, bool bf16) {
     }
 }
 
-// Runs body(begin, end) over [0, n) in blocks of `block`. Below `serial_work` (in bytes of weight streamed, plus
-// the tokens' share) the caller's thread does it all: a decode-sized product never waits for a pool thread to
-// wake. Above, at::parallel_for starts torch's threads, and each takes runs of blocks from a shared counter until
-// none are left, so a thread that starts late (descheduled on a busy machine) finds the work done instead of holding
-// a share. A run is 1/8 of a thread's share: contiguous rows, which the kernels' prefetch of the next rows and the
-// hardware prefetcher follow. (One block of 16 rows per take, until 2026-11-29, alternated the threads' blocks: each
-// thread's prefetch fetched the other's next rows, and the counter's cache line moved between the cores at every
-// block. Measured, Xeon, 2 threads, 1 token fp32, 4096x4096: 2.13 -> 1.76 ms; runs of 1/1, 1/2, 1/8 of a share
-// measured alike.)
-constexpr int64_t kGrabsPerThread = 8;
+// Runs body(begin, end) over [0, n) in blocks of `block`. Below `serial_work` (in bytes of weight streamed, plus the
+// tokens' share) the caller's thread does it all: a decode-sized product never waits for a pool thread to wake. Above,
+// at::parallel_for starts torch's threads, and each takes runs of blocks from a shared counter until none are left, so
+// a thread that starts late (descheduled on a busy machine) finds the work done instead of holding a share. A run is a
+// part of a thread's share (below): contiguous rows, which the kernels' prefetch of the next rows and the hardware
+// prefetcher follow. (One block of 16 rows per take, until 2026-11-29, alternated the threads' blocks: each thread's
+// prefetch fetched the other's next rows, and the counter's cache line moved between the cores at every block.
+// Measured, Xeon, 2 threads, 1 token fp32, 4096x4096: 2.13 -> 1.76 ms; runs of 1/1, 1/2, 1/8 of a share measured
+// alike.) A run is half a thread's share since 2026-11-30: on small layers 1/8 of a share is one block, and the
+// threads' runs alternated again (192x576: 12 blocks of 16 rows, 12 takes). Measured (Xeon family 6 model 167, 2
+// threads, one token fp32, weights rotated over 300 MB, packed / dense F.linear medians of 280 interleaved calls, one
+// to three rounds each): 1/8 of a share 0.69-0.74 (576x1536), 0.54-0.55 (1536x576), 0.61-0.64 (576x576), 0.72-0.79
+// (192x576); 1/2 0.67, 0.52, 0.54, 0.64; a whole share 0.64-0.67, 0.48-0.50, 0.50-0.53, 0.57-0.61; 4096x4096 0.67-0.70
+// in all. Half, not whole: a thread descheduled after its take holds at most a quarter of the work (on two threads).
+constexpr int64_t kGrabsPerThread = 2;
 template <typename Body>
 void run_blocks(int64_t n, int64_t block, int64_t work, int64_t serial_work, const Body& body) {
     const int64_t blocks = (n + block - 1) / block;
