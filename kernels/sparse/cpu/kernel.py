@@ -627,10 +627,11 @@ def measure_long_row_prefetch(pairs: int = LONG_ROW_PROBE_PAIRS) -> LongRowPrefe
 
     Why measured: on the Xeon of 2026-11-30 (family 6 model 167), 1 thread, weights rotated over 400 MB, LLaMA-7B's
     fp32 layers ran 20-25 % faster without it, SmolLM2's short rows 25-35 % slower (they keep it: rows of fewer
-    bytes always prefetch); on AMD Zen 5 it had measured ~10 % faster on 4096 x 4096 (docs/kernels.md, "Prefetch")."""
+    bytes always prefetch); the measurement that introduced it, on another machine, had found it ~10 % faster on
+    4096 x 4096 (docs/kernels.md, "Prefetch")."""
     module = _module()
     started = time.perf_counter()
-    if not (ISAS.index("avx512") <= _STATE.isa_index):
+    if _STATE.isa_index < ISAS.index("avx512"):
         return LongRowPrefetch(True, None, None, 0.0, f"not measured: the {_STATE.isa} kernels do not choose it")
     rows, inputs = LONG_ROW_PROBE_SHAPE
     values = torch.ones(rows, inputs // 2)  # fp32 [rows, in/2]
@@ -657,7 +658,7 @@ def measure_long_row_prefetch(pairs: int = LONG_ROW_PROBE_PAIRS) -> LongRowPrefe
 
 def _ensure_long_row_prefetch(values: torch.Tensor) -> None:
     """Measure the long-row prefetch (once per process and instruction set) when ``values`` has long rows."""
-    if _STATE.long_rows is not None or ISAS.index("avx512") > _STATE.isa_index:
+    if _STATE.long_rows is not None or _STATE.isa_index < ISAS.index("avx512"):
         return
     if values.shape[1] * values.element_size() < int(_module().long_row_bytes()):
         return
@@ -884,7 +885,7 @@ def describe() -> KernelDescription:
 
 
 def _long_rows_text() -> str:
-    if ISAS.index("avx512") > _STATE.isa_index:
+    if _STATE.isa_index < ISAS.index("avx512"):
         return ""
     if _STATE.long_rows is None:
         return "next-row prefetch on long rows: on until measured (at the first layer with long rows); "
