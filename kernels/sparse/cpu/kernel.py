@@ -631,7 +631,7 @@ def measure_long_row_prefetch(pairs: int = LONG_ROW_PROBE_PAIRS) -> LongRowPrefe
     4096 x 4096 (docs/kernels.md, "Prefetch")."""
     module = _module()
     started = time.perf_counter()
-    if _STATE.isa_index < ISAS.index("avx512"):
+    if not _chooses_long_row_prefetch():
         return LongRowPrefetch(True, None, None, 0.0, f"not measured: the {_STATE.isa} kernels do not choose it")
     rows, inputs = LONG_ROW_PROBE_SHAPE
     values = torch.ones(rows, inputs // 2)  # fp32 [rows, in/2]
@@ -656,9 +656,14 @@ def measure_long_row_prefetch(pairs: int = LONG_ROW_PROBE_PAIRS) -> LongRowPrefe
         module.set_long_row_prefetch(int(decided))
 
 
+def _chooses_long_row_prefetch() -> bool:
+    """Whether the instruction set in use has the long-row prefetch choice (the AVX-512 general kernel's)."""
+    return _STATE.isa_index >= ISAS.index("avx512")
+
+
 def _ensure_long_row_prefetch(values: torch.Tensor) -> None:
     """Measure the long-row prefetch (once per process and instruction set) when ``values`` has long rows."""
-    if _STATE.long_rows is not None or _STATE.isa_index < ISAS.index("avx512"):
+    if _STATE.long_rows is not None or not _chooses_long_row_prefetch():
         return
     if values.shape[1] * values.element_size() < int(_module().long_row_bytes()):
         return
@@ -885,7 +890,7 @@ def describe() -> KernelDescription:
 
 
 def _long_rows_text() -> str:
-    if _STATE.isa_index < ISAS.index("avx512"):
+    if not _chooses_long_row_prefetch():
         return ""
     if _STATE.long_rows is None:
         return "next-row prefetch on long rows: on until measured (at the first layer with long rows); "

@@ -84,9 +84,9 @@ int64_t tokens_tall_override = -1;
 // set_amx_input_blocks, for the tests and for comparing the paths in one process.
 int64_t amx_input_blocks_override = -1, amx_sums_bytes_override = 0;
 
-// The AVX-512 general kernel's prefetch of the next rows on long rows (packed24.h, SEC24_LONG_ROW_BYTES): on (1) until
+// The AVX-512 general kernel's prefetch of the next rows on long rows (packed24.h, SEC24_LONG_ROW_BYTES): on until
 // kernel.py's measurement at first use sets it (set_long_row_prefetch).
-int64_t long_row_prefetch = 1;
+bool long_row_prefetch = true;
 
 bool tokens_tall() {
     if (tokens_tall_override >= 0) return tokens_tall_override > 0;
@@ -411,7 +411,7 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& values, const at::T
     args.tokens_tall = tokens_tall() ? 1 : 0;
     args.amx_input_blocks = (int32_t)amx_input_blocks_override;
     args.amx_sums_bytes = amx_sums_bytes_override;
-    args.prefetch_long_rows = long_row_prefetch > 0 ? 1 : 0;
+    args.prefetch_long_rows = long_row_prefetch ? 1 : 0;
     at::Tensor x_vnni, x_t;
     if (token_vectors && use_token_spans(tokens, out, at::get_num_threads())) {
         token_spans(args, isa);
@@ -595,9 +595,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("on"), py::arg("sums_bytes") = 0);
     m.def("tokens_tall", &tokens_tall, "whether the token-vector kernels' full chunks take tall row blocks");
     m.def(
-        "set_long_row_prefetch", [](int64_t on) { long_row_prefetch = on > 0 ? 1 : 0; },
+        "set_long_row_prefetch", [](int64_t on) { long_row_prefetch = on > 0; },
         "the AVX-512 general kernel's prefetch of the next rows on long rows: on (1) or off (0)");
-    m.def("long_row_prefetch", []() { return long_row_prefetch > 0; },
+    m.def("long_row_prefetch", []() { return long_row_prefetch; },
           "whether the AVX-512 general kernel prefetches the next rows on long rows");
     m.def("long_row_bytes", []() { return (int64_t)SEC24_LONG_ROW_BYTES; },
           "a row's kept-value bytes from which it counts as long (the prefetch choice applies)");
