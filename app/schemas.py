@@ -417,6 +417,13 @@ class MemoryReport(BaseModel):
         description="CUDA jobs: torch.cuda.max_memory_allocated over the job (peak of tensors on the GPU; the"
         " caching allocator may hold more). Null on CPU.",
     )
+    peak_rss_by_stage: dict[Stage, int] | None = Field(
+        default=None,
+        description="Peak resident memory of each stage of the job (VmHWM reset as each stage starts): load (model"
+        " and tokenizer), calibrate (texts read and tokenized), evaluate_dense, prune (the checkpoint and its packed"
+        " copy written as the blocks are done), evaluate_pruned, measure_speed. peak_rss_bytes is the largest. Null"
+        " where the peak cannot be reset.",
+    )
 
 
 class ModelInfo(BaseModel):

@@ -14,8 +14,9 @@ For each shape the script
 2. runs ``secateurs.workers.pipeline.run_job`` on it in a fresh process (what ``secateurs prune`` does): 7B with
    SparseGPT 2:4 and 16 × 512 calibration tokens of c4, 13B with magnitude 2:4 (no calibration: that run tests
    streaming more bytes than RAM, not the solve); no evaluation, no speed step;
-3. records the job's peak RSS (``VmHWM`` of that process: not ``ru_maxrss``, which a child started by
-   fork and exec inherits from its parent, here the generator's own peak), the seconds of every block, the total; checks
+3. records the job's peak RSS (its report's: the ``VmHWM`` of that process, stage by stage; not ``ru_maxrss``,
+   which a child started by fork and exec inherits from its parent, here the generator's own peak), the seconds of
+   every block, the total; checks
    that every pruned weight of the output is 2:4 (reading the written shards tensor by tensor) and that the
    output loads with ``AutoModelForCausalLM.from_pretrained(..., device_map="meta")`` (transformers reads the
    index and every header and matches them to the config; no weight is materialized);
@@ -196,15 +197,18 @@ def _job(
 
     started = time.perf_counter()
     report = run_job(spec, progress, output_dir=output, overwrite=True)
-    # The job process's own peak. ru_maxrss is not that: Linux carries the parent's high-water mark into a child at
-    # exec (measured: a child of a process that had touched 1.5 GB reported 1.48 GB of ru_maxrss and 13.6 MB of
-    # VmHWM), and this script's parent has just generated the model. ru_maxrss only where VmHWM is unavailable.
-    hwm, max_rss = _vm_hwm(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The job process's own peak: the job's report, which reads VmHWM at the end of each stage and resets it for the
+    # next (so this process's VmHWM now covers only the last stage). ru_maxrss is not that: Linux carries the
+    # parent's high-water mark into a child at exec (measured: a child of a process that had touched 1.5 GB reported
+    # 1.48 GB of ru_maxrss and 13.6 MB of VmHWM), and this script's parent has just generated the model; the stages'
+    # resets also reset the part of it that is this process's own. ru_maxrss only where VmHWM is unavailable.
+    hwm = report.memory.peak_rss_bytes if report.memory.peak_rss_bytes is not None else _vm_hwm()
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "seconds_total": time.perf_counter() - started,
         "seconds_per_block": blocks,
         "peak_rss_bytes": hwm if hwm is not None else max_rss,
-        "peak_rss_source": "VmHWM" if hwm is not None else "ru_maxrss",
+        "peak_rss_source": report.memory.peak_rss_source if hwm is not None else "ru_maxrss",
         "ru_maxrss_bytes": max_rss,
         "prune_seconds": report.timings.prune_seconds,
         "load_seconds": report.timings.load_seconds,

@@ -78,7 +78,10 @@ def test_run_job_writes_a_loadable_2_4_checkpoint_and_a_full_report(
     assert saved["environment"]["cpu_capability"] and set(saved["environment"]["cpu_products"]) == {"linear", "gram"}
     memory = saved["memory"]  # measured in this (test) process: more than the model, less than the machine
     assert 10 * 2**20 < memory["peak_rss_bytes"] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert memory["peak_device_bytes"] is None and "reset when the job started" in memory["peak_rss_source"]
+    assert memory["peak_device_bytes"] is None and "reset as each stage of the job started" in memory["peak_rss_source"]
+    stages = memory["peak_rss_by_stage"]  # each stage's own peak; the job's is the largest
+    assert list(stages) == ["load", "calibrate", "evaluate_dense", "prune", "evaluate_pruned", "measure_speed"]
+    assert max(stages.values()) == memory["peak_rss_bytes"] and min(stages.values()) > 10 * 2**20
     blocks = [e for e in events if e.block is not None]
     assert [e.block for e in blocks] == [1, 2] and all(e.layers for e in blocks)
     assert events[-1].stage == "done"

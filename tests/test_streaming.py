@@ -258,15 +258,15 @@ _RSS_PROBE = textwrap.dedent(
     def job(model, out):
         spec = JobSpec(model=model, method="magnitude", calibration=None, evaluation=None, device="cpu",
                        measure_speed=False)
-        run_job(spec, output_dir=Path(out))
+        return run_job(spec, output_dir=Path(out))
 
     job(sys.argv[2], sys.argv[3] + "-warm")  # every code path once, on a tiny model, before the baseline
     trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak (VmHWM) to the current RSS
     base = status("VmRSS")
-    job(sys.argv[1], sys.argv[3])
-    print(json.dumps({"peak": status("VmHWM") - base}))
+    report = job(sys.argv[1], sys.argv[3])  # its peak: the largest of its stages' VmHWM (reset as each starts)
+    print(json.dumps({"peak": report.memory.peak_rss_bytes - base}))
     """
 )
 

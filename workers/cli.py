@@ -143,7 +143,9 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
     if memory and memory.get("peak_rss_bytes"):
         device = memory.get("peak_device_bytes")
         gpu = f", device {device / 1e9:.2f} GB (max allocated)" if device is not None else ""
-        table.add_row("peak memory", f"{memory['peak_rss_bytes'] / 1e9:.2f} GB resident{gpu}")
+        stages: dict[str, int] = memory.get("peak_rss_by_stage") or {}
+        where = f" (in {max(stages, key=lambda stage: stages[stage]).replace('_', ' ')})" if stages else ""
+        table.add_row("peak memory", f"{memory['peak_rss_bytes'] / 1e9:.2f} GB resident{where}{gpu}")
     packed = report.get("packed")
     if packed and packed["written"]:
         table.add_row(

@@ -532,8 +532,8 @@ _PROC_STATUS = Path("/proc/self/status")
 
 
 def _reset_peak_memory(device: torch.device) -> bool:
-    """Restart the peaks :func:`_peak_memory` reads: Linux's VmHWM (``/proc/self/clear_refs``) and, on CUDA,
-    torch's peak-allocation counter. False where the host peak cannot be reset (it then covers the process)."""
+    """Restart the peaks :class:`_Peaks` reads: Linux's VmHWM (``/proc/self/clear_refs``) and, on CUDA, torch's
+    peak-allocation counter. False where the host peak cannot be reset (it then covers the process)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -544,19 +544,47 @@ def _reset_peak_memory(device: torch.device) -> bool:
     return True
 
 
-def _peak_memory(device: torch.device, reset: bool) -> MemoryReport:
-    peak: int | None = None
+def _host_peak() -> int | None:
+    """The process's peak resident set since its last reset (VmHWM), in bytes; None without /proc."""
     try:
         with _PROC_STATUS.open(encoding="ascii") as status:
-            peak = next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), None)
+            return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), None)
     except (OSError, ValueError):
-        pass
-    source = "VmHWM of the job's process, reset when the job started" if reset else "VmHWM of the process's lifetime"
-    return MemoryReport(
-        peak_rss_bytes=peak,
-        peak_rss_source=source if peak is not None else "not available (no /proc/self/status)",
-        peak_device_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
-    )
+        return None
+
+
+class _Peaks:
+    """Peak memory of a job, stage by stage: :meth:`end` reads the peak of the stage that just ended and restarts
+    the counters for the next, so the report says which stage set the job's peak (the largest of them)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset = _reset_peak_memory(device)
+        self.by_stage: dict[Stage, int] = {}
+        self.host: int | None = None
+        self.gpu = 0
+
+    def end(self, stage: Stage) -> None:
+        host = _host_peak()
+        if host is not None:
+            self.by_stage[stage] = max(self.by_stage.get(stage, 0), host)
+            self.host = max(self.host or 0, host)
+        if self.device.type == "cuda":
+            self.gpu = max(self.gpu, int(torch.cuda.max_memory_allocated(self.device)))
+        if self.reset:
+            self.reset = _reset_peak_memory(self.device)
+
+    def report(self) -> MemoryReport:
+        if self.reset:
+            source = "VmHWM of the job's process, reset as each stage of the job started: the largest stage's"
+        else:
+            source = "VmHWM of the process's lifetime"
+        return MemoryReport(
+            peak_rss_bytes=self.host,
+            peak_rss_source=source if self.host is not None else "not available (no /proc/self/status)",
+            peak_device_bytes=self.gpu if self.device.type == "cuda" else None,
+            peak_rss_by_stage=dict(self.by_stage) if self.reset and self.by_stage else None,
+        )
 
 
 def _run(
@@ -573,7 +601,7 @@ def _run(
     clock = _Clock(time.perf_counter())
     check_output_dir(output_dir, overwrite=overwrite)
     device = resolve_device(spec.device)
-    peaks_reset = _reset_peak_memory(device)
+    peaks = _Peaks(device)
     dtype = resolve_dtype(spec.dtype, device)
     pattern = _pattern(spec)
     config = PruneConfig(
@@ -590,6 +618,7 @@ def _run(
 
     emit(ProgressEvent(stage=Stage.LOAD, message=f"loading {spec.model}"))
     streamed, tokenizer, folder = load_model(spec, dtype)
+    peaks.end(Stage.LOAD)
     try:
         return _run_streamed(
             spec,
@@ -602,7 +631,7 @@ def _run(
             should_stop=should_stop,
             heap=heap,
             clock=clock,
-            peaks_reset=peaks_reset,
+            peaks=peaks,
             folder=folder,
             cache=cache,
             job_id=job_id,
@@ -629,7 +658,7 @@ def _run_streamed(
     should_stop: Callable[[], bool] | None,
     heap: Heap,
     clock: _Clock,
-    peaks_reset: bool,
+    peaks: _Peaks,
     folder: Path,
     cache: DenseCache | None,
     job_id: str | None,
@@ -670,6 +699,7 @@ def _run_streamed(
             )
         windows = eval_windows(stream, spec.eval_seqlen, spec.eval_windows)
     data_seconds = time.perf_counter() - data_started
+    peaks.end(Stage.CALIBRATE)
 
     dense, eval_dense_seconds, dense_hit = cached_dense_perplexity(
         cache,
@@ -687,8 +717,8 @@ def _run_streamed(
         output=output_dir,
         emit=emit,
     )
-
-    heap.release()
+    heap.release()  # before the stage's peak is read: the next stage's starts from what stays resident
+    peaks.end(Stage.EVALUATE_DENSE)
     emit(
         ProgressEvent(
             stage=Stage.PRUNE,
@@ -736,14 +766,17 @@ def _run_streamed(
         save_seconds = time.perf_counter() - save_started
 
         heap.release()
+        peaks.end(Stage.PRUNE)
         streamed.read_from(tmp)
         pruned, eval_pruned_seconds = _evaluate(
             model, windows, spec, bos, device, emit=emit, stage=Stage.EVALUATE_PRUNED, label="pruned", source=streamed
         )
         heap.release()
+        peaks.end(Stage.EVALUATE_PRUNED)
         speed, decode = _measure_speed(
             tmp, streamed, layers, pattern, spec, device=device, emit=emit, should_stop=should_stop
         )
+        peaks.end(Stage.MEASURE_SPEED)
 
         emit(ProgressEvent(stage=Stage.SAVE, message=f"saving to {output_dir}"))
         report_started = time.perf_counter()
@@ -813,7 +846,7 @@ def _run_streamed(
                 save_seconds=save_seconds + time.perf_counter() - report_started,
                 total_seconds=clock.since(),
             ),
-            memory=_peak_memory(device, peaks_reset),
+            memory=peaks.report(),
             packed=packed_report,
             speed=speed,
             decode=decode,

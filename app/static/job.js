@@ -593,6 +593,11 @@ function detailsSection(report) {
   const m = report.model;
   const cal = report.calibration;
   const env = report.environment;
+  const memory = report.memory;
+  const stages = memory?.peak_rss_by_stage ?? {};
+  const top = Math.max(0, ...Object.values(stages));
+  // each stage's own peak resident memory (VmHWM reset as it started); the job's peak in bold
+  const peak = (stage) => (stage in stages ? (stages[stage] === top ? h("strong", {}, fmtBytes(stages[stage])) : fmtBytes(stages[stage])) : "–");
   return h(
     "div",
     { class: "columns" },
@@ -600,15 +605,16 @@ function detailsSection(report) {
       "timings",
       "Timings",
       table(
-        ["stage", "time"],
+        ["stage", "time", "peak memory"],
         [
-          ["load", fmtDuration(t.load_seconds)],
-          ["data", fmtDuration(t.data_seconds)],
-          ["dense perplexity", report.perplexity.dense_cached ? `${fmtDuration(t.eval_dense_seconds)} (cached; computed in ${fmtDuration(report.perplexity.dense_cached.seconds)} then)` : fmtDuration(t.eval_dense_seconds)],
-          ["prune", fmtDuration(t.prune_seconds)],
-          ["pruned perplexity", fmtDuration(t.eval_pruned_seconds)],
-          ["save", fmtDuration(t.save_seconds)],
-          [h("strong", {}, "total"), h("strong", {}, fmtDuration(t.total_seconds))],
+          ["load", fmtDuration(t.load_seconds), peak("load")],
+          ["data", fmtDuration(t.data_seconds), peak("calibrate")],
+          ["dense perplexity", report.perplexity.dense_cached ? `${fmtDuration(t.eval_dense_seconds)} (cached; computed in ${fmtDuration(report.perplexity.dense_cached.seconds)} then)` : fmtDuration(t.eval_dense_seconds), peak("evaluate_dense")],
+          ["prune", fmtDuration(t.prune_seconds), peak("prune")],
+          ["pruned perplexity", fmtDuration(t.eval_pruned_seconds), peak("evaluate_pruned")],
+          ["speed step", "–", peak("measure_speed")],
+          ["save", fmtDuration(t.save_seconds), ""],
+          [h("strong", {}, "total"), h("strong", {}, fmtDuration(t.total_seconds)), h("strong", {}, memory?.peak_rss_bytes ? fmtBytes(memory.peak_rss_bytes) : "–")],
         ],
         { id: "timings-table" },
       ),

@@ -115,6 +115,11 @@ try {
   const firstBar = await page.locator("#errors svg rect.bar").first().getAttribute("data-layer");
   assert(firstBar === report.layers[0].name, `bars follow the layer order: ${firstBar}`);
   assert((await page.locator("#sparsity-verified").innerText()).includes("verified"), "sparsity verified is shown");
+  // Each stage's peak memory beside its time; the job's peak is the largest stage's.
+  const timings = await page.locator("#timings-table").innerText();
+  const stagePeaks = Object.values(report.memory.peak_rss_by_stage ?? {});
+  assert(stagePeaks.length > 0 && Math.max(...stagePeaks) === report.memory.peak_rss_bytes, `peak memory by stage: ${JSON.stringify(report.memory)}`);
+  assert(/peak memory/i.test(timings) && /\d MB|\d GB/.test(timings), `the timings table shows each stage's peak memory: ${timings}`);
   // The results lead with the decode speedup and its conditions, or say why there is none.
   const firstStat = await page.locator("#headline .stat").first().innerText();
   assert(firstStat.toLowerCase().startsWith("decode speedup"), `the headline leads with the decode speedup: ${firstStat}`);
