@@ -55,12 +55,18 @@ def user_errors() -> Iterator[None]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int) -> None:
-    """secateurs: one-shot 2:4 (N:M) pruning of Hugging Face causal LMs, with measured perplexity.
+    """secateurs: one-shot 2:4 (N:M) pruning of Hugging Face causal LMs, with measured perplexity before and
+    after and the measured speedup of the packed model.
 
     \b
-    Quick start (offline assets, then a SparseGPT 2:4 run on SmolLM2-135M):
-      secateurs fetch-assets
+    Quick start (SparseGPT 2:4 on SmolLM2-135M through the embedded service; no Redis or database needed):
+      secateurs quickstart
+    Prune here, in this process:
       secateurs prune MODEL_DIR --calibration-file C4_TXT --eval-file WIKI_TXT --output OUT_DIR
+    As a service (REST API, status page at http://HOST:PORT/, Celery workers):
+      secateurs serve            then   secateurs submit MODEL … / wait JOB_ID / download JOB_ID
+    Use the result:
+      secateurs bench OUT_DIR    (packed against dense greedy decode; in Python: secateurs.load(OUT_DIR))
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")

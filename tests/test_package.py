@@ -106,6 +106,7 @@ def test_python_dash_m_secateurs_is_the_cli(tmp_path: Path) -> None:
         [sys.executable, "-m", "secateurs", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert "Usage: python -m secateurs" in result.stdout and "prune" in result.stdout
+    assert "secateurs quickstart" in result.stdout  # the help leads with the README's quick start
 
 
 def test_no_code_imports_a_bare_layer() -> None:
