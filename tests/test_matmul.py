@@ -367,6 +367,6 @@ print(int(small == floor), int(trimmed_small > 32 << 20), int(large == ceiling))
 @pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
 def test_between_blocks_bound_follows_the_first_blocks_working_set() -> None:
     """A streamed job on a small model (blocks of a few MB) fragmented its heap by 37-71 MB before a fixed 192 MB
-    bound trimmed it (AMD Zen 1); the bound is the first block's own growth, between 16 and 192 MiB."""
+    bound trimmed it (AMD Zen 1); the bound is the first block's own growth, between a floor and a ceiling."""
     done = subprocess.run([sys.executable, "-c", _BOUND], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
     assert done.stdout.split() == ["1", "1", "1"]
