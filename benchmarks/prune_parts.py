@@ -17,7 +17,8 @@ the first ``--blocks`` decoder blocks (default: all), with wall-clock timers aro
 
 A timer nested in another (a product inside the factorization) counts for the outer one only. No profiler: its
 overhead on the large element-wise kernels had misattributed them before (``docs/engine.md``, seventh round).
-Prints a table and writes the seconds (total and per block), each block's time and the environment as JSON.
+Prints a table and writes the seconds (total and per block), each block's time, the peak RSS (``ru_maxrss``: model,
+calibration and prune), the heap's trim bound between blocks and the environment as JSON.
 """
 
 from __future__ import annotations
