@@ -197,12 +197,12 @@ def _job(
 
     started = time.perf_counter()
     report = run_job(spec, progress, output_dir=output, overwrite=True)
-    # The job process's own peak: the job's report, which reads VmHWM at the end of each stage and resets it for the
-    # next (so this process's VmHWM now covers only the last stage). ru_maxrss is not that: Linux carries the
-    # parent's high-water mark into a child at exec (measured: a child of a process that had touched 1.5 GB reported
-    # 1.48 GB of ru_maxrss and 13.6 MB of VmHWM), and this script's parent has just generated the model; the stages'
-    # resets also reset the part of it that is this process's own. ru_maxrss only where VmHWM is unavailable.
-    hwm = report.memory.peak_rss_bytes if report.memory.peak_rss_bytes is not None else _vm_hwm()
+    # The job process's own peak: its report's, the largest of its stages' VmHWM (each reset as the stage starts, so
+    # this process's own VmHWM now covers only the last stage; None only where /proc cannot be read). ru_maxrss is not
+    # that: Linux carries the parent's high-water mark into a child at exec (measured: a child of a process that had
+    # touched 1.5 GB reported 1.48 GB of ru_maxrss and 13.6 MB of VmHWM), and this script's parent has just
+    # generated the model. ru_maxrss only where VmHWM is unavailable.
+    hwm = report.memory.peak_rss_bytes
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "seconds_total": time.perf_counter() - started,
@@ -217,15 +217,6 @@ def _job(
         "blocks": report.model.decoder_blocks,
         "packed_written": bool(report.packed and report.packed.written),
     }
-
-
-def _vm_hwm() -> int | None:
-    """This process's peak RSS in bytes from Linux's ``VmHWM`` (None elsewhere)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), None)
-    except OSError:
-        return None
 
 
 def check_output(output: Path) -> dict[str, Any]:

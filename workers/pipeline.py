@@ -561,27 +561,26 @@ class _Peaks:
         self.device = device
         self.reset = _reset_peak_memory(device)
         self.by_stage: dict[Stage, int] = {}
-        self.host: int | None = None
         self.gpu = 0
 
     def end(self, stage: Stage) -> None:
         host = _host_peak()
         if host is not None:
-            self.by_stage[stage] = max(self.by_stage.get(stage, 0), host)
-            self.host = max(self.host or 0, host)
+            self.by_stage[stage] = host
         if self.device.type == "cuda":
             self.gpu = max(self.gpu, int(torch.cuda.max_memory_allocated(self.device)))
         if self.reset:
             self.reset = _reset_peak_memory(self.device)
 
     def report(self) -> MemoryReport:
+        host = max(self.by_stage.values(), default=None)  # the job's peak: its largest stage's
         if self.reset:
             source = "VmHWM of the job's process, reset as each stage of the job started: the largest stage's"
         else:
             source = "VmHWM of the process's lifetime"
         return MemoryReport(
-            peak_rss_bytes=self.host,
-            peak_rss_source=source if self.host is not None else "not available (no /proc/self/status)",
+            peak_rss_bytes=host,
+            peak_rss_source=source if host is not None else "not available (no /proc/self/status)",
             peak_device_bytes=self.gpu if self.device.type == "cuda" else None,
             peak_rss_by_stage=dict(self.by_stage) if self.reset and self.by_stage else None,
         )
