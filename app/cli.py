@@ -32,6 +32,18 @@ def fail(message: str, hint: str | None = None) -> NoReturn:
 _ENGINE_MODULES = {"torch", "transformers", "accelerate", "safetensors", "gguf", "numpy"}
 
 
+def _option_for(field: str) -> str | None:
+    """The running command's option that sets the spec field ``field`` (``eval_windows`` -> ``--eval-windows``), so
+    a validation error names what the user typed; None where no option has that name (a nested field)."""
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return None
+    for param in context.command.params:
+        if isinstance(param, click.Option) and param.name == field:
+            return max(param.opts, key=len)  # the long form
+    return None
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn every error a user can act on into one clear message and exit code 2, without a traceback."""
@@ -40,7 +52,7 @@ def user_errors() -> Iterator[None]:
     except SecateursError as exc:
         fail(exc.message, exc.hint)
     except ValidationError as exc:
-        fail(describe_validation_error(exc), "see --help for the accepted values")
+        fail(describe_validation_error(exc, label=_option_for), "see --help for the accepted values")
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in _ENGINE_MODULES:
             fail(

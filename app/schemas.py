@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
@@ -36,11 +37,13 @@ def error_message(error: ErrorDetails) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, naming the field as the user wrote it."""
+def describe_validation_error(exc: ValidationError, label: Callable[[str], str | None] | None = None) -> str:
+    """One line per problem, naming the field as the user wrote it: its dotted path (a REST body's, a batch file's),
+    or what ``label`` gives for that path (the CLI: the option that set it, e.g. ``--eval-windows``)."""
     lines = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"])
+        field = (label(field) if label is not None and field else None) or field
         message = error_message(error)
         lines.append(message if not field or message.startswith(field) else f"{field}: {message}")
     return "; ".join(lines)

@@ -163,6 +163,9 @@ def _prune_args(model: Path, text: Path, out: Path) -> list[str]:
         ({"--calibration-file": "short"}, "needs at least 33"),
         ({"--device": "cuda:7"}, "does not exist"),
         ({"--device": "tpu"}, "device"),
+        # a spec field out of range is named by the option that set it, not by the schema's field name
+        ({"--eval-windows": "0"}, "--eval-windows: Input should be greater than or equal to 1"),
+        ({"--calibration-seqlen": "1"}, "--calibration-seqlen: Input should be greater than or equal to 2"),
     ],
 )
 def test_bad_input_gets_one_clear_message_and_no_output(
