@@ -82,6 +82,11 @@ DTYPES = (torch.float32, torch.bfloat16)
 SERIAL_WORK = 256 << 10  # bytes streamed (weights + the tokens' share) below which one thread runs the product
 ONE_THREAD = 1 << 62  # a work size no product reaches: the calling thread runs everything
 THREADS_RECHECK = 64  # where threads lose at one token, the token count at which they are timed again
+# A shape keeps off torch's threads only where the calling thread alone took under this fraction of the pooled time:
+# on a shared VM one timing can catch the other vCPU busy, and a wrong "one thread" costs a whole decode step's worth
+# (Xeon family 6 model 167, 2 threads: a probe that put SmolLM2's 1536 x 576 on one thread read fp32 greedy decode at
+# 1.18x dense, against 1.36-1.46x in the runs around it where both threads ran it).
+ONE_THREAD_MARGIN = 0.9
 BLOCK_ROWS = 16  # output rows a thread takes at a time
 # Dense tile of the hand-over. Measured (Xeon, 1 thread, shared machine, best of 8): tiles of 256 KiB and 1 MiB lose
 # 20-50% to dense at 128-512 tokens (per-tile overheads, skinny products); 4 MiB and above are within noise of
@@ -585,25 +590,38 @@ def _work(values: torch.Tensor, codes: torch.Tensor, tokens: int) -> int:
 
 def _thread_timings(
     values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, tokens: int
-) -> tuple[float, float]:
-    """Medians of 5 interleaved calls of ``tokens`` tokens, through torch's threads and on the calling thread."""
+) -> tuple[float, float, bool]:
+    """Medians of 9 interleaved calls of ``tokens`` tokens, through torch's threads and on the calling thread, the
+    weight flushed from the caches before each call where the CPU can (a model's forward finds a layer's weight in
+    memory, the other layers having run since: a hot weight favours the calling thread, whose product then costs
+    less than waking the pool's threads).
+
+    Measured (Xeon family 6 model 167, 2 threads, SmolLM2 fp32 greedy decode, the 576 x 576 layers alone switched,
+    8 rounds interleaved): with the hot probe's answer (one thread below 64 tokens) a step took 34.0 ms, on both
+    threads 32.1 ms, faster in every round; the hot probe had timed 25.4 µs pooled against 19.9 µs alone. Returns
+    (pooled, alone, whether the weight was flushed)."""
+    module = _module()
     x = torch.randn(tokens, values.shape[1] * 2).to(x_dtype)  # [tokens, in]
     samples: dict[int, list[float]] = {SERIAL_WORK: [], ONE_THREAD: []}
     for work in samples:  # warm-up: the pool's threads exist after this
         packed_product(x, values, codes, serial_work=work)
-    for _ in range(5):
-        for work, times in samples.items():
+    flushed = True
+    for round_ in range(9):
+        for work in (SERIAL_WORK, ONE_THREAD) if round_ % 2 == 0 else (ONE_THREAD, SERIAL_WORK):
+            # False (nothing flushed) where the CPU has no cache flush: then timed hot
+            flushed = bool(module.evict(values)) and bool(module.evict(codes)) and flushed
             started = time.perf_counter()
             packed_product(x, values, codes, serial_work=work)
-            times.append(time.perf_counter() - started)
+            samples[work].append(time.perf_counter() - started)
     pooled, alone = (statistics.median(samples[work]) for work in (SERIAL_WORK, ONE_THREAD))
-    return pooled, alone
+    return pooled, alone, flushed
 
 
 def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, notes: list[str]) -> int:
-    """The work size to pass the kernel for this weight: :data:`SERIAL_WORK` when torch's threads made a one-token
-    product faster; where they did not, the work of a :data:`THREADS_RECHECK`-token product when the threads made
-    that one faster (fewer tokens then run on the calling thread), else :data:`ONE_THREAD`. (Until 2026-11-30 one
+    """The work size to pass the kernel for this weight: :data:`SERIAL_WORK` unless the calling thread alone made a
+    one-token product faster by the :data:`ONE_THREAD_MARGIN`; where it did, the work of a
+    :data:`THREADS_RECHECK`-token product unless the calling thread won that one too (fewer tokens then run on the
+    calling thread), else :data:`ONE_THREAD`. (Until 2026-11-30 one
     token decided for every count: on an AMD Zen 4, 2 threads, SmolLM2's 192 x 576 then ran 512-token products on
     one thread, 0.60-0.67x dense, where both threads run them at 1.05-1.10x.)"""
     threads = torch.get_num_threads()
@@ -611,10 +629,13 @@ def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.d
     if threads == 1 or weight_bytes < SERIAL_WORK:
         return SERIAL_WORK
     for tokens in (1, THREADS_RECHECK):
-        pooled, alone = _thread_timings(values, codes, x_dtype, tokens)
+        pooled, alone, flushed = _thread_timings(values, codes, x_dtype, tokens)
         what = "1 token" if tokens == 1 else f"{tokens} tokens"
-        notes.append(f"{what}: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 5)")
-        if pooled < alone:
+        weight = "weight flushed from the caches" if flushed else "weight in cache: this CPU has no cache flush"
+        notes.append(
+            f"{what}: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 9, {weight})"
+        )
+        if not alone < ONE_THREAD_MARGIN * pooled:
             return SERIAL_WORK if tokens == 1 else _work(values, codes, tokens)
     return ONE_THREAD
 
