@@ -353,6 +353,38 @@ def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize(
+    ("alone_at_1", "alone_at_recheck", "expected"),
+    [
+        (0.95, None, "pool"),  # one thread faster, but within the margin: the pool keeps the shape
+        (0.85, 0.95, "recheck"),  # one thread clearly faster at one token, not at THREADS_RECHECK tokens
+        (0.85, 0.85, "one thread"),  # clearly faster at both
+    ],
+)
+def test_a_shape_leaves_the_pool_only_where_one_thread_wins_by_the_margin(
+    monkeypatch: pytest.MonkeyPatch, alone_at_1: float, alone_at_recheck: float | None, expected: str
+) -> None:
+    """The decision rule of the threads probe, its timings stubbed (pooled 1.0 at every count): a shape keeps off
+    torch's threads only where the calling thread took under ONE_THREAD_MARGIN of the pooled time."""
+    timed: list[int] = []
+
+    def timings(
+        values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, tokens: int
+    ) -> tuple[float, float | None, bool]:
+        timed.append(tokens)
+        return 1.0, alone_at_1 if tokens == 1 else alone_at_recheck, True
+
+    monkeypatch.setattr(kernel, "_thread_timings", timings)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    packed = pack_nm(weight_24((512, 1024), torch.float32, 3))  # 1.1 MB: above the one-thread size
+    notes: list[str] = []
+    work = kernel._measure_threads(packed.values, packed.indices, torch.float32, notes)
+    rechecked = kernel._work(packed.values, packed.indices, kernel.THREADS_RECHECK)
+    assert work == {"pool": kernel.SERIAL_WORK, "recheck": rechecked, "one thread": kernel.ONE_THREAD}[expected]
+    assert timed == ([1] if expected == "pool" else [1, kernel.THREADS_RECHECK])
+    assert all("weight flushed from the caches" in note for note in notes)
+
+
 def test_the_environment_variable_forces_the_scalar_kernel(
     monkeypatch: pytest.MonkeyPatch, built: cpu_build.Built
 ) -> None:
