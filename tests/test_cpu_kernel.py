@@ -325,7 +325,7 @@ def test_packed_linear_runs_the_forced_kernel(isa: str) -> None:
     assert described.available and f"instruction set {isa} (forced" in described.detail
 
 
-def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
+def test_threads_split_the_rows_and_agree(built: cpu_build.Built, monkeypatch: pytest.MonkeyPatch) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -347,6 +347,9 @@ def test_threads_split_the_rows_and_agree(built: cpu_build.Built) -> None:
         assert "1 token: 2 threads" in found.how
         if built.module.evict(torch.ones(1)):  # timed as a model's forward finds a weight: flushed from the caches
             assert "weight flushed from the caches" in found.how
+        # above THREAD_PROBE_FLUSH_BYTES a weight is timed as it lies (flushing it would cost more than the timing)
+        monkeypatch.setattr(kernel, "THREAD_PROBE_FLUSH_BYTES", big.values.numel() * 4 - 1)
+        assert kernel._thread_timings(big.values, big.indices, torch.float32, 1)[2] is False
         # where threads lost at one token they were timed again at THREADS_RECHECK tokens, and that decided
         assert (found.serial_work != kernel.SERIAL_WORK) == (f"{kernel.THREADS_RECHECK} tokens: 2 threads" in found.how)
     finally:

@@ -87,6 +87,11 @@ THREADS_RECHECK = 64  # where threads lose at one token, the token count at whic
 # (Xeon family 6 model 167, 2 threads: a process whose probe put SmolLM2's 1536 x 576 on one thread read fp32 greedy
 # decode at 1.18x dense, the two before it with the same code 1.36x and 1.46x).
 ONE_THREAD_MARGIN = 0.9
+# The threads probe flushes weights of at most this many bytes (values and codes) from the caches before each call.
+# Larger ones would cost more to flush than to time (LLaMA-7B's 11008 x 4096 fp32, 95 MB: 1.1 s per probe flushed,
+# 52 ms a flush), and their one-token products (milliseconds, read from beyond the L2 anyway) outlast a pool
+# thread's wake-up many times over.
+THREAD_PROBE_FLUSH_BYTES = 8 << 20
 BLOCK_ROWS = 16  # output rows a thread takes at a time
 # Dense tile of the hand-over. Measured (Xeon, 1 thread, shared machine, best of 8): tiles of 256 KiB and 1 MiB lose
 # 20-50% to dense at 128-512 tokens (per-tile overheads, skinny products); 4 MiB and above are within noise of
@@ -592,9 +597,9 @@ def _thread_timings(
     values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.dtype, tokens: int
 ) -> tuple[float, float, bool]:
     """Medians of 9 interleaved calls of ``tokens`` tokens, through torch's threads and on the calling thread, the
-    weight flushed from the caches before each call where the CPU can (a model's forward finds a layer's weight in
-    memory, the other layers having run since: a hot weight favours the calling thread, whose product then costs
-    less than waking the pool's threads).
+    weight flushed from the caches before each call where the CPU can and it is at most
+    :data:`THREAD_PROBE_FLUSH_BYTES` (a model's forward finds a layer's weight in memory, the other layers having run
+    since: a hot weight favours the calling thread, whose product then costs less than waking the pool's threads).
 
     Measured (Xeon family 6 model 167, 2 threads, SmolLM2 fp32 greedy decode, the 576 x 576 layers alone switched,
     8 rounds interleaved): with the hot probe's answer (one thread below 64 tokens) a step took 34.0 ms, on both
@@ -605,11 +610,11 @@ def _thread_timings(
     samples: dict[int, list[float]] = {SERIAL_WORK: [], ONE_THREAD: []}
     for work in samples:  # warm-up: the pool's threads exist after this
         packed_product(x, values, codes, serial_work=work)
-    flushed = True
+    flushed = values.numel() * values.element_size() + codes.numel() <= THREAD_PROBE_FLUSH_BYTES
     for round_ in range(9):
         for work in (SERIAL_WORK, ONE_THREAD) if round_ % 2 == 0 else (ONE_THREAD, SERIAL_WORK):
-            # False (nothing flushed) where the CPU has no cache flush: then timed hot
-            flushed = bool(module.evict(values)) and bool(module.evict(codes)) and flushed
+            if flushed:  # evict is False (nothing flushed) where the CPU has no cache flush: then timed as it lies
+                flushed = bool(module.evict(values)) and bool(module.evict(codes))
             started = time.perf_counter()
             packed_product(x, values, codes, serial_work=work)
             samples[work].append(time.perf_counter() - started)
@@ -631,7 +636,11 @@ def _measure_threads(values: torch.Tensor, codes: torch.Tensor, x_dtype: torch.d
     for tokens in (1, THREADS_RECHECK):
         pooled, alone, flushed = _thread_timings(values, codes, x_dtype, tokens)
         what = "1 token" if tokens == 1 else f"{tokens} tokens"
-        weight = "weight flushed from the caches" if flushed else "weight in cache: this CPU has no cache flush"
+        weight = (
+            "weight flushed from the caches"
+            if flushed
+            else f"weight not flushed: over {THREAD_PROBE_FLUSH_BYTES >> 20} MiB, or no cache flush on this CPU"
+        )
         notes.append(
             f"{what}: {threads} threads {pooled * 1e3:.3g} ms, 1 thread {alone * 1e3:.3g} ms (medians of 9, {weight})"
         )
@@ -904,7 +913,8 @@ def describe() -> KernelDescription:
     detail = (
         f"instruction set {_STATE.isa} ({how}; CPU flags: {flags}; compiled: {', '.join(_STATE.built.isas)}); "
         f"threads {torch.get_num_threads()} (one thread below {SERIAL_WORK >> 10} KiB streamed, and for shapes where "
-        f"one thread measured faster by more than {1 - ONE_THREAD_MARGIN:.0%} at one token, weights flushed); "
+        f"one thread measured faster by more than {1 - ONE_THREAD_MARGIN:.0%} at one token, weights of at most "
+        f"{THREAD_PROBE_FLUSH_BYTES >> 20} MiB flushed); "
         f"{_token_blocks_text()}; {_long_rows_text()}{_crossovers_text()}"
     )
     return KernelDescription(KERNEL_NAME, True, detail)
