@@ -108,6 +108,22 @@ def _tiny_pruned(folder: Path) -> Path:
     return folder
 
 
+def pruned_smollm2(folder: Path | None, scratch: Path, cache: Path | None, say: Any) -> Path:
+    """``folder`` when given, else SmolLM2-135M-Instruct (the offline asset, from ``cache`` or the settings' cache
+    folder) pruned 2:4 by magnitude into ``scratch``: the weights' values do not change the speed."""
+    if folder is not None:
+        return folder
+    from secateurs import prune
+    from secateurs.app.settings import get_settings
+    from secateurs.workers.assets import fetch_assets
+
+    smollm2 = fetch_assets(cache or get_settings().cache_dir).smollm2
+    folder = scratch / "smollm2-magnitude-2of4"
+    say(f"pruning {smollm2} 2:4 by magnitude into {folder}")
+    prune(smollm2, method="magnitude", output=folder, device="cpu", measure_speed=False)
+    return folder
+
+
 def _memory(folder: Path) -> dict[str, Any]:
     """Peak RSS added by loading the dense folder and the packed form, each in a fresh subprocess."""
     sides = {}
@@ -166,10 +182,7 @@ def main() -> None:
     import torch
     import transformers
 
-    import secateurs
-    from secateurs.app.settings import get_settings
     from secateurs.kernels.sparse.packing import describe_packed_kernels
-    from secateurs.workers.assets import fetch_assets
     from secateurs.workers.bench import run_bench
     from secateurs.workers.pipeline import quiet_libraries
     from secateurs.workers.speed import cpu_isa, cpu_name
@@ -204,12 +217,7 @@ def main() -> None:
         "targets": TARGETS,
     }
     with tempfile.TemporaryDirectory(prefix="secateurs-decode-") as scratch:
-        folder = args.pruned
-        if folder is None:
-            smollm2 = fetch_assets(args.cache or get_settings().cache_dir).smollm2
-            folder = Path(scratch) / "smollm2-magnitude-2of4"
-            _say(f"pruning {smollm2} 2:4 by magnitude into {folder}")
-            secateurs.prune(smollm2, method="magnitude", output=folder, device="cpu", measure_speed=False)
+        folder = pruned_smollm2(args.pruned, Path(scratch), args.cache, _say)
         result["model"] = {"folder": str(folder), "pruning": "SmolLM2-135M-Instruct, magnitude 2:4 (fp32 checkpoint)"}
         runs = []
         for dtype in args.dtypes.split(","):

@@ -62,16 +62,15 @@ def main() -> None:
 
     import torch
     import transformers
+    from decode import pruned_smollm2  # benchmarks/decode.py, beside this script
     from torch import nn
     from transformers import AutoModelForCausalLM, DynamicCache
 
     import secateurs
-    from secateurs.app.settings import get_settings
     from secateurs.kernels.matmul import fast_linears
     from secateurs.kernels.measure.speed import _cache_keyword
     from secateurs.kernels.sparse.cpu import measured_crossovers
     from secateurs.kernels.sparse.packing import PackedLinear, describe_packed_kernels
-    from secateurs.workers.assets import fetch_assets
     from secateurs.workers.pipeline import quiet_libraries
     from secateurs.workers.speed import cpu_isa, cpu_name
 
@@ -153,12 +152,7 @@ def main() -> None:
         },
     }
     with tempfile.TemporaryDirectory(prefix="secateurs-decode-parts-") as scratch, ExitStack() as stack:
-        folder = args.pruned
-        if folder is None:
-            smollm2 = fetch_assets(args.cache or get_settings().cache_dir).smollm2
-            folder = Path(scratch) / "smollm2-magnitude-2of4"
-            _say(f"pruning {smollm2} 2:4 by magnitude into {folder}")
-            secateurs.prune(smollm2, method="magnitude", output=folder, device="cpu", measure_speed=False)
+        folder = pruned_smollm2(args.pruned, Path(scratch), args.cache, _say)
         result["model"] = {"folder": str(folder), "pruning": "SmolLM2-135M-Instruct 2:4 (fp32 checkpoint)"}
         models = {
             "dense": AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(),
