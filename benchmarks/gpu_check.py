@@ -26,6 +26,9 @@ Sections, in this order:
   dense ``F.linear`` (cuBLAS) against the Triton kernel, weights rotated over more than 3x the L2 cache, timed
   two ways: replaying a CUDA graph of the calls (kernel time, no launch overhead) and eager back-to-back calls
   between two events (what an eager decode step pays, launch overhead included); achieved GB/s for each.
+* ``eager_calls``: what one eager one-token call costs, launch included (``benchmarks/triton_call.py``): dense
+  ``F.linear`` against the Triton kernel through its launcher (every check on every call) and through a layer's
+  bound call (``PackedLinear`` after its first dispatch), back to back, bf16, SmolLM2's and LLaMA-7B's shapes.
 * ``decode_graph``: batch-1 greedy decode with a static KV cache, one step per CUDA-graph replay, dense versus
   the Triton kernel in every pruned linear, on a SmolLM2-shaped and a 4-block LLaMA-7B-shaped random 2:4 model.
 * ``speed_llama``: the project's speed sweep (:func:`secateurs.kernels.measure.speed.sweep_linear`: correctness
@@ -506,6 +509,26 @@ def kernel_timing(device: torch.device, smoke: bool, l2_bytes: int) -> dict[str,
     return {"copy_bandwidth": ceiling, "points": points}
 
 
+def eager_calls(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """benchmarks/triton_call.py's timing: per shape, microseconds per eager call of dense, the launcher and the
+    bound call (smoke: on CPU, Triton's launch stubbed out, a toy shape)."""
+    from benchmarks.triton_call import SHAPES, launches_stubbed, time_shape
+
+    if smoke:
+        with launches_stubbed():
+            points = [time_shape((64, 128), torch.float16, device, tokens=1, calls=20, rounds=2)]
+        return {"points": points}
+    points = []
+    for shape in SHAPES:
+        point = time_shape(shape, torch.bfloat16, device, tokens=1, calls=2000, rounds=5)
+        points.append(point)
+        say(
+            f"  {shape} bf16 x1 eager: dense {point['dense_us']:.1f} us, launcher {point['launcher_us']:.1f} us, "
+            f"bound {point['bound_us']:.1f} us"
+        )
+    return {"calls": 2000, "rounds": 5, "points": points}
+
+
 # Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
 CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
     1: [("select", 1, 512, 2, 2), ("select", 1, 1024, 4, 2), ("select", 1, 256, 1, 2), ("select", 1, 2048, 8, 2),
@@ -972,6 +995,7 @@ def main() -> None:
         # First the tuning: every later section runs the table it measured.
         ("kernel_configs", 30, lambda: kernel_configs(device, smoke, l2, min(120.0, run.left() - 150), tiles)),
         ("kernel_timing", 30, lambda: kernel_timing(device, smoke, l2)),
+        ("eager_calls", 20, lambda: eager_calls(device, smoke)),
         ("decode_graph", 30, lambda: decode_graph(device, smoke)),
         ("speed_llama", 30, lambda: speed_llama(device, smoke)),
         ("pytest_gpu", 60, lambda: pytest_gpu(args.out, min(150.0, max(run.left() - 60, 60)))),

@@ -116,7 +116,10 @@ needs_triton = pytest.mark.skipif(
 
 @needs_triton
 def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
-    sections = "environment,kernel_check,kernel_timing,speed_llama,decode_graph,prune_cuda,speed_smollm2,kernel_configs"
+    sections = (
+        "environment,kernel_check,kernel_timing,eager_calls,speed_llama,decode_graph,prune_cuda,speed_smollm2,"
+        "kernel_configs"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), "--smoke", "--only", sections],
@@ -139,6 +142,8 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     point = data["kernel_timing"]["points"][0]
     assert point["eager_triton"]["median_ms"] > 0 and 1.5 < point["limit"] < 1.8
     assert data["kernel_configs"]["results"][0]["best"]["status"] == "ok"
+    eager = data["eager_calls"]["points"][0]
+    assert eager["launcher_us"] > 0 and eager["bound_us"] > 0  # CPU: the Python part, the launch stubbed
     paths = {r["path"]: r for r in data["speed_llama"]["linear"][0]["paths"]}
     assert paths["packed_triton"]["status"] == "unavailable"  # CPU: the path says why
     assert paths["packed_reference"]["status"] == "measured"

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 
 from secateurs.kernels.measure.speed import SpeedSettings, mismatch, sparse_paths, sweep_linear
 from secateurs.kernels.patterns import SparsityPattern
-from secateurs.kernels.sparse import triton_decode
+from secateurs.kernels.sparse import packing, triton_decode
 from secateurs.kernels.sparse.packing import PackedLinear, describe_packed_kernels, pack_nm, packed_kernels
 from secateurs.kernels.sparse.triton_decode import (
     MAX_TOKENS,
     Config,
     block_m,
+    bound_call,
     check,
     decline_reason,
     packed24_linear,
@@ -86,6 +87,15 @@ def test_interpreted_kernel_equals_dense_with_zeros(case: str, interpreted: dict
 def test_interpreted_kernel_follows_strides(interpreted: dict[str, dict[str, Any]]) -> None:
     entry = interpreted["non_contiguous"]
     assert entry["ok"], entry.get("error")
+
+
+@needs_triton
+def test_interpreted_bound_call_equals_the_launcher(interpreted: dict[str, dict[str, Any]]) -> None:
+    """The layer's bound call: bit for bit the launcher's output for later inputs like the first (contiguous,
+    with leading dimensions, strided), None for another token count, dtype or an input that needs autograd."""
+    entry = interpreted["bound"]
+    assert entry["ok"], entry.get("error")
+    assert entry["relative_error"] < 5e-3
 
 
 @needs_triton
@@ -181,6 +191,36 @@ def test_triton_is_registered_and_declines_cpu_calls() -> None:
     y = layer(x)
     assert layer.last_path != "triton"
     torch.testing.assert_close(y, F.linear(x, layer.dense_weight()))
+
+
+def test_bound_call_takes_only_inputs_like_the_one_it_was_bound_from() -> None:
+    """The guards of the bound call, with a stand-in launch (no Triton): same device, dtype, width and token count,
+    no autograd; leading dimensions may differ."""
+
+    class Launch:
+        tokens = 2
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((1,), float(x.numel()))
+
+    call = bound_call(Launch(), torch.randn(2, 32))  # type: ignore[arg-type]
+    assert call(torch.randn(2, 32)) is not None
+    assert call(torch.randn(1, 2, 32)) is not None  # the same two tokens under another leading shape
+    for declined in (
+        torch.randn(1, 32),  # another token count
+        torch.randn(4, 16),  # the same elements, another width
+        torch.randn(2, 32).half(),  # another dtype
+        torch.randn(2, 32, requires_grad=True),  # autograd
+    ):
+        assert call(declined) is None, (declined.shape, declined.dtype)
+    with torch.no_grad():
+        assert call(torch.randn(2, 32, requires_grad=True)) is not None
+
+
+def test_a_new_table_drops_the_bound_calls() -> None:
+    before = packing._VERSION[0]
+    triton_decode.set_table(triton_decode.table())
+    assert packing._VERSION[0] > before  # every layer's bound call is re-bound by its next dispatch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
@@ -289,6 +329,9 @@ def test_gpu_packed_linear_runs_triton_for_decode_only(dtype: torch.dtype) -> No
         y = layer(x)
         assert (layer.last_path == "triton") is expected, (shape, layer.last_path)
         assert mismatch(y, F.linear(x, dense, bias)) is None, shape
+        if expected:  # the next call like it goes through the layer's bound call, to the same bits
+            assert layer.__dict__["_fast_call"][2] == "triton"
+            assert torch.equal(layer(x), y) and layer.last_path == "triton"
     strided = torch.randn(3, 1152, generator=g).to("cuda", dtype)[:, ::2]  # [3, 576], not contiguous
     assert mismatch(layer(strided), F.linear(strided, dense, bias)) is None
     trained = torch.randn(1, 576, generator=g).to("cuda", dtype).requires_grad_()

@@ -15,8 +15,16 @@ from typing import Any
 
 import torch
 
-from secateurs.kernels.sparse.packing import pack_nm
-from secateurs.kernels.sparse.triton_decode import Config, check, interpreting, packed24_linear, random_24
+from secateurs.kernels.sparse.packing import PackedLinear, pack_nm
+from secateurs.kernels.sparse.triton_decode import (
+    Config,
+    bound_call,
+    check,
+    interpreting,
+    packed24_linear,
+    prepare_launch,
+    random_24,
+)
 
 # (rows, cols): rows not a multiple of any BLOCK_N, kept values (cols/2) not a multiple of any chunk. The first
 # three are not word-aligned (in % 32 != 0: the bytes style only), the last two are (every style).
@@ -115,6 +123,38 @@ def select_bfloat16() -> float:
     return worst
 
 
+def bound() -> float:
+    """A layer's bound call (what PackedLinear runs after its first dispatch to the kernel) computes exactly what
+    the launcher computes, for later inputs of the same kind, and declines the others: 1/3/16 tokens, float32 and
+    float16, with and without bias, ragged and even shapes, strided inputs."""
+    generator = torch.Generator().manual_seed(2)
+    worst = 0.0
+    for (rows, cols), tokens, dtype in itertools.product(
+        ((37, 64), (130, 320), EVEN_SHAPE), (1, 3, 16), (torch.float32, torch.float16)
+    ):
+        dense = random_24(rows, cols, dtype, "cpu", generator)  # [rows, cols]
+        bias = torch.randn(rows, generator=generator).to(dtype) if tokens != 3 else None
+        layer = PackedLinear.from_dense(dense, bias)
+        first = torch.randn(tokens, cols, generator=generator).to(dtype)  # [tokens, cols]
+        call = bound_call(prepare_launch(first, layer.values, layer.indices, layer.bias), first)
+        wide = torch.randn(1, tokens, 2 * cols, generator=generator).to(dtype)
+        for x in (first, torch.randn(1, tokens, cols, generator=generator).to(dtype), wide[..., ::2]):
+            y = call(x)
+            assert y is not None and y.shape == (*x.shape[:-1], rows), (rows, cols, tokens, dtype, x.shape)
+            expected = packed24_linear(x, layer.values, layer.indices, layer.bias)
+            assert torch.equal(y, expected), (rows, cols, tokens, dtype, x.shape)
+            reference = torch.nn.functional.linear(x.double(), dense.double(), None if bias is None else bias.double())
+            worst = max(worst, float((y.double() - reference).norm() / reference.norm()))
+        other = 2 if tokens == 1 else 1
+        for declined in (
+            torch.randn(other, cols, generator=generator).to(dtype),  # another token count
+            first.double() if dtype == torch.float32 else first.float(),  # another dtype
+            torch.randn(tokens, cols, generator=generator).to(dtype).requires_grad_(),  # autograd
+        ):
+            assert call(declined) is None, (rows, cols, tokens, dtype, declined.shape, declined.dtype)
+    return worst
+
+
 def main() -> None:
     import triton
 
@@ -133,7 +173,7 @@ def main() -> None:
         except Exception as exc:  # reported to the test, which fails with the message
             print(json.dumps({"id": ident, "ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
             traceback.print_exc(file=sys.stderr)
-    for ident, run in (("non_contiguous", non_contiguous), ("select_bfloat16", select_bfloat16)):
+    for ident, run in (("non_contiguous", non_contiguous), ("select_bfloat16", select_bfloat16), ("bound", bound)):
         try:
             print(json.dumps({"id": ident, "ok": True, "relative_error": run()}), flush=True)
         except Exception as exc:

@@ -23,6 +23,9 @@ How it computes, in the style of the Triton tutorials (the kernel, its launcher,
   over ``SPLIT_K`` programs that add their partial sums into an fp32 buffer with atomics; the launcher casts it.
 * Configurations come from a small table per token class (:func:`pick_config`), measured by the GPU check's tuning
   step (benchmarks/gpu_check.py), not from autotuning at run time.
+* A layer's first call prepares its :class:`Launch` (checks, configuration, grid, the weight's views) and binds it
+  to the layer (:func:`bound_call`): the eager calls like it that follow skip the dispatch and the preparation,
+  which cost more host time than a decode-size kernel runs (docs/gpu-kernel.md, "The bound call").
 
 Triton is optional: it is imported on first use; without it, or without CUDA, or for a call it does not take
 (dtype, more than 16 tokens, a pattern other than 2:4), the registered kernel declines (returns None) and
@@ -42,7 +45,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from secateurs.kernels.sparse.packing import KernelDescription, PackedLinear, pack_nm, register_packed_kernel
+from secateurs.kernels.sparse.packing import (
+    FastCall,
+    KernelDescription,
+    PackedLinear,
+    bind_fast_call,
+    invalidate_fast_calls,
+    pack_nm,
+    register_packed_kernel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +500,7 @@ def set_table(configs: dict[int, Config]) -> None:
             raise ValueError(f"the select style computes one token, not a tile of {tile}")
         _TABLE[tile] = dataclasses.replace(config, split_k=1)
     pick_config.cache_clear()
+    invalidate_fast_calls()  # the layers' bound calls hold launches of the old table
 
 
 def table() -> dict[int, Config]:
@@ -544,6 +556,24 @@ def packed24_linear(
     No policy here (the registered kernel decides which calls to take): any token count and the dtype of x,
     which must equal the values' dtype. ``config`` overrides :func:`pick_config` (benchmarks use it).
     """
+    rows = values.shape[0]
+    tokens = x.numel() // max(x.shape[-1], 1)
+    launch = prepare_launch(x, values, indices, bias, config=config)
+    if not tokens:
+        return x.new_empty(*x.shape[:-1], rows)  # [..., N]
+    return launch(x)
+
+
+def prepare_launch(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Config | None = None,
+) -> Launch:
+    """The :class:`Launch` of :func:`packed24_linear` for inputs like ``x`` (its dtype, device and token count):
+    the checks, the configuration and the weight's views, done once. Raises ValueError for what does not fit."""
     rows, kept = values.shape
     k = x.shape[-1]
     if k != 2 * kept or indices.shape != (rows, -(-kept // 4)) or indices.dtype != torch.uint8:
@@ -565,65 +595,142 @@ def packed24_linear(
             raise ValueError(f"the select style computes one token, not {x.numel() // k}: use words or tiles")
     if not x.is_cuda and not interpreting():
         raise ValueError(f"the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not {x.device}")
-    x2 = x.reshape(-1, k)  # [M, K]
-    tokens = x2.shape[0]
+    tokens = max(1, x.numel() // k)
     if config is None:
         config = pick_config(tokens, rows, kept, _multiprocessors(x.device) if x.is_cuda else 1)
         if config.style == "select" and x.element_size() != 2:  # the interpreter's float32: same blocks, words
             config = dataclasses.replace(config, style="words")
-    values, indices = values.contiguous(), indices.contiguous()
     tile = block_m(tokens)
     if config.style == "tiles" and tokens > 1:  # tensor-core tiles: 16 tokens at least, a 16-row block at least
         if config.block_n < 16:
             raise ValueError(f"the tiles style needs block_n >= 16 for more than one token, not {config.block_n}")
         tile = max(16, tile)
-    if tile > 1:  # stored [K, BLOCK_M], zero-padded: one gathered position loads every token in one vector
-        x2 = (x2.t().contiguous() if tile == tokens else F.pad(x2.t(), (0, tile - tokens))).t()  # [BLOCK_M, K]
-    if config.split_k == 1:
-        out = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)  # [M, N]
+    values, indices = values.contiguous(), indices.contiguous()
+    constants: dict[str, Any] = {
+        "HAS_BIAS": bias is not None,
+        "SPLIT_K": config.split_k,
+        "BLOCK_N": config.block_n,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
+    if config.style == "select":
+        words = kept // 16
+        kernel, weight = _select_kernel(), _aligned(values, 4).view(torch.int32)  # [N, K/4]: a group's 2 values
+        codes, width = _aligned(indices, 4).view(torch.int32), words  # [N, K/32]
+        constants |= {
+            "EVEN": _even(config, rows, words),
+            "PREFETCH": config.prefetch,
+            "BF16": x.dtype == torch.bfloat16,
+            "BLOCK_W": config.block_kh // 16,
+        }
+    elif config.style == "bytes":
+        kernel, weight, codes, width = _kernel(), values, indices, kept
+        constants |= {"BLOCK_M": tile, "BLOCK_KH": config.block_kh}
     else:
-        out = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device)  # [M, N] partial sums
-    if tokens:
-        grid = (-(-rows // config.block_n), config.split_k)
-        if config.style == "select":
-            _launch_select(x2, values, indices, bias, out=out, config=config)
-            return out.to(x.dtype).reshape(*x.shape[:-1], rows)  # [..., N]
-        if config.style == "bytes":
-            kernel, codes, width, block = _kernel(), indices, kept, {"BLOCK_KH": config.block_kh}
+        words = kept // 16
+        kernel, weight = _words_kernel(), values
+        codes, width = _aligned(indices, 4).view(torch.int32), words  # [N, KH/16]: 16 codes per word
+        constants |= {
+            "BLOCK_M": tile,
+            "BLOCK_W": config.block_kh // 16,
+            "EVEN": _even(config, rows, words),
+            "EXPAND": config.style == "tiles",
+            "PREFETCH": config.prefetch,
+        }
+    return Launch(
+        kernel=kernel,
+        grid=(-(-rows // config.block_n), config.split_k),
+        select=config.style == "select",
+        tokens=tokens,
+        tile=tile,
+        rows=rows,
+        width=width,
+        weight=weight,
+        codes=codes,
+        bias=bias if bias is not None else values,  # any pointer: not read without HAS_BIAS
+        out_dtype=x.dtype if config.split_k == 1 else torch.float32,
+        constants=constants,
+        config=config,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Launch:
+    """One layer's kernel launch for one token count, everything but x prepared: the kernel and its constants,
+    the grid, the weight's views (the select style reads values as int32 pairs, and the word styles codes as int32
+    words, copied when a view's start is not aligned for that), the output's dtype (fp32 partial sums with
+    split-K). ``launch(x)`` takes x [..., K] of that token count and dtype and returns y [..., N]; nothing is
+    checked there (the caller did: :func:`packed24_linear`, or the layer's bound call of :func:`triton_kernel`)."""
+
+    kernel: Any
+    grid: tuple[int, int]
+    select: bool
+    tokens: int
+    tile: int  # the token tile BLOCK_M (1 for select)
+    rows: int
+    width: int  # kept values per row (bytes style) or code words per row
+    weight: torch.Tensor  # [N, K/2] values, or [N, K/4] int32 pairs (select)
+    codes: torch.Tensor  # [N, K/8] uint8, or [N, K/32] int32 words
+    bias: torch.Tensor  # [N], or any tensor when the constants say HAS_BIAS=False
+    out_dtype: torch.dtype
+    constants: dict[str, Any]
+    config: Config
+    out_shapes: dict[torch.Size, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # memo by x's shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
+        rows, tokens = self.rows, self.tokens
+        shape = self.out_shapes.get(x.shape)  # x's leading dimensions, then N: allocated as returned
+        if shape is None:
+            if len(self.out_shapes) >= 8:
+                self.out_shapes.clear()
+            shape = self.out_shapes[x.shape] = (*x.shape[:-1], rows)
+        make = torch.empty if self.config.split_k == 1 else torch.zeros  # split-K's partial sums start at zero
+        out = make(shape, dtype=self.out_dtype, device=x.device)  # [..., N], contiguous: token stride N
+        if self.select:
+            if x.is_contiguous() and not x.data_ptr() % 8:
+                quads = x.view(torch.int64)  # [..., K/4]: a group's four inputs (one token: the pointer is all)
+            else:
+                quads = _aligned(x.reshape(-1), 8).view(torch.int64)  # [K/4]
+            self.kernel[self.grid](
+                quads,
+                self.weight,
+                self.codes,
+                self.bias,
+                out,
+                rows,
+                self.width,
+                self.weight.stride(0),
+                self.codes.stride(0),
+                **self.constants,
+            )
         else:
-            words = kept // 16
-            kernel = _words_kernel()
-            codes, width = _aligned(indices, 4).view(torch.int32), words  # [N, KH/16]: 16 codes per word
-            even = _even(config, rows, words)
-            block = {
-                "BLOCK_W": config.block_kh // 16,
-                "EVEN": even,
-                "EXPAND": config.style == "tiles",
-                "PREFETCH": config.prefetch,
-            }
-        kernel[grid](
-            x2,
-            values,
-            codes,
-            bias if bias is not None else values,  # any pointer: not read without HAS_BIAS
-            out,
-            tokens,
-            rows,
-            width,
-            x2.stride(0),
-            x2.stride(1),
-            values.stride(0),
-            codes.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            SPLIT_K=config.split_k,
-            BLOCK_M=tile,
-            BLOCK_N=config.block_n,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            **block,
-        )
-    return out.to(x.dtype).reshape(*x.shape[:-1], rows)  # [..., N]
+            if self.tile > 1:  # stored [K, BLOCK_M], zero-padded: one gathered position loads every token
+                x2 = x.reshape(tokens, -1).t()  # [K, M]
+                pad = self.tile - tokens
+                x2 = (x2.contiguous() if not pad else F.pad(x2, (0, pad))).t()  # [BLOCK_M, K], strides (1, BLOCK_M)
+                strides = x2.stride()
+            elif x.is_contiguous():  # one token, read in place
+                x2, strides = x, (x.shape[-1], 1)
+            else:
+                x2 = x.reshape(1, -1)  # [1, K], any stride along K
+                strides = x2.stride()
+            self.kernel[self.grid](
+                x2,
+                self.weight,
+                self.codes,
+                self.bias,
+                out,
+                tokens,
+                rows,
+                self.width,
+                strides[0],
+                strides[1],
+                self.weight.stride(0),
+                self.codes.stride(0),
+                rows,
+                **self.constants,
+            )
+        return out.to(x.dtype) if self.config.split_k > 1 else out
 
 
 def _even(config: Config, rows: int, words: int) -> bool:
@@ -637,39 +744,6 @@ def _aligned(tensor: torch.Tensor, size: int) -> torch.Tensor:
     larger buffer, as a memory-mapped file can hand over): the select and words styles read wider words."""
     tensor = tensor.contiguous()
     return tensor.clone() if tensor.data_ptr() % size else tensor
-
-
-def _launch_select(
-    x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None, *, out: torch.Tensor,
-    config: Config,
-) -> None:  # fmt: skip
-    """One token [1, K] through the select kernel: x as [K/4] int64, values as [N, K/4] int32 (pairs), codes as
-    [N, K/32] int32 words, into ``out`` [1, N]."""
-    rows, kept = values.shape
-    words = kept // 16
-    quads = _aligned(x.reshape(-1), 8).view(torch.int64)  # [K/4]: a group's four inputs
-    pairs = _aligned(values, 4).view(torch.int32)  # [N, K/4]: a group's two kept values
-    codes = _aligned(indices, 4).view(torch.int32)  # [N, K/32]
-    _select_kernel()[(-(-rows // config.block_n), config.split_k)](
-        quads,
-        pairs,
-        codes,
-        bias if bias is not None else values,  # any pointer: not read without HAS_BIAS
-        out,
-        rows,
-        words,
-        pairs.stride(0),
-        codes.stride(0),
-        HAS_BIAS=bias is not None,
-        SPLIT_K=config.split_k,
-        EVEN=_even(config, rows, words),
-        PREFETCH=config.prefetch,
-        BF16=x.dtype == torch.bfloat16,
-        BLOCK_N=config.block_n,
-        BLOCK_W=config.block_kh // 16,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
 
 
 # --- Registration: the kernel PackedLinear tries -------------------------------------------------------------
@@ -710,13 +784,36 @@ def decline_reason(x: torch.Tensor, layer: PackedLinear) -> str | None:  # noqa:
 
 
 def triton_kernel(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor | None:
-    """The :data:`secateurs.kernels.sparse.packing.PackedKernel` registered as ``"triton"``."""
+    """The :data:`secateurs.kernels.sparse.packing.PackedKernel` registered as ``"triton"``. It leaves the layer a
+    bound call (:func:`bound_call`) for the calls like this one that follow."""
     if decline_reason(x, layer) is not None:
         return None
     if x.device.index not in (None, torch.cuda.current_device()):
         with torch.cuda.device(x.device):
             return packed24_linear(x, layer.values, layer.indices, layer.bias)
-    return packed24_linear(x, layer.values, layer.indices, layer.bias)
+    launch = prepare_launch(x, layer.values, layer.indices, layer.bias)
+    bind_fast_call(layer, NAME, bound_call(launch, x))
+    return launch(x)
+
+
+def bound_call(launch: Launch, x: torch.Tensor) -> FastCall:
+    """``launch`` for the inputs like ``x`` only: it declines (returns None) x of another device (or a CUDA device
+    that is not the current one), dtype, width or token count, and x that needs autograd, so those get the
+    dispatch's answer. Why: an eager one-token call through the dispatch ran its checks, the configuration's lookup
+    and the weight's views on every call, 22 µs of Python before Triton's own launch (docs/gpu-kernel.md); the
+    bound call keeps four comparisons, the input's view and the output's allocation."""
+    device, dtype, width, size = x.device, x.dtype, x.shape[-1], launch.tokens * x.shape[-1]
+    cuda = device.type == "cuda"
+    current_device = torch.cuda.current_device
+
+    def call(x: torch.Tensor) -> torch.Tensor | None:
+        if x.device != device or x.dtype != dtype or x.shape[-1] != width or x.numel() != size:
+            return None
+        if (x.requires_grad and torch.is_grad_enabled()) or (cuda and current_device() != device.index):
+            return None
+        return launch(x)
+
+    return call
 
 
 def describe() -> KernelDescription:
