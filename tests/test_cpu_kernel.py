@@ -632,6 +632,12 @@ def test_the_hand_over_tile_follows_the_l2_and_the_threads(built: cpu_build.Buil
         assert f"decompressed {kernel.hand_over_tile_bytes() >> 10} KiB" in kernel.describe_tiles().detail
         torch.set_num_threads(2)
         assert kernel.hand_over_tile_bytes() == kernel.TILE_BYTES
+        # a weight of up to ONE_TILE_BYTES is one tile (SmolLM2's 3.4 MiB fp32 MLP weights: measured faster whole)
+        whole = 1536 * 576 * 4
+        assert kernel.hand_over_tile_bytes(whole) == whole
+        assert kernel.tile_rows(1536, 576 * 4, kernel.hand_over_tile_bytes(whole)) == 1536
+        assert kernel.hand_over_tile_bytes(kernel.ONE_TILE_BYTES + 1) == kernel.TILE_BYTES
+        assert kernel.hand_over_tile_bytes(1 << 10) == kernel.TILE_BYTES  # smaller than a tile: one tile anyway
     finally:
         torch.set_num_threads(saved)
 

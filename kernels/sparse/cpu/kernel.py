@@ -108,6 +108,13 @@ BLOCK_ROWS = 16  # output rows a thread takes at a time
 TILE_BYTES = 2 << 20
 TILE_BYTES_LARGE_L2 = 8 << 20
 LARGE_L2_BYTES = 2 << 20
+# A weight of at most this many dense bytes is one tile, whatever the tile size: cut in two it ran two products of
+# half the rows and copied each into the output. Measured (AMD EPYC Zen 4, family 25 model 17, 2 vCPUs, 2026-12-01;
+# SmolLM2's 3.4 MiB fp32 MLP weights 1536x576 and 576x1536, twelve copies rotated past the L3, the three variants
+# call by call, medians of 60; tiles / dense at 128 and 512 tokens, oneDNN and F.linear): 2 threads, two tiles
+# 0.76-0.91x, one tile 0.90-0.98x; 1 thread 0.87-0.97x and 0.92-0.99x: one tile ahead in all 16 points, as on the
+# Xeon above at 1 thread (1.09-1.13x). Larger weights keep their tiles (unmeasured at 3 tiles and more).
+ONE_TILE_BYTES = 4 << 20
 # Each tile's dense product is one parallel region of the dense library when threads > 1, and on a shared 2-vCPU VM
 # any region can stall for milliseconds waiting for a descheduled thread (GUIDE §6). Measured: 11008x4096 fp32,
 # 4 tokens, 2 threads, load average 7: 22 tiles of 4 MiB took 340-580 ms against 77-95 ms on one thread. So with
@@ -317,12 +324,15 @@ def _dense_fn(name: str) -> Callable[..., torch.Tensor]:
     return matmul.linear if name == "oneDNN" else F.linear
 
 
-def hand_over_tile_bytes() -> int:
-    """The hand-over's tile in bytes for this process: :data:`TILE_BYTES_LARGE_L2` on one thread where a core's L2
-    holds :data:`LARGE_L2_BYTES` (as the CPU reports it), else :data:`TILE_BYTES`. Call :func:`ensure` first."""
+def hand_over_tile_bytes(weight_bytes: int = 0) -> int:
+    """The hand-over's tile in bytes for this process and a weight of ``weight_bytes`` dense bytes: the whole weight
+    up to :data:`ONE_TILE_BYTES`; else :data:`TILE_BYTES_LARGE_L2` on one thread where a core's L2 holds
+    :data:`LARGE_L2_BYTES` (as the CPU reports it), else :data:`TILE_BYTES`. Call :func:`ensure` first."""
     if torch.get_num_threads() == 1 and int(_module().l2_bytes()) >= LARGE_L2_BYTES:
-        return TILE_BYTES_LARGE_L2
-    return TILE_BYTES
+        tile = TILE_BYTES_LARGE_L2
+    else:
+        tile = TILE_BYTES
+    return weight_bytes if tile < weight_bytes <= ONE_TILE_BYTES else tile
 
 
 def tile_rows(out: int, row_bytes: int, tile_bytes: int, max_tiles: int | None = None) -> int:
@@ -359,9 +369,9 @@ def dense_tiles_product(
     noisy VM (±5 % between rounds). SmolLM2's one-tile weights split into a tile per thread measured no better
     (0.85-0.91 against 0.85-0.94), so they keep their single tile."""
     out, in_features = values.shape[0], values.shape[1] * 2
-    tile_bytes = hand_over_tile_bytes() if tile_bytes is None else tile_bytes
     compute = x.dtype if x.dtype == values.dtype else torch.float32
     threads, row_bytes = torch.get_num_threads(), in_features * values.element_size()
+    tile_bytes = hand_over_tile_bytes(out * row_bytes) if tile_bytes is None else tile_bytes
     if threads > 1 and out * row_bytes > threads * tile_bytes and not (compute == torch.float32 and dense == "oneDNN"):
         rows = tile_rows(out, row_bytes, tile_bytes, max_tiles=out)
         return _module().tiles_linear(x, values, codes, bias, _STATE.isa_index, rows)  # [tokens, out]
@@ -491,7 +501,8 @@ class _Probe:
         self.dense: str | None = None  # the faster dense product of the tiles, once they are timed
         self.dense_at: dict[int, str] = {}  # the same at each token count where the tiles were timed
         self.repeats: dict[str, int] = {}
-        rows = tile_rows(values.shape[0], self.in_features * values.element_size(), hand_over_tile_bytes())
+        row_bytes = self.in_features * values.element_size()
+        rows = tile_rows(values.shape[0], row_bytes, hand_over_tile_bytes(values.shape[0] * row_bytes))
         buffer = torch.empty(rows, self.in_features, dtype=values.dtype)  # [rows, in]
         module, isa = _module(), _STATE.isa_index
 
@@ -945,7 +956,8 @@ def describe_tiles() -> KernelDescription:
         TILES_NAME,
         True,
         f"above each layer's measured crossover: the weight decompressed {hand_over_tile_bytes() >> 10} KiB of rows "
-        f"at a time ({_STATE.isa}; L2 {int(_module().l2_bytes()) >> 10} KiB, {torch.get_num_threads()} threads), "
+        f"at a time, whole up to {ONE_TILE_BYTES >> 10} KiB ({_STATE.isa}; L2 {int(_module().l2_bytes()) >> 10} KiB, "
+        f"{torch.get_num_threads()} threads), "
         "each tile multiplied by the faster dense product measured (F.linear or oneDNN); with more "
         "than one thread, a weight of several tiles a thread on F.linear has each thread multiply its own tiles, "
         f"else at most {MAX_TILES} tiles, each product over all threads",
