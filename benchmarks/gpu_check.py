@@ -529,11 +529,14 @@ def eager_calls(device: torch.device, smoke: bool) -> dict[str, Any]:
     return {"calls": 2000, "rounds": 5, "points": points}
 
 
-# Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape.
+# Token tile -> candidate (style, BLOCK_N, BLOCK_KH, warps, stages); split-K follows the table's rule per shape
+# ("+splitN": also split rows whose programs would walk more than N chunks; untimed before 2026-12-01: on an H200 the
+# 4096-row layers reached 0.56-0.60 of the copy bandwidth in about one wave of programs, 11008 x 4096 0.72 in 2.7).
 CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
     1: [("select", 1, 512, 2, 2), ("select", 1, 1024, 4, 2), ("select", 1, 256, 1, 2), ("select", 1, 2048, 8, 2),
         ("select", 2, 512, 2, 2), ("select", 2, 1024, 4, 2), ("select", 8, 512, 8, 2),
         ("select+prefetch", 1, 512, 2, 2), ("select+prefetch", 1, 1024, 4, 2), ("words", 8, 512, 8, 2),
+        ("select+split6", 1, 512, 2, 2), ("select+split2", 1, 512, 2, 2),
         ("words+prefetch", 8, 256, 8, 2), ("words", 4, 512, 4, 2)],
     2: [("words+prefetch", 8, 256, 8, 2), ("words", 4, 256, 4, 2), ("words", 4, 512, 8, 2), ("words", 8, 256, 8, 2),
         ("words", 2, 512, 4, 2), ("words", 2, 1024, 8, 2), ("tiles", 32, 64, 4, 2), ("tiles", 64, 64, 4, 2),
@@ -560,6 +563,7 @@ SMOKE_CANDIDATES: dict[int, list[tuple[str, int, int, int, int]]] = {
         ("tiles", 4, 32, 4, 2),
         ("select", 4, 32, 4, 2),
         ("select+prefetch", 4, 32, 4, 2),
+        ("select+split2", 4, 32, 4, 2),
     ],
     16: [("words", 4, 16, 4, 2), ("tiles", 16, 32, 4, 2), ("tiles+prefetch", 16, 32, 4, 2)],
 }
@@ -570,8 +574,9 @@ def _candidate(option: tuple[str, int, int, int, int]) -> Any:
     from secateurs.kernels.sparse.triton_decode import Config
 
     style, block_n, block_kh, warps, stages = option
-    base, _, extra = style.partition("+")
-    return Config(block_n, block_kh, 1, warps, stages, base, prefetch=extra == "prefetch")
+    base, *extras = style.split("+")
+    split = next((int(extra.removeprefix("split")) for extra in extras if extra.startswith("split")), 0)
+    return Config(block_n, block_kh, 1, warps, stages, base, prefetch="prefetch" in extras, split_chunks=split)
 
 
 def kernel_configs(

@@ -4,6 +4,7 @@ through PackedLinear, inside a CUDA graph and in the speed sweep."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -120,6 +121,15 @@ def test_split_k_only_when_rows_leave_the_gpu_idle() -> None:
     assert few.split_k > 1
     assert -(-8192 // few.block_kh) // few.split_k >= 2  # each split keeps at least two chunks
     assert pick_config(1, 64, 512, 132).split_k == 1  # one chunk per row: nothing to split
+    # split_chunks (a tuning option): also split long rows, each program then walking at most that many chunks
+    long_rows = Config(1, 512, num_warps=2, style="select", split_chunks=6)
+    assert triton_decode.with_split(long_rows, 4096, 5504, 132).split_k == 2  # 4096 x 11008: 11 chunks -> 2 x 6
+    assert triton_decode.with_split(long_rows, 4096, 2048, 132).split_k == 1  # 4096 x 4096: 4 chunks
+    assert triton_decode.with_split(dataclasses.replace(long_rows, split_chunks=2), 4096, 2048, 132).split_k == 2
+    assert triton_decode.with_split(dataclasses.replace(long_rows, split_chunks=1), 4096, 1024, 132).split_k == 1
+    assert "+split6" in str(long_rows)
+    with pytest.raises(ValueError, match="split_chunks"):
+        Config(1, 512, split_chunks=-1)
     for tokens in range(1, MAX_TOKENS + 1):
         config = pick_config(tokens, 4096, 2048, 132)
         if config.style == "tiles" and tokens > 1:  # tensor-core tiles: the accumulator is [BLOCK_N, 16 tokens]

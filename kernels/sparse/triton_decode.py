@@ -445,6 +445,10 @@ class Config:
     num_stages: int = 2
     style: str = "bytes"
     prefetch: bool = False  # words/select/tiles: the next chunk's loads issued before this chunk's products
+    # 0: split-K only where the row blocks leave the GPU idle (:func:`with_split`); n > 0: also split a row whose
+    # programs would each walk more than n chunks (long rows, few of them: 4096 x 11008). An option for the tuning
+    # step to time; no table entry uses it yet.
+    split_chunks: int = 0
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -453,10 +457,13 @@ class Config:
             raise ValueError("prefetch is a words/select/tiles option (the bytes kernel has none)")
         if self.style != "bytes" and self.block_kh % 16:
             raise ValueError(f"the {self.style} style reads whole code words: block_kh % 16 == 0, not {self.block_kh}")
+        if self.split_chunks < 0:
+            raise ValueError(f"split_chunks: 0 (off) or the most chunks a program walks, not {self.split_chunks}")
 
     def __str__(self) -> str:
+        extra = ("+prefetch" if self.prefetch else "") + (f"+split{self.split_chunks}" if self.split_chunks else "")
         return (
-            f"{self.style}{'+prefetch' if self.prefetch else ''} BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} "
+            f"{self.style}{extra} BLOCK_N={self.block_n} BLOCK_KH={self.block_kh} "
             f"SPLIT_K={self.split_k} warps={self.num_warps} stages={self.num_stages}"
         )
 
@@ -519,11 +526,15 @@ def pick_config(tokens: int, rows: int, kept: int, multiprocessors: int) -> Conf
 
 
 def with_split(base: Config, rows: int, kept: int, multiprocessors: int) -> Config:
-    """``base`` with the split-K that :func:`pick_config` gives it for a [rows, 2·kept] layer."""
+    """``base`` with the split-K that :func:`pick_config` gives it for a [rows, 2·kept] layer: doubled while the
+    programs number at most 2 × the multiprocessors, or (``base.split_chunks``) while a program would walk more
+    than that many chunks, each split keeping at least two chunks."""
     programs = -(-rows // base.block_n)
     chunks = -(-kept // base.block_kh)
     split = 1
-    while programs * split * 2 <= 2 * multiprocessors and chunks // (split * 2) >= 2:
+    while chunks // (split * 2) >= 2 and (
+        programs * split * 2 <= 2 * multiprocessors or 0 < base.split_chunks < chunks / split
+    ):
         split *= 2
     return dataclasses.replace(base, split_k=split)
 
