@@ -207,6 +207,38 @@ def test_end_to_end_points_the_model_cannot_hold_are_skipped_with_the_reason() -
     assert results[0].dense is None and not results[0].paths
 
 
+def test_end_to_end_dense_and_the_first_path_alternate_repetition_by_repetition() -> None:
+    """Each model forward records which side sits in the model: with interleaving, dense and the first path take
+    turns run by run (warm-up included) on every plan, later paths run after them; without it, dense runs first."""
+    model, names = pruned_tiny()
+    first, second = ScaledPath("first_path", 1.0), ScaledPath("second_path", 1.0)
+    order: list[str] = []
+
+    def record(module: nn.Module, args: Any, kwargs: Any) -> None:
+        layer = model.get_submodule(names[0])
+        side = "dense"
+        if isinstance(layer, CountingLinear):
+            side = "first" if layer.calls is first.calls else "second"
+        if not order or order[-1] != side:
+            order.append(side)
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        settings = dataclasses.replace(QUICK, prefill=((1, 16),), decode_batches=(1,))
+        results = measure_end_to_end(model, names, PATTERN, settings, [first, second])
+        runs = settings.e2e_warmup + settings.e2e_repetitions
+        assert order[: 4 * runs] == ["dense", "first"] * (2 * runs)  # prefill's runs, then decode's
+        assert set(order[4 * runs :]) == {"second"}
+        assert all(r.dense is not None and r.dense.repetitions == settings.e2e_repetitions for r in results)
+        assert all(p.status == "measured" for r in results for p in r.paths)
+        order.clear()
+        measure_end_to_end(model, names, PATTERN, dataclasses.replace(settings, e2e_interleaved=False), [first])
+        assert order == ["dense", "first"]  # every dense run first, then the path's
+    finally:
+        handle.remove()
+    assert not any(isinstance(m, CountingLinear) for m in model.modules())  # the swaps were undone
+
+
 # --- The correctness gate -------------------------------------------------------------------------------------
 
 

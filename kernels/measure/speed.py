@@ -588,13 +588,17 @@ class SpeedSettings:
     gate_tokens: int = 16  # tokens of the random input each swapped layer is checked on
     seed: int = 0
     e2e_paths: tuple[str, ...] | None = None  # paths timed end to end (None: all); the others are "skipped" there
+    # End to end, the first path timed alternates with dense repetition by repetition (a slow spell of a shared
+    # machine then falls on both sides); False: all of dense's repetitions first, then each path's.
+    e2e_interleaved: bool = True
 
     @classmethod
     def for_device(cls, device: torch.device, *, cache_bytes: int = 0) -> SpeedSettings:
         """GPU: twice the L2 cache in rotation, 25 + 100 calls. CPU: the short sweep of a job's speed step (about a
         minute for SmolLM2 on 2 cores): each shape at 1 and 16 tokens with 20 timed calls, weights rotated over
         1.5x ``cache_bytes`` (the last-level cache, passed in by the caller; at most 32 copies), prefill 1 x 512
-        and greedy decode at batch 1, end to end. ``benchmarks/speed.py`` runs the full sweep."""
+        and greedy decode at batch 1, end to end (5 runs each, dense and the path alternating).
+        ``benchmarks/speed.py`` runs the full sweep."""
         if device.type == "cuda":
             l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
             return cls(rotation_bytes=2 * l2)
@@ -609,7 +613,7 @@ class SpeedSettings:
             decode_prompt=64,
             decode_new_tokens=32,
             e2e_warmup=1,
-            e2e_repetitions=3,
+            e2e_repetitions=5,  # 3 until 2026-12-01; SmolLM2's whole step 20 s -> 29-31 s on a Zen 4, 2 threads
         )
 
 
@@ -944,6 +948,41 @@ def _time_decode(
     return summarize(watch.samples_ms(), warmup=settings.e2e_warmup, rotation=len(prompts), timer=watch.timer)
 
 
+def _run_plan_once(model: nn.Module, plan: _Plan, i: int, watch: Stopwatch, record: bool) -> None:
+    """Repetition ``i`` of ``plan`` (its input copy ``i``) on the model as it stands, into ``watch``."""
+    prompt = plan.inputs[i % len(plan.inputs)]  # [batch, length]
+    if plan.kind == "decode":
+        _decode_steps(model, prompt, plan.steps, watch, record)
+        return
+    with watch.region(record):
+        model(input_ids=prompt, use_cache=False, **_forward_kwargs(model))
+
+
+def _time_interleaved(
+    model: nn.Module,
+    plan: _Plan,
+    device: torch.device,
+    settings: SpeedSettings,
+    sides: Mapping[str, Mapping[str, nn.Module]],
+) -> dict[str, Timing]:
+    """Each side's modules swapped in and one repetition timed, side after side, warm-up included: dense and a
+    sparse path alternate, so that a slow spell of a shared machine (seconds long on 2-vCPU VMs) falls on both
+    rather than on one side's repetitions. The last side's modules stay in place, also after an error."""
+    watches = {name: Stopwatch(device) for name in sides}
+    try:
+        for i in range(settings.e2e_warmup + settings.e2e_repetitions):
+            for name, modules in sides.items():
+                _restore(model, modules)
+                with fast_linears(model):  # entered per side: it routes the linears in place at entry
+                    _run_plan_once(model, plan, i, watches[name], record=i >= settings.e2e_warmup)
+    finally:
+        _restore(model, list(sides.values())[-1])
+    return {
+        name: summarize(watch.samples_ms(), warmup=settings.e2e_warmup, rotation=len(plan.inputs), timer=watch.timer)
+        for name, watch in watches.items()
+    }
+
+
 def _vocab(model: nn.Module) -> int:
     get_input = getattr(model, "get_input_embeddings", None)
     embeddings = get_input() if callable(get_input) else None
@@ -998,7 +1037,9 @@ def measure_end_to_end(
 ) -> list[EndToEndResult]:
     """Prefill latency and decode tokens/s of ``model`` (already on its device, eval mode), dense versus each path.
 
-    ``names`` are the sparse linears. Both sides run eagerly. The model is left as it came (swaps are undone).
+    ``names`` are the sparse linears. Both sides run eagerly; dense and the first path timed alternate, one
+    repetition each in turn (``settings.e2e_interleaved``), and later paths are timed after them against that
+    dense timing. The model is left as it came (swaps are undone).
     """
     paths = sparse_paths() if paths is None else list(paths)
     parameter = next(model.parameters())
@@ -1021,7 +1062,9 @@ def measure_end_to_end(
         )  # each [batch, length]
         results.append(_Plan(kind, batch, length, steps, inputs))  # type: ignore[arg-type]
     plans = [plan for plan in results if isinstance(plan, _Plan)]
-    dense = {id(plan): _time_plan(model, plan, device, settings) for plan in plans}
+    dense: dict[int, Timing] = {}  # per plan: alternating with the first path timed, else alone (below)
+    if not settings.e2e_interleaved:
+        dense = {id(plan): _time_plan(model, plan, device, settings) for plan in plans}
     sparse: dict[int, list[PathResult]] = {id(plan): [] for plan in plans}
     for path in paths:
         missing = path.unavailable(device, dtype)
@@ -1036,13 +1079,19 @@ def measure_end_to_end(
         originals, problem = _swap_in(
             model, names, path, pattern, generator=generator, gate_tokens=settings.gate_tokens
         )
+        replacements = {name: model.get_submodule(name) for name in originals}  # the path's modules, in place
         try:
             for plan in plans:
                 if problem is not None:
                     sparse[id(plan)].append(problem)
                     continue
                 try:
-                    timing = _time_plan(model, plan, device, settings)
+                    if id(plan) in dense:
+                        timing = _time_plan(model, plan, device, settings)
+                    else:  # the first path timed on this plan: it and dense alternate
+                        sides = {"dense": originals, "sparse": replacements}
+                        timed = _time_interleaved(model, plan, device, settings, sides)
+                        dense[id(plan)], timing = timed["dense"], timed["sparse"]
                 except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
                     sparse[id(plan)].append(_error(path.name, exc))
                     continue
@@ -1060,6 +1109,9 @@ def measure_end_to_end(
                 )
         finally:
             _restore(model, originals)
+    for plan in plans:  # no path timed on it (none available, or each failed): dense alone
+        if id(plan) not in dense:
+            dense[id(plan)] = _time_plan(model, plan, device, settings)
     return [
         item
         if isinstance(item, EndToEndResult)
