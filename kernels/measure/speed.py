@@ -939,15 +939,6 @@ def _decode_steps(model: nn.Module, prompt: torch.Tensor, steps: int, watch: Sto
             cache, token = out[keyword], out.logits[:, -1:].argmax(-1)
 
 
-def _time_decode(
-    model: nn.Module, prompts: Sequence[torch.Tensor], steps: int, device: torch.device, settings: SpeedSettings
-) -> Timing:
-    watch = Stopwatch(device)
-    for i in range(settings.e2e_warmup + settings.e2e_repetitions):
-        _decode_steps(model, prompts[i % len(prompts)], steps, watch, record=i >= settings.e2e_warmup)
-    return summarize(watch.samples_ms(), warmup=settings.e2e_warmup, rotation=len(prompts), timer=watch.timer)
-
-
 def _run_plan_once(model: nn.Module, plan: _Plan, i: int, watch: Stopwatch, record: bool) -> None:
     """Repetition ``i`` of ``plan`` (its input copy ``i``) on the model as it stands, into ``watch``."""
     prompt = plan.inputs[i % len(plan.inputs)]  # [batch, length]
@@ -1005,21 +996,8 @@ class _Plan:
 
 
 def _time_plan(model: nn.Module, plan: _Plan, device: torch.device, settings: SpeedSettings) -> Timing:
-    with fast_linears(model):  # the linears that are dense, on either side, through the faster dense products
-        return _time_plan_eagerly(model, plan, device, settings)
-
-
-def _time_plan_eagerly(model: nn.Module, plan: _Plan, device: torch.device, settings: SpeedSettings) -> Timing:
-    if plan.kind == "decode":
-        return _time_decode(model, plan.inputs, plan.steps, device, settings)
-    kwargs = _forward_kwargs(model)
-    return time_calls(
-        lambda i: model(input_ids=plan.inputs[i % len(plan.inputs)], use_cache=False, **kwargs),
-        device,
-        warmup=settings.e2e_warmup,
-        repetitions=settings.e2e_repetitions,
-        rotation=len(plan.inputs),
-    )
+    """``plan`` on the model as it stands: :func:`_time_interleaved` with a single side that swaps nothing."""
+    return _time_interleaved(model, plan, device, settings, {"as it stands": {}})["as it stands"]
 
 
 def _error(path: str, exc: BaseException, where: str = "") -> PathResult:
